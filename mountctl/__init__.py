@@ -1,0 +1,1 @@
+"""The `mountctl` command line."""
