@@ -1,0 +1,55 @@
+"""Defaults, read from the environment in one place.
+
+Every knob here can also be set per mount (CLI flag or `hffs_neuron.mount(...)` argument); the
+environment only changes the default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+def _default_hf_home() -> Path:
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface"))
+
+
+# Where blobs, metadata and per-mount upper layers live: $HFFS_CACHE_DIR, else $HF_HOME/hffs-neuron.
+CACHE_DIR = Path(os.environ.get("HFFS_CACHE_DIR") or _default_hf_home() / "hffs-neuron")
+# Where running mounts record their state (pid, options, stats): one JSON file per mount.
+RUNTIME_DIR = Path(os.environ.get("HFFS_RUNTIME_DIR") or _default_hf_home() / "hffs-neuron-run")
+
+CACHE_SIZE = os.environ.get("HFFS_CACHE_SIZE", "50G")
+# Bucket listings may change upstream: how long a listing is trusted.
+METADATA_TTL = _env_float("HFFS_METADATA_TTL", 60.0)
+# How long "does not exist" is trusted (most Neuron cache probes are misses).
+NEGATIVE_TTL = _env_float("HFFS_NEGATIVE_TTL", 5.0)
+# Content at a pinned commit never changes: its metadata can be kept for a long time.
+PINNED_TTL = _env_float("HFFS_PINNED_TTL", 24 * 3600.0)
+METADATA_CACHE_ENTRIES = _env_int("HFFS_METADATA_CACHE_ENTRIES", 100_000)
+
+# Network deadlines (seconds): per connect, per read of a response chunk, and per whole operation
+# including retries. A FUSE call never waits longer than OPERATION_TIMEOUT on the network.
+CONNECT_TIMEOUT = _env_float("HFFS_CONNECT_TIMEOUT", 10.0)
+READ_TIMEOUT = _env_float("HFFS_READ_TIMEOUT", 30.0)
+OPERATION_TIMEOUT = _env_float("HFFS_TIMEOUT", 120.0)
+MAX_RETRIES = _env_int("HFFS_MAX_RETRIES", 5)
+RETRY_BASE_WAIT = _env_float("HFFS_RETRY_BASE_WAIT", 0.25)
+RETRY_MAX_WAIT = _env_float("HFFS_RETRY_MAX_WAIT", 8.0)
+
+# Parallel Range downloads of one large blob.
+CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 32 * 1024 * 1024)
+DOWNLOAD_CONCURRENCY = _env_int("HFFS_DOWNLOAD_CONCURRENCY", 8)
+# Objects below this size are fetched with one GET.
+PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)

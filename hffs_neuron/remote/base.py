@@ -1,0 +1,86 @@
+"""What every remote offers: a handful of methods over a tree of files, fsspec-style."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+logger = logging.getLogger(__name__)
+
+_MAX_NAME_BYTES = 255  # NAME_MAX on Linux
+
+
+@dataclass(frozen=True)
+class Digest:
+    """A content hash the downloaded bytes must match: `algo` is "sha256" or "git-sha1"."""
+
+    algo: str
+    hexdigest: str
+
+
+@dataclass(frozen=True)
+class RemoteEntry:
+    """One file or directory of a remote, at the remote's pinned state."""
+
+    path: str  # relative, "/"-separated, validated by `is_safe_path`
+    is_dir: bool
+    size: int = 0
+    # Content identity: the blob-store key (git sha1, LFS sha256 or xet hash).
+    content_id: str | None = None
+    # What the bytes can be verified against, when the remote gives a verifiable hash.
+    digest: Digest | None = None
+    mtime: float | None = None
+    lfs: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
+
+
+def is_safe_path(path: str) -> bool:
+    """True if a remote path can be shown inside a mount without escaping it.
+
+    Rejects absolute paths, `.`/`..`/empty components, NUL and other control characters, and names
+    longer than the kernel accepts.
+    """
+    if not path or path.startswith("/") or "\\" in path:
+        return False
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            return False
+        if any(ord(ch) < 32 or ord(ch) == 127 for ch in part):
+            return False
+        if len(part.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+            return False
+    return True
+
+
+def drop_unsafe(entries: list[RemoteEntry], source: str) -> list[RemoteEntry]:
+    """Keep the entries whose paths are safe; log each one dropped (the rest stays served)."""
+    kept = []
+    for entry in entries:
+        if is_safe_path(entry.path):
+            kept.append(entry)
+        else:
+            logger.warning("%s: ignoring remote entry with an unsafe name: %r", source, entry.path)
+    return kept
+
+
+class Remote(Protocol):
+    """A read-only tree of files (a Hub repo at a commit, or a Storage Bucket)."""
+
+    #: Stable identity of the remote for metadata-cache keys (never contains a token).
+    cache_namespace: str
+
+    def list(self, path: str) -> list[RemoteEntry]:
+        """Direct children of directory `path` ("" is the root). Raises RemoteNotFound."""
+        ...
+
+    def stat(self, path: str) -> RemoteEntry:
+        """The entry at `path`. Raises RemoteNotFound."""
+        ...
+
+    def download_url(self, entry: RemoteEntry) -> str:
+        """An absolute URL whose GET (with Range) returns the entry's bytes."""
+        ...

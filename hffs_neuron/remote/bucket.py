@@ -1,0 +1,94 @@
+"""A Hugging Face Storage Bucket (optionally one folder of it)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from urllib.parse import quote
+
+from ..errors import RemoteNotFound, UsageError
+from .base import RemoteEntry, drop_unsafe, is_safe_path
+from .http import HubHttp
+
+_BUCKET_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def check_bucket_id(bucket_id: str) -> None:
+    """Raise UsageError unless `bucket_id` looks like `namespace/name`."""
+    if not _BUCKET_ID.match(bucket_id) or ".." in bucket_id:
+        raise UsageError(f"invalid bucket id {bucket_id!r}: expected 'namespace/name'")
+
+
+def _parse_time(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+class Bucket:
+    """A bucket's files, listed one directory at a time (buckets may hold millions of files).
+
+    Paths given to and returned by this class are relative to `prefix`.
+    """
+
+    def __init__(self, http: HubHttp, bucket_id: str, prefix: str | None = None):
+        check_bucket_id(bucket_id)
+        prefix = (prefix or "").strip("/")
+        if prefix and not is_safe_path(prefix):
+            raise UsageError(f"invalid bucket prefix {prefix!r}")
+        self._http = http
+        self.bucket_id = bucket_id
+        self.prefix = prefix
+        info = http.get_json(f"api/buckets/{bucket_id}", what=f"bucket {bucket_id}")
+        self.bucket_id = info.get("id", bucket_id)
+        self.cache_namespace = f"{http.endpoint}|{http.token_fingerprint}|bucket|{self.bucket_id}|{prefix}"
+
+    def _full(self, path: str) -> str:
+        path = path.strip("/")
+        return f"{self.prefix}/{path}" if self.prefix and path else (self.prefix or path)
+
+    def _relative(self, full: str) -> str:
+        return full[len(self.prefix) + 1 :] if self.prefix else full
+
+    def _entry(self, item: dict) -> RemoteEntry:
+        path = self._relative(item["path"])
+        if item.get("type") == "directory":
+            return RemoteEntry(path=path, is_dir=True, mtime=_parse_time(item.get("uploadedAt")))
+        return RemoteEntry(
+            path=path,
+            is_dir=False,
+            size=int(item.get("size", 0)),
+            content_id=item.get("xetHash"),
+            mtime=_parse_time(item.get("mtime") or item.get("uploadedAt")),
+        )
+
+    def list(self, path: str) -> list[RemoteEntry]:
+        full = self._full(path)
+        what = f"bucket {self.bucket_id}: list {full or '/'}"
+        suffix = f"/{quote(full, safe='')}" if full else ""
+        items = self._http.paginate(f"api/buckets/{self.bucket_id}/tree{suffix}", {"recursive": "false"}, what)
+        parent = full + "/" if full else ""
+        entries = []
+        for item in items:
+            # Whole-component prefix match, whatever the server does: `foo` never lists `foo.sample`.
+            if not item.get("path", "").startswith(parent) or "/" in item["path"][len(parent) :]:
+                continue
+            entries.append(self._entry(item))
+        return drop_unsafe(entries, what)
+
+    def stat(self, path: str) -> RemoteEntry:
+        full = self._full(path)
+        what = f"bucket {self.bucket_id}: stat {full}"
+        response = self._http.request(
+            "POST", f"api/buckets/{self.bucket_id}/paths-info", what, json={"paths": [full]}
+        )
+        for item in response.json():
+            if item.get("path") == full and item.get("type", "file") == "file":
+                return self._entry(item)
+        raise RemoteNotFound(f"{what}: not found")
+
+    def download_url(self, entry: RemoteEntry) -> str:
+        return self._http.url(f"buckets/{self.bucket_id}/resolve/{quote(self._full(entry.path))}")

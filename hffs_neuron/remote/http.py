@@ -1,0 +1,249 @@
+"""HTTP to the Hub with deadlines, bounded retries and filesystem-shaped errors.
+
+Auth headers and error classes come from huggingface_hub; the client is our own `httpx2.Client` because
+huggingface_hub's shared session has no timeout, and a FUSE call must never wait without a deadline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx2
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
+
+from .. import __version__, constants
+from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable
+
+logger = logging.getLogger(__name__)
+
+_RETRY_STATUS = {429, 500, 502, 503, 504}
+
+
+def token_fingerprint(token: str | None) -> str:
+    """A short, non-reversible name for a token, usable in cache keys and status output."""
+    if not token:
+        return "anonymous"
+    return hashlib.sha256(token.encode()).hexdigest()[:16]
+
+
+class _Transient(Exception):
+    """Internal: a failure worth retrying, with an optional server-requested wait."""
+
+    def __init__(self, message: str, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after_seconds(response: httpx2.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None  # HTTP-date form: fall back to our own backoff
+
+
+class HubHttp:
+    """Requests to one endpoint with one identity.
+
+    Every request has a connect and a per-read deadline; every operation (including its retries) has
+    an overall deadline. Errors leave as `RemoteNotFound` (ENOENT), `RemoteAccessDenied` (EACCES) or
+    `RemoteUnavailable` (EIO).
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None = None,
+        token: str | None = None,
+        *,
+        connect_timeout: float = constants.CONNECT_TIMEOUT,
+        read_timeout: float = constants.READ_TIMEOUT,
+        operation_timeout: float = constants.OPERATION_TIMEOUT,
+        max_retries: int = constants.MAX_RETRIES,
+        max_connections: int = 64,
+    ):
+        self.endpoint = (endpoint or hf_constants.ENDPOINT).rstrip("/")
+        self._token = token if token is not None else get_token()
+        self.token_fingerprint = token_fingerprint(self._token)
+        self.operation_timeout = operation_timeout
+        self.max_retries = max_retries
+        self._client = httpx2.Client(
+            follow_redirects=True,  # httpx drops Authorization on cross-origin redirects (CDN)
+            timeout=httpx2.Timeout(read_timeout, connect=connect_timeout),
+            limits=httpx2.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
+        )
+        self._headers = build_hf_headers(
+            token=self._token or False, library_name="hffs-neuron", library_version=__version__
+        )
+        self._lock = threading.Lock()
+        self.requests_sent = 0
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self._token)
+
+    def url(self, path: str) -> str:
+        return f"{self.endpoint}/{path.lstrip('/')}"
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- core retry loop ------------------------------------------------------------------------
+    def with_retries(self, what: str, attempt: Callable[[float], Any], deadline: float | None = None) -> Any:
+        """Run `attempt(deadline)` until it succeeds, a permanent error occurs, or retries/time run out.
+
+        `attempt` raises `_Transient` (or an httpx2 transport error) for retryable failures.
+        """
+        deadline = deadline or time.monotonic() + self.operation_timeout
+        last: Exception | None = None
+        for attempt_no in range(self.max_retries + 1):
+            if time.monotonic() >= deadline:
+                break
+            try:
+                return attempt(deadline)
+            except (_Transient, httpx2.TransportError) as exc:
+                last = exc
+                wait = min(constants.RETRY_MAX_WAIT, constants.RETRY_BASE_WAIT * 2**attempt_no)
+                wait = wait * (0.5 + random.random())  # jitter: de-synchronise many readers
+                if isinstance(exc, _Transient) and exc.retry_after is not None:
+                    wait = max(wait, exc.retry_after)
+                if attempt_no == self.max_retries or time.monotonic() + wait >= deadline:
+                    break
+                logger.info("%s: %s; retry %d in %.2fs", what, _describe(exc), attempt_no + 1, wait)
+                time.sleep(wait)
+        raise RemoteUnavailable(f"{what}: {_describe(last) if last else 'deadline exceeded'} (gave up after retries)")
+
+    def _send(self, method: str, url: str, deadline: float, stream: bool = False, **kwargs: Any) -> httpx2.Response:
+        headers = dict(self._headers)
+        headers.update(kwargs.pop("headers", None) or {})
+        remaining = max(0.1, deadline - time.monotonic())
+        timeout = self._client.timeout
+        timeout = httpx2.Timeout(
+            min(timeout.read or remaining, remaining), connect=min(timeout.connect or remaining, remaining)
+        )
+        with self._lock:
+            self.requests_sent += 1
+        request = self._client.build_request(method, url, headers=headers, timeout=timeout, **kwargs)
+        response = self._client.send(request, stream=stream)
+        if response.status_code in _RETRY_STATUS:
+            retry_after = _retry_after_seconds(response)
+            response.close()
+            raise _Transient(f"HTTP {response.status_code}", retry_after)
+        return response
+
+    def request(self, method: str, path_or_url: str, what: str | None = None, **kwargs: Any) -> httpx2.Response:
+        """One complete (non-streamed) request with retries; raises mapped errors on 4xx."""
+        url = path_or_url if "://" in path_or_url else self.url(path_or_url)
+        what = what or f"{method} {url}"
+
+        def attempt(deadline: float) -> httpx2.Response:
+            response = self._send(method, url, deadline, **kwargs)
+            raise_for_status(response, what)
+            return response
+
+        return self.with_retries(what, attempt)
+
+    def get_json(self, path_or_url: str, what: str | None = None, **kwargs: Any) -> Any:
+        return self.request("GET", path_or_url, what, **kwargs).json()
+
+    def paginate(self, path: str, params: dict[str, Any] | None, what: str) -> Iterator[dict]:
+        """Yield items of a JSON-list endpoint, following `Link: <...>; rel="next"` pages."""
+        response = self.request("GET", path, what, params=params)
+        yield from response.json()
+        while "next" in response.links:
+            response = self.request("GET", response.links["next"]["url"], what)
+            yield from response.json()
+
+    def stream_range(
+        self,
+        url: str,
+        start: int,
+        end: int,
+        sink: Callable[[int, bytes], None],
+        what: str,
+        deadline: float | None = None,
+    ) -> None:
+        """Stream bytes [start, end) to `sink(offset, data)`, resuming after transient failures.
+
+        A server that ignores Range or sends the wrong length is a transient failure: retried, never
+        trusted.
+        """
+        if end <= start:
+            return
+        position = start
+
+        def attempt(deadline: float) -> None:
+            nonlocal position
+            headers = {"Range": f"bytes={position}-{end - 1}", "Accept-Encoding": "identity"}
+            response = self._send("GET", url, deadline, stream=True, headers=headers)
+            try:
+                raise_for_status(response, what)
+                if response.status_code != 206 and not (position == 0 and response.status_code == 200):
+                    raise _Transient(f"HTTP {response.status_code} to a Range request")
+                expected = end - position
+                if response.status_code == 200:
+                    expected = int(response.headers.get("Content-Length", -1))
+                    if expected != end - position:
+                        raise _Transient("server ignored Range and sent a different length")
+                for data in response.iter_raw(1024 * 1024):
+                    if time.monotonic() > deadline:
+                        raise _Transient("deadline exceeded mid-body")
+                    room = end - position
+                    if len(data) > room:
+                        raise _Transient("server sent more bytes than requested")
+                    sink(position, data)
+                    position += len(data)
+                if position < end:
+                    raise _Transient(f"truncated body: {end - position} bytes missing")
+            finally:
+                response.close()
+
+        self.with_retries(what, attempt, deadline)
+
+
+def raise_for_status(response: httpx2.Response, what: str) -> None:
+    """Map a 4xx answer to a filesystem-shaped error (reading the body for the message)."""
+    if response.status_code < 400:
+        return
+    if response.is_stream_consumed is False:
+        try:
+            response.read()
+        except httpx2.HTTPError:
+            pass
+    try:
+        hf_raise_for_status(response)
+    except hf_errors.GatedRepoError as exc:
+        raise RemoteAccessDenied(f"{what}: gated repo: set HF_TOKEN to a token with access") from exc
+    except (
+        hf_errors.RepositoryNotFoundError,
+        hf_errors.RevisionNotFoundError,
+        hf_errors.RemoteEntryNotFoundError,
+        hf_errors.BucketNotFoundError,
+    ) as exc:
+        if response.status_code == 401:
+            raise RemoteNotFound(f"{what}: not found (or private: set HF_TOKEN)") from exc
+        raise RemoteNotFound(f"{what}: not found") from exc
+    except hf_errors.HfHubHTTPError as exc:
+        status = response.status_code
+        if status in (401, 403):
+            raise RemoteAccessDenied(f"{what}: access denied (HTTP {status}): set HF_TOKEN") from exc
+        if status == 404:
+            raise RemoteNotFound(f"{what}: not found") from exc
+        raise HffsError(f"{what}: HTTP {status}") from exc
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, httpx2.TimeoutException):
+        return "timed out"
+    if isinstance(exc, httpx2.TransportError):
+        return f"connection error ({type(exc).__name__})"
+    return str(exc)
