@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -83,4 +84,10 @@ class Remote(Protocol):
 
     def download_url(self, entry: RemoteEntry) -> str:
         """An absolute URL whose GET (with Range) returns the entry's bytes."""
+        ...
+
+    def read_range(
+        self, entry: RemoteEntry, start: int, end: int, sink: Callable[[int, bytes], None], deadline: float
+    ) -> None:
+        """Stream bytes [start, end) of `entry` to `sink(offset, data)` before `deadline` (monotonic)."""
         ...

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import quote
 
@@ -82,13 +83,17 @@ class Bucket:
     def stat(self, path: str) -> RemoteEntry:
         full = self._full(path)
         what = f"bucket {self.bucket_id}: stat {full}"
-        response = self._http.request(
-            "POST", f"api/buckets/{self.bucket_id}/paths-info", what, json={"paths": [full]}
-        )
+        response = self._http.request("POST", f"api/buckets/{self.bucket_id}/paths-info", what, json={"paths": [full]})
         for item in response.json():
             if item.get("path") == full and item.get("type", "file") == "file":
                 return self._entry(item)
         raise RemoteNotFound(f"{what}: not found")
+
+    def read_range(
+        self, entry: RemoteEntry, start: int, end: int, sink: Callable[[int, bytes], None], deadline: float
+    ) -> None:
+        """Stream bytes [start, end) of `entry` to `sink(offset, data)`, retrying transient failures."""
+        self._http.stream_range(self.download_url(entry), start, end, sink, f"read {entry.path}", deadline)
 
     def download_url(self, entry: RemoteEntry) -> str:
         return self._http.url(f"buckets/{self.bucket_id}/resolve/{quote(self._full(entry.path))}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import threading
+from collections.abc import Callable
 from urllib.parse import quote
 
 from huggingface_hub.errors import HFValidationError
@@ -37,9 +38,7 @@ class HubRepo:
         self._http = http
         self.repo_type = repo_type
         what = f"{repo_type} {repo_id}@{revision}"
-        info = http.get_json(
-            f"api/{repo_type}s/{repo_id}/revision/{quote(revision, safe='')}", what=what
-        )
+        info = http.get_json(f"api/{repo_type}s/{repo_id}/revision/{quote(revision, safe='')}", what=what)
         self.repo_id: str = info["id"]  # the Hub's canonical casing
         self.commit: str = info["sha"]
         self.revision = revision
@@ -89,6 +88,12 @@ class HubRepo:
         if entry is None:
             raise RemoteNotFound(f"{self.repo_id}@{self.commit[:12]}: {path!r} not found")
         return entry
+
+    def read_range(
+        self, entry: RemoteEntry, start: int, end: int, sink: Callable[[int, bytes], None], deadline: float
+    ) -> None:
+        """Stream bytes [start, end) of `entry` to `sink(offset, data)`, retrying transient failures."""
+        self._http.stream_range(self.download_url(entry), start, end, sink, f"read {entry.path}", deadline)
 
     def download_url(self, entry: RemoteEntry) -> str:
         prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"

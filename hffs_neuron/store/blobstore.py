@@ -1,0 +1,399 @@
+"""A shared on-disk store of complete, verified blobs, keyed by content identity.
+
+Layout under the store root:
+
+    blobs/<k[:2]>/<key>      complete, verified blobs (the only files ever served)
+    tmp/<key>.<pid>.<rand>   one private temp file per writer, renamed into blobs/ when verified
+    locks/<key>.lock         fcntl lock: held exclusively while fetching (single-flight), shared
+                             while a blob is open in some process (never evicted then)
+
+Correctness never depends on the lock: a writer only ever renames its own verified temp file into
+place, so even where `flock` is a no-op (some network filesystems) nobody sees a partial blob; the lock
+only avoids duplicate transfers.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import constants
+from ..errors import HffsError, IntegrityError, RemoteUnavailable
+from ..remote.base import Digest, Remote, RemoteEntry
+
+logger = logging.getLogger(__name__)
+
+_SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
+_LOCK_POLL = 0.05
+# The slowest transfer rate a fetch deadline allows for (bytes/s), on top of OPERATION_TIMEOUT.
+_MIN_RATE = 1024 * 1024
+
+
+def blob_key(content_id: str) -> str:
+    """A file-name-safe store key for a content id (hex hashes pass through unchanged)."""
+    if _SAFE_KEY.match(content_id):
+        return content_id
+    return "h" + hashlib.sha256(content_id.encode()).hexdigest()
+
+
+def fetch_deadline(size: int) -> float:
+    """Monotonic deadline for fetching `size` bytes: generous for big blobs, never infinite."""
+    return time.monotonic() + constants.OPERATION_TIMEOUT + size / _MIN_RATE
+
+
+def git_blob_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    h.update(b"blob %d\0" % path.stat().st_size)
+    _hash_file(path, h)
+    return h.hexdigest()
+
+
+def _hash_file(path: Path, h: hashlib._Hash) -> None:
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(4 * 1024 * 1024)
+        view = memoryview(buf)
+        while n := f.readinto(buf):
+            h.update(view[:n])
+
+
+def verify_digest(path: Path, digest: Digest) -> bool:
+    if digest.algo == "git-sha1":
+        return git_blob_sha1(path) == digest.hexdigest
+    h = hashlib.new(digest.algo)
+    _hash_file(path, h)
+    return h.hexdigest() == digest.hexdigest
+
+
+@dataclass
+class FetchProgress:
+    """An in-flight fetch, for status output and progress bars."""
+
+    key: str
+    name: str
+    total: int
+    done: int = 0
+    started: float = field(default_factory=time.time)
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0  # materialize() answered from a complete local blob
+    misses: int = 0  # materialize() had to fetch (or wait for another process's fetch)
+    fetches: int = 0  # upstream transfers this process made
+    bytes_fetched: int = 0
+    evictions: int = 0
+
+
+class BlobStore:
+    """Complete blobs on local disk, fetched once across threads, processes and mounts."""
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        max_size: int | None = None,
+        chunk_size: int = constants.CHUNK_SIZE,
+        concurrency: int = constants.DOWNLOAD_CONCURRENCY,
+        parallel_threshold: int = constants.PARALLEL_THRESHOLD,
+    ):
+        self.root = Path(root)
+        self.max_size = max_size
+        self.chunk_size = max(1024 * 1024, chunk_size)
+        self.concurrency = max(1, concurrency)
+        self.parallel_threshold = parallel_threshold
+        for sub in ("blobs", "tmp", "locks"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.stats = StoreStats()
+        self._lock = threading.Lock()
+        self._inflight: dict[str, Future] = {}  # key -> the one in-process fetch everyone waits on
+        self._progress: dict[str, FetchProgress] = {}
+        self._pins: dict[str, tuple[int, int]] = {}  # key -> (lock fd holding LOCK_SH, open count)
+        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="hffs-range")
+        self._clean_tmp()
+
+    # -- paths ----------------------------------------------------------------------------------
+    def blob_path(self, key: str) -> Path:
+        return self.root / "blobs" / key[:2] / key
+
+    def _lock_path(self, key: str) -> Path:
+        return self.root / "locks" / f"{key}.lock"
+
+    def has(self, key: str) -> bool:
+        return self.blob_path(key).exists()
+
+    # -- fetching -------------------------------------------------------------------------------
+    def materialize(self, key: str, remote: Remote, entry: RemoteEntry, deadline: float | None = None) -> Path:
+        """Return the path of the complete, verified blob `key` holding `entry`'s bytes.
+
+        Fetches it at most once however many threads and processes ask at the same time; waits are
+        bounded by `deadline` (default: `fetch_deadline(entry.size)`).
+        """
+        key = blob_key(key)
+        path = self.blob_path(key)
+        if self._is_complete(path, entry.size):
+            self._touch(path)
+            with self._lock:
+                self.stats.hits += 1
+            return path
+        deadline = deadline or fetch_deadline(entry.size)
+        with self._lock:
+            self.stats.misses += 1
+            future = self._inflight.get(key)
+            leader = future is None
+            if leader:
+                future = Future()
+                self._inflight[key] = future
+                self._progress[key] = FetchProgress(key, entry.path, entry.size)
+        if not leader:
+            return self._wait(future, deadline, entry)
+        try:
+            result = self._fetch_locked(key, remote, entry, deadline)
+            future.set_result(result)
+            return result
+        except BaseException as exc:
+            future.set_exception(exc)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+                self._progress.pop(key, None)
+
+    @staticmethod
+    def _wait(future: Future, deadline: float, entry: RemoteEntry) -> Path:
+        try:
+            return future.result(timeout=max(0.0, deadline - time.monotonic()))
+        except TimeoutError as exc:
+            raise RemoteUnavailable(f"{entry.path}: timed out waiting for the download") from exc
+
+    def _fetch_locked(self, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> Path:
+        path = self.blob_path(key)
+        with self._exclusive(key, deadline, entry.path):
+            # Another process may have finished it while we waited for the lock.
+            if self._is_complete(path, entry.size):
+                self._touch(path)
+                return path
+            self._download(key, remote, entry, deadline)
+        self.evict_if_needed()
+        return path
+
+    @contextmanager
+    def _exclusive(self, key: str, deadline: float, name: str) -> Iterator[None]:
+        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise RemoteUnavailable(f"{name}: timed out waiting for another process's download") from None
+                    time.sleep(_LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)  # closing releases the flock; a killed holder releases it the same way
+
+    def _download(self, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> None:
+        path = self.blob_path(key)
+        path.parent.mkdir(exist_ok=True, mode=0o700)
+        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            self._fill(fd, key, remote, entry, deadline)
+            written = os.fstat(fd).st_size
+            if written != entry.size:
+                raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
+            os.fsync(fd)
+            if entry.digest and not verify_digest(tmp, entry.digest):
+                raise IntegrityError(f"{entry.path}: content does not match its {entry.digest.algo}; discarded")
+            os.chmod(tmp, 0o444)  # blobs are immutable
+            os.replace(tmp, path)
+            _fsync_dir(path.parent)
+            with self._lock:
+                self.stats.fetches += 1
+            logger.info("fetched %s (%d bytes) as blob %s", entry.path, entry.size, key[:16])
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _fill(self, fd: int, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> None:
+        progress = self._progress.get(key)
+
+        def sink(offset: int, data: bytes) -> None:
+            os.pwrite(fd, data, offset)
+            with self._lock:
+                self.stats.bytes_fetched += len(data)
+                if progress:
+                    progress.done += len(data)
+
+        size = entry.size
+        if size < self.parallel_threshold or self.concurrency == 1:
+            remote.read_range(entry, 0, size, sink, deadline)
+            return
+        os.ftruncate(fd, size)  # sparse: ranges land in place
+        ranges = [(start, min(start + self.chunk_size, size)) for start in range(0, size, self.chunk_size)]
+        futures = [self._pool.submit(remote.read_range, entry, a, b, sink, deadline) for a, b in ranges]
+        errors = []
+        for fut in futures:
+            try:
+                fut.result(timeout=max(0.0, deadline - time.monotonic()) + 1)
+            except Exception as exc:  # noqa: BLE001 - collect, cancel the rest, raise the first
+                errors.append(exc)
+                for other in futures:
+                    other.cancel()
+        if errors:
+            first = errors[0]
+            raise first if isinstance(first, HffsError) else RemoteUnavailable(f"{entry.path}: {first}")
+
+    @staticmethod
+    def _is_complete(path: Path, size: int) -> bool:
+        try:
+            return path.stat().st_size == size
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _touch(path: Path) -> None:
+        """Record a use for LRU eviction (atime may be disabled, so use mtime)."""
+        try:
+            os.utime(path)
+        except OSError:
+            pass
+
+    def in_flight(self) -> list[FetchProgress]:
+        with self._lock:
+            return [FetchProgress(p.key, p.name, p.total, p.done, p.started) for p in self._progress.values()]
+
+    # -- pins (open blobs are never evicted, by this or any other process) -----------------------
+    def pin(self, key: str) -> None:
+        with self._lock:
+            fd, count = self._pins.get(key, (-1, 0))
+            if fd < 0:
+                fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            self._pins[key] = (fd, count + 1)
+
+    def unpin(self, key: str) -> None:
+        with self._lock:
+            fd, count = self._pins.get(key, (-1, 0))
+            if count <= 1:
+                self._pins.pop(key, None)
+                if fd >= 0:
+                    os.close(fd)
+            else:
+                self._pins[key] = (fd, count - 1)
+
+    # -- size and eviction ------------------------------------------------------------------------
+    def blobs(self) -> list[tuple[Path, os.stat_result]]:
+        out = []
+        for sub in (self.root / "blobs").iterdir():
+            for blob in sub.iterdir():
+                try:
+                    out.append((blob, blob.stat()))
+                except FileNotFoundError:
+                    continue  # evicted meanwhile
+        return out
+
+    def usage(self) -> int:
+        return sum(st.st_size for _, st in self.blobs())
+
+    def evict_if_needed(self, max_size: int | None = None) -> int:
+        """Remove least-recently-used blobs not open anywhere until under the size limit.
+
+        Returns the number of bytes freed.
+        """
+        limit = self.max_size if max_size is None else max_size
+        if limit is None:
+            return 0
+        blobs = sorted(self.blobs(), key=lambda item: item[1].st_mtime)
+        total = sum(st.st_size for _, st in blobs)
+        freed = 0
+        for path, st in blobs:
+            if total <= limit:
+                break
+            if self._try_evict(path):
+                total -= st.st_size
+                freed += st.st_size
+        return freed
+
+    def _try_evict(self, path: Path) -> bool:
+        key = path.name
+        with self._lock:
+            if key in self._pins or key in self._inflight:
+                return False
+        try:
+            fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails if any process has it open or fetching
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        try:
+            path.unlink()
+            with self._lock:
+                self.stats.evictions += 1
+            logger.info("evicted blob %s", key[:16])
+            return True
+        except FileNotFoundError:
+            return False
+        finally:
+            os.close(fd)
+
+    def _clean_tmp(self) -> None:
+        """Remove temp files left by writers that died (their pid is gone). Never trusted anyway."""
+        for tmp in (self.root / "tmp").iterdir():
+            parts = tmp.name.split(".")
+            try:
+                pid = int(parts[-2])
+            except (ValueError, IndexError):
+                pid = -1
+            if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+                continue
+            try:
+                tmp.unlink()
+            except FileNotFoundError:
+                pass
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            for fd, _ in self._pins.values():
+                os.close(fd)
+            self._pins.clear()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # some filesystems refuse fsync on directories
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,88 @@
+"""A bounded, TTL'd cache of remote metadata (listings, stats, resolved repos) with single-flight.
+
+Keys start with the remote's `cache_namespace` (endpoint, token fingerprint, repo or bucket, revision),
+never a raw token. "Not found" is cached for the short negative TTL; transient failures are never cached,
+so one network blip cannot turn into minutes of wrong answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from cachetools import TLRUCache
+
+from .. import constants
+from ..errors import RemoteNotFound
+
+T = TypeVar("T")
+
+
+class MetadataCache:
+    def __init__(
+        self,
+        maxsize: int = constants.METADATA_CACHE_ENTRIES,
+        ttl: float = constants.METADATA_TTL,
+        negative_ttl: float = constants.NEGATIVE_TTL,
+    ):
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        # Each value carries its own expiry: (expires_at, value_or_exception).
+        self._cache: TLRUCache = TLRUCache(maxsize=maxsize, ttu=lambda _k, v, _now: v[0], timer=time.monotonic)
+        self._lock = threading.Lock()
+        self._inflight: dict[Hashable, Future] = {}
+        self.requests = 0  # loader calls, i.e. cache misses that went upstream
+
+    def get(self, key: Hashable, loader: Callable[[], T], ttl: float | None = None) -> T:
+        """Return the cached value for `key`, or call `loader` once (however many callers) and cache it.
+
+        `ttl` overrides the default positive TTL (e.g. long for content at a pinned commit).
+        """
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                value = cached[1]
+                if isinstance(value, RemoteNotFound):
+                    raise value
+                return value
+            future = self._inflight.get(key)
+            leader = future is None
+            if leader:
+                future = Future()
+                self._inflight[key] = future
+        if not leader:
+            return future.result()  # the leader's loader is itself bounded by network deadlines
+        try:
+            value = loader()
+        except RemoteNotFound as exc:
+            self._store(key, exc, self.negative_ttl)
+            future.set_exception(exc)
+            raise
+        except BaseException as exc:  # transient or unexpected: tell the waiters, cache nothing
+            future.set_exception(exc)
+            raise
+        else:
+            self._store(key, value, self.ttl if ttl is None else ttl)
+            future.set_result(value)
+            return value
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _store(self, key: Hashable, value: Any, ttl: float) -> None:
+        with self._lock:
+            self.requests += 1
+            if ttl > 0:
+                self._cache[key] = (time.monotonic() + ttl, value)
+
+    def invalidate(self, predicate: Callable[[Hashable], bool] | None = None) -> None:
+        """Drop every entry (or those whose key matches `predicate`), e.g. after a local write."""
+        with self._lock:
+            if predicate is None:
+                self._cache.clear()
+                return
+            for key in [k for k in list(self._cache.keys()) if predicate(k)]:
+                self._cache.pop(key, None)
