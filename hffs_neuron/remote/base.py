@@ -33,6 +33,7 @@ class RemoteEntry:
     digest: Digest | None = None
     mtime: float | None = None
     lfs: bool = False
+    git_oid: str | None = None  # the git object id (for LFS files: of the pointer), Hub repos only
 
     @property
     def name(self) -> str:

@@ -112,6 +112,7 @@ def _entry_from_item(item: dict) -> RemoteEntry:
             content_id=lfs["oid"],
             digest=Digest("sha256", lfs["oid"]),
             lfs=True,
+            git_oid=item.get("oid"),
         )
     return RemoteEntry(
         path=item["path"],
@@ -119,4 +120,5 @@ def _entry_from_item(item: dict) -> RemoteEntry:
         size=int(item.get("size", 0)),
         content_id=item["oid"],
         digest=Digest("git-sha1", item["oid"]),
+        git_oid=item["oid"],
     )

@@ -23,7 +23,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -273,6 +273,22 @@ class BlobStore:
             os.utime(path)
         except OSError:
             pass
+
+    def open_blob(self, key: str, remote: Remote, entry: RemoteEntry) -> tuple[int, Callable[[], None]]:
+        """Materialize, then open the blob read-only and pin it until the returned `unpin` is called."""
+        key = blob_key(key)
+        for _ in range(3):
+            path = self.materialize(key, remote, entry)
+            # Pin after materializing: the fetch takes the key's lock exclusively, the pin shares it.
+            self.pin(key)
+            try:
+                return os.open(path, os.O_RDONLY | os.O_CLOEXEC), lambda: self.unpin(key)
+            except FileNotFoundError:
+                self.unpin(key)  # evicted by another process between the two steps: fetch again
+            except BaseException:
+                self.unpin(key)
+                raise
+        raise RemoteUnavailable(f"{entry.path}: blob evicted repeatedly while opening; cache too small?")
 
     def in_flight(self) -> list[FetchProgress]:
         with self._lock:

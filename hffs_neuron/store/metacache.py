@@ -72,6 +72,12 @@ class MetadataCache:
             with self._lock:
                 self._inflight.pop(key, None)
 
+    def peek(self, key: Hashable) -> object | None:
+        """The cached value for `key` if present and fresh, without loading (None otherwise)."""
+        with self._lock:
+            cached = self._cache.get(key)
+        return None if cached is None else cached[1]
+
     def _store(self, key: Hashable, value: Any, ttl: float) -> None:
         with self._lock:
             self.requests += 1

@@ -1,0 +1,214 @@
+"""The FUSE adapter: kernel calls to view calls, exceptions to errno. No filesystem logic lives here."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would otherwise prefer libfuse2
+
+import mfusepy  # noqa: E402
+
+from .errors import HffsError  # noqa: E402
+from .views.merged import FileHandle, MergedView, errno_of  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+
+def _relative(path: str) -> str:
+    return path.strip("/")
+
+
+class FuseOperations(mfusepy.Operations):
+    """Thin mapping from mfusepy callbacks to a `MergedView`.
+
+    File handles are indices into `_handles`; reads of local fds use `os.pread` (no Python-side
+    buffering), and content-addressed files get `keep_cache` so the page cache survives reopens.
+    """
+
+    use_ns = True
+
+    def __init__(
+        self,
+        view: MergedView,
+        *,
+        attr_timeout: float = 60.0,
+        negative_timeout: float = 2.0,
+        on_init: Callable[[], None] | None = None,
+    ):
+        self.view = view
+        self.attr_timeout = attr_timeout
+        self.negative_timeout = negative_timeout
+        self._on_init = on_init
+        self._handles: dict[int, FileHandle] = {}
+        self._next_fh = 1
+        self._lock = threading.Lock()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.attr_timeout = self.attr_timeout
+            config.entry_timeout = self.attr_timeout
+            config.negative_timeout = self.negative_timeout
+            # Views decide per open whether the page cache may be kept (keep_cache).
+            config.kernel_cache = 0
+        if conn is not None:
+            conn.max_readahead = 16 * 1024 * 1024
+            conn.max_background = 64
+            conn.congestion_threshold = 48
+        if self._on_init:
+            self._on_init()
+
+    def destroy(self, path: str) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+        for handle in handles:
+            handle.release()
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except mfusepy.FuseOSError:
+            raise
+        except HffsError as exc:
+            if exc.errno != errno.ENOENT:
+                logger.warning("%s%r: %s", fn.__name__, args, exc)
+            raise mfusepy.FuseOSError(exc.errno) from None
+        except OSError as exc:
+            raise mfusepy.FuseOSError(errno_of(exc)) from None
+        except Exception:
+            logger.exception("%s%r failed", fn.__name__, args)
+            raise mfusepy.FuseOSError(errno.EIO) from None
+
+    def _register(self, handle: FileHandle, fi: Any) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = handle
+        fi.fh = fh
+        fi.keep_cache = 1 if handle.keep_cache else 0
+        return 0
+
+    def _handle(self, fh: Any) -> FileHandle:
+        number = fh.fh if hasattr(fh, "fh") else fh
+        try:
+            return self._handles[number]
+        except KeyError:
+            raise mfusepy.FuseOSError(errno.EBADF) from None
+
+    # -- metadata -------------------------------------------------------------------------------
+    def getattr(self, path: str, fh: Any = None) -> dict:
+        return self._call(self.view.getattr, _relative(path))
+
+    def readdir(self, path: str, fh: Any) -> list:
+        entries = self._call(self.view.readdir, _relative(path))
+        return [".", ".."] + [(name, {"st_mode": mode}, 0) for name, mode in entries]
+
+    def readlink(self, path: str) -> str:
+        return self._call(self.view.readlink, _relative(path))
+
+    def access(self, path: str, amode: int) -> int:
+        self._call(self.view.access, _relative(path), amode)
+        return 0
+
+    def statfs(self, path: str) -> dict:
+        return self._call(self.view.statfs)
+
+    # -- files ----------------------------------------------------------------------------------
+    def open(self, path: str, fi: Any) -> int:
+        handle = self._call(self.view.open, _relative(path), fi.flags)
+        return self._register(handle, fi)
+
+    def create(self, path: str, mode: int, fi: Any) -> int:
+        handle = self._call(self.view.create, _relative(path), fi.flags, mode)
+        return self._register(handle, fi)
+
+    def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
+        handle = self._handle(fh)
+        if handle.data is not None:
+            return handle.data[offset : offset + size]
+        try:
+            return os.pread(handle.fd, size, offset)
+        except OSError as exc:
+            raise mfusepy.FuseOSError(errno_of(exc)) from None
+
+    def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
+        handle = self._handle(fh)
+        if handle.fd < 0:
+            raise mfusepy.FuseOSError(errno.EROFS)
+        try:
+            return os.pwrite(handle.fd, data, offset)
+        except OSError as exc:
+            raise mfusepy.FuseOSError(errno_of(exc)) from None
+
+    def truncate(self, path: str, length: int, fh: Any = None) -> int:
+        self._call(self.view.truncate, _relative(path), length)
+        return 0
+
+    def flush(self, path: str, fh: Any) -> int:
+        return 0
+
+    def fsync(self, path: str, datasync: int, fh: Any) -> int:
+        handle = self._handle(fh)
+        if handle.fd >= 0:
+            try:
+                (os.fdatasync if datasync else os.fsync)(handle.fd)
+            except OSError as exc:
+                raise mfusepy.FuseOSError(errno_of(exc)) from None
+        return 0
+
+    def release(self, path: str, fh: Any) -> int:
+        number = fh.fh if hasattr(fh, "fh") else fh
+        with self._lock:
+            handle = self._handles.pop(number, None)
+        if handle is not None:
+            handle.release()
+        return 0
+
+    # -- namespace ------------------------------------------------------------------------------
+    def mkdir(self, path: str, mode: int) -> int:
+        self._call(self.view.mkdir, _relative(path), mode)
+        return 0
+
+    def rmdir(self, path: str) -> int:
+        self._call(self.view.rmdir, _relative(path))
+        return 0
+
+    def unlink(self, path: str) -> int:
+        self._call(self.view.unlink, _relative(path))
+        return 0
+
+    def rename(self, old: str, new: str) -> int:
+        self._call(self.view.rename, _relative(old), _relative(new))
+        return 0
+
+    def symlink(self, target: str, source: str) -> int:
+        # mfusepy's naming: `target` is the new link's path, `source` what it points to.
+        self._call(self.view.symlink, _relative(target), source)
+        return 0
+
+    def chmod(self, path: str, mode: int, fh: Any = None) -> int:
+        self._call(self.view.chmod, _relative(path), mode)
+        return 0
+
+    def chown(self, path: str, uid: int, gid: int, fh: Any = None) -> int:
+        self._call(self.view.chown, _relative(path), uid, gid)
+        return 0
+
+    def utimens(self, path: str, times: tuple[int, int] | None = None, fh: Any = None) -> int:
+        self._call(self.view.utimens, _relative(path), times)
+        return 0
+
+
+def run_fuse(ops: FuseOperations, mountpoint: str, *, foreground: bool = True, **options: Any) -> None:
+    """Mount and serve until unmounted (blocks). `options` become libfuse `-o` options."""
+    options.setdefault("fsname", "hffs")
+    options.setdefault("subtype", "hffs")
+    options.setdefault("max_read", 1024 * 1024)
+    mfusepy.FUSE(ops, mountpoint, raw_fi=True, foreground=foreground, **options)

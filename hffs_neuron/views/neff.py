@@ -1,0 +1,217 @@
+"""NEFF view: a Storage Bucket's flat Neuron compile-cache layout, usable as NEURON_COMPILE_CACHE_URL.
+
+Remote layout (depth counted from the mount root):
+
+    0  neuronxcc-<compiler version>/
+    1      MODULE_<graph hash>+<flags hash>/      (anything else here is the per-model area)
+    2          model.hlo_module.pb, compile_flags.json, model.neff, model.done, ...
+
+Poison never crosses: remote `*.lock` files and `model.log` are hidden, `model.done` is shown only next
+to a `model.neff`, and a module left with nothing visible (a failed compile) does not exist at all. The
+per-model area is hidden unless `show_model_area` (then it is read-only).
+
+Writes land in a local layer that merges over the bucket (see `MergedView`); deleting a remote entry
+records a whiteout so it stays hidden across remounts.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import posixpath
+import threading
+
+from ..errors import RemoteNotFound
+from ..remote.base import Remote, RemoteEntry
+from ..store.blobstore import BlobStore, blob_key
+from ..store.metacache import MetadataCache
+from .merged import FileHandle, MergedView, VNode, fs_error
+
+logger = logging.getLogger(__name__)
+
+MODULE_PREFIX = "MODULE_"
+VERSION_PREFIX = "neuronxcc-"
+
+
+def is_module_complete(names: set[str]) -> bool:
+    """A compiled entry is complete when its NEFF and done marker exist and nothing says otherwise."""
+    return "model.neff" in names and "model.done" in names and "model.log" not in names
+
+
+def is_lock_name(name: str) -> bool:
+    return name.endswith(".lock") or name == "lock"
+
+
+class NeffView(MergedView):
+    copy_up = True
+
+    def __init__(
+        self,
+        remote: Remote,
+        store: BlobStore,
+        meta: MetadataCache,
+        state_dir: str | os.PathLike,
+        *,
+        read_only: bool = False,
+        show_model_area: bool = False,
+        listing_ttl: float | None = None,
+    ):
+        self.state_dir = os.fspath(state_dir)
+        super().__init__(os.path.join(self.state_dir, "upper"), read_only=read_only)
+        self.remote = remote
+        self.store = store
+        self.meta = meta
+        self.show_model_area = show_model_area
+        self.listing_ttl = listing_ttl
+        self._whiteout_file = os.path.join(self.state_dir, "whiteouts.json")
+        self._hidden, self._opaque_dirs = self._load_whiteouts()
+        self._wh_lock = threading.Lock()
+
+    # -- remote side, filtered ------------------------------------------------------------------
+    def _remote_listing(self, path: str) -> dict[str, RemoteEntry]:
+        """Raw remote children of `path`, cached for the listing TTL."""
+
+        def load() -> dict[str, RemoteEntry]:
+            try:
+                return {e.name: e for e in self.remote.list(path)}
+            except RemoteNotFound:
+                return {}
+
+        return self.meta.get((self.remote.cache_namespace, "list", path), load, ttl=self.listing_ttl)
+
+    def _is_model_area(self, path: str) -> bool:
+        parts = path.split("/")
+        return len(parts) >= 2 and parts[0].startswith(VERSION_PREFIX) and not parts[1].startswith(MODULE_PREFIX)
+
+    def _visible_children(self, path: str) -> dict[str, RemoteEntry]:
+        """Remote children of `path` after the poison and model-area rules."""
+        listing = self._remote_listing(path)
+        depth = 0 if not path else path.count("/") + 1
+        parts = path.split("/") if path else []
+        in_module = depth == 2 and parts[0].startswith(VERSION_PREFIX) and parts[1].startswith(MODULE_PREFIX)
+        visible = {}
+        for name, entry in listing.items():
+            if not entry.is_dir and is_lock_name(name):
+                continue
+            child = f"{path}/{name}" if path else name
+            if self._is_model_area(child) and not self.show_model_area:
+                continue
+            if in_module and name == "model.log":
+                continue
+            visible[name] = entry
+        if in_module:
+            if "model.neff" not in listing:
+                visible.pop("model.done", None)
+                if "model.log" in listing:  # a failed compile: nothing of it crosses
+                    visible = {}
+        return visible
+
+    def _module_is_empty(self, path: str) -> bool:
+        return not self._visible_children(path)
+
+    def virtual_lookup(self, path: str) -> VNode | None:
+        if not path:
+            return VNode("dir")
+        parent, name = posixpath.split(path)
+        entry = self._visible_children(parent).get(name)
+        if entry is None:
+            return None
+        if entry.is_dir:
+            if self._is_module_dir(path) and self._module_is_empty(path):
+                return None  # poisoned or lock-only module: as if absent
+            return VNode("dir", mtime_ns=_ns(entry.mtime))
+        return VNode("file", size=entry.size, mtime_ns=_ns(entry.mtime), mode=0o644)
+
+    def virtual_children(self, path: str) -> dict[str, VNode]:
+        out = {}
+        for name, entry in self._visible_children(path).items():
+            child = f"{path}/{name}" if path else name
+            if entry.is_dir:
+                # Filter modules already known to be empty; never list every module just for readdir.
+                known = self.meta.peek((self.remote.cache_namespace, "list", child))
+                if self._is_module_dir(child) and known is not None and self._module_is_empty(child):
+                    continue
+                out[name] = VNode("dir", mtime_ns=_ns(entry.mtime))
+            else:
+                out[name] = VNode("file", size=entry.size, mtime_ns=_ns(entry.mtime), mode=0o644)
+        return out
+
+    @staticmethod
+    def _is_module_dir(path: str) -> bool:
+        parts = path.split("/")
+        return len(parts) == 2 and parts[0].startswith(VERSION_PREFIX) and parts[1].startswith(MODULE_PREFIX)
+
+    def virtual_open(self, path: str, node: VNode) -> FileHandle:
+        parent, name = posixpath.split(path)
+        entry = self._visible_children(parent).get(name)
+        if entry is None or entry.is_dir:
+            raise fs_error(errno.ENOENT)
+        key = entry.content_id or f"{self.remote.cache_namespace}|{entry.path}|{entry.size}|{entry.mtime}"
+        fd, unpin = self.store.open_blob(blob_key(key), self.remote, entry)
+        return FileHandle(fd=fd, keep_cache=True, on_release=unpin)
+
+    def remote_entry(self, path: str) -> RemoteEntry | None:
+        """The visible remote file at `path` (for publishing and prefetch)."""
+        parent, name = posixpath.split(path)
+        entry = self._visible_children(parent).get(name)
+        return entry if entry is not None and not entry.is_dir else None
+
+    # -- local layer rules ----------------------------------------------------------------------
+    def _check_writable(self, path: str) -> None:
+        super()._check_writable(path)
+        if self._is_model_area(path):
+            raise fs_error(errno.EROFS)
+
+    # -- whiteouts (persisted so deletions survive remounts) ------------------------------------
+    def _load_whiteouts(self) -> tuple[set[str], set[str]]:
+        try:
+            with open(self._whiteout_file) as f:
+                data = json.load(f)
+            return set(data.get("hidden", [])), set(data.get("opaque", []))
+        except FileNotFoundError:
+            return set(), set()
+        except (OSError, ValueError) as exc:
+            logger.warning("ignoring unreadable whiteout file %s: %s", self._whiteout_file, exc)
+            return set(), set()
+
+    def _save_whiteouts(self) -> None:
+        tmp = f"{self._whiteout_file}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
+            json.dump({"hidden": sorted(self._hidden), "opaque": sorted(self._opaque_dirs)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._whiteout_file)
+
+    def _opaque_above(self, path: str) -> bool:
+        parent = posixpath.dirname(path)
+        while parent:
+            if parent in self._opaque_dirs or parent in self._hidden:
+                return True
+            parent = posixpath.dirname(parent)
+        return False
+
+    def is_hidden(self, path: str) -> bool:
+        return path in self._hidden or self._opaque_above(path)
+
+    def _opaque(self, path: str) -> bool:
+        return path in self._opaque_dirs
+
+    def hide(self, path: str) -> None:
+        with self._wh_lock:
+            self._hidden.add(path)
+            self._save_whiteouts()
+
+    def unhide(self, path: str, *, opaque: bool) -> None:
+        with self._wh_lock:
+            if path not in self._hidden and not opaque:
+                return
+            self._hidden.discard(path)
+            if opaque:
+                self._opaque_dirs.add(path)
+            self._save_whiteouts()
+
+
+def _ns(seconds: float | None) -> int:
+    return int(seconds * 1e9) if seconds else 0
