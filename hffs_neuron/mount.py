@@ -272,6 +272,7 @@ class MountRuntime:
             "updated": time.time(),
             "log_file": self.config.log_file,
             "cache_dir": self.config.cache_dir,
+            "layer_dir": getattr(self.view, "state_dir", None) or getattr(self.view, "local_root", None),
             "options": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("mountpoint",)},
             "counters": {
                 "hits": s.hits,
