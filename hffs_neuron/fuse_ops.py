@@ -19,6 +19,9 @@ from .views.merged import FileHandle, MergedView, errno_of  # noqa: E402
 logger = logging.getLogger(__name__)
 
 
+MAX_READ = 1024 * 1024  # libfuse3's largest request: fewer Python calls per byte
+
+
 def _relative(path: str) -> str:
     return path.strip("/")
 
@@ -57,6 +60,7 @@ class FuseOperations(mfusepy.Operations):
             # Views decide per open whether the page cache may be kept (keep_cache).
             config.kernel_cache = 0
         if conn is not None:
+            conn.max_read = MAX_READ  # must equal the max_read mount option
             conn.max_readahead = 16 * 1024 * 1024
             conn.max_background = 64
             conn.congestion_threshold = 48
@@ -210,5 +214,5 @@ def run_fuse(ops: FuseOperations, mountpoint: str, *, foreground: bool = True, *
     """Mount and serve until unmounted (blocks). `options` become libfuse `-o` options."""
     options.setdefault("fsname", "hffs")
     options.setdefault("subtype", "hffs")
-    options.setdefault("max_read", 1024 * 1024)
+    options.setdefault("max_read", MAX_READ)
     mfusepy.FUSE(ops, mountpoint, raw_fi=True, foreground=foreground, **options)

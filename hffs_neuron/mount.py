@@ -360,6 +360,13 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
     logger.info("mounting %s view of %s on %s", config.view, config.source or "the Hub", config.mountpoint)
     try:
         run_fuse(runtime.ops, config.mountpoint, foreground=True, **options)
+    except Exception as exc:
+        if runtime.ready.is_set() and not os.path.ismount(config.mountpoint):
+            logger.info("mount removed externally (fusermount -u): %s", exc)
+            return
+        logger.exception("FUSE failed on %s", config.mountpoint)
+        report(f"ERROR MountError FUSE failed on {config.mountpoint}: {exc} (see {config.log_file or 'the log'})")
+        raise MountError(f"FUSE failed on {config.mountpoint}: {exc}") from exc
     finally:
         runtime.close()
         logger.info("unmounted %s", config.mountpoint)
@@ -375,7 +382,9 @@ class MountHandle:
     process: subprocess.Popen | None = None
 
     def unmount(self, timeout: float = 30.0, force: bool = False) -> None:
-        unmount(self.mountpoint, timeout=timeout, force=force)
+        unmount(self.mountpoint, timeout=timeout, force=force, pid=self.pid)
+        if self.process is not None:
+            self.process.wait(timeout=timeout)  # reap the daemon
 
     def __enter__(self) -> MountHandle:
         return self
@@ -479,12 +488,15 @@ def validate_config(config: MountConfig) -> None:
         raise UsageError(f"bad log level {config.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
 
 
-def unmount(mountpoint: str | os.PathLike, *, timeout: float = 30.0, force: bool = False) -> str:
+def unmount(
+    mountpoint: str | os.PathLike, *, timeout: float = 30.0, force: bool = False, pid: int | None = None
+) -> str:
     """Unmount and wait for the daemon to exit. Returns what was done (for the CLI to print)."""
     mountpoint = os.path.abspath(mountpoint)
     status = mountpoint_status(mountpoint)
-    state = _state_for(mountpoint)
-    pid = state.get("pid", -1) if state else -1
+    if pid is None:
+        state = _state_for(mountpoint)
+        pid = state.get("pid", -1) if state else -1
     if status == "stale":
         if not force:
             raise MountError(
@@ -518,6 +530,9 @@ def unmount(mountpoint: str | os.PathLike, *, timeout: float = 30.0, force: bool
 
 
 def _busy_or_fail(mountpoint: str, stderr: str, force: bool) -> str:
+    if not os.path.ismount(mountpoint):
+        _forget(mountpoint)
+        return f"{mountpoint}: unmounted"
     if "busy" in stderr.lower():
         if force:
             lazy_unmount(mountpoint)

@@ -69,7 +69,7 @@ class MergedView:
 
     def __init__(self, local_root: str | os.PathLike, *, read_only: bool = False):
         self.local_root = os.fspath(local_root)
-        os.makedirs(self.local_root, mode=0o700, exist_ok=True)
+        os.makedirs(self.local_root, mode=0o755, exist_ok=True)
         self.read_only = read_only
         self.uid = os.getuid()
         self.gid = os.getgid()
