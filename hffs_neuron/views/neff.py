@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 MODULE_PREFIX = "MODULE_"
 VERSION_PREFIX = "neuronxcc-"
+# Up to this many not-yet-listed modules, a readdir lists each to hide failed ones.
+EAGER_MODULE_CHECKS = 64
 
 
 def is_module_complete(names: set[str]) -> bool:
@@ -79,7 +81,7 @@ class NeffView(MergedView):
             except RemoteNotFound:
                 return {}
 
-        return self.meta.get((self.remote.cache_namespace, "list", path), load, ttl=self.listing_ttl)
+        return self.meta.get(self._listing_key(path), load, ttl=self.listing_ttl)
 
     def _is_model_area(self, path: str) -> bool:
         parts = path.split("/")
@@ -125,18 +127,27 @@ class NeffView(MergedView):
         return VNode("file", size=entry.size, mtime_ns=_ns(entry.mtime), mode=0o644)
 
     def virtual_children(self, path: str) -> dict[str, VNode]:
+        children = self._visible_children(path)
+        modules = [f"{path}/{n}" for n, e in children.items() if e.is_dir and self._is_module_dir(f"{path}/{n}")]
+        # Hiding failed modules needs their listings. A small directory is checked in full so that
+        # `ls` never shows a name that then does not exist; a huge one (thousands of modules) is not
+        # listed module by module just for a readdir: there only modules already known are filtered.
+        unknown = {m for m in modules if self.meta.peek(self._listing_key(m)) is None}
+        check_all = len(unknown) <= EAGER_MODULE_CHECKS
         out = {}
-        for name, entry in self._visible_children(path).items():
+        for name, entry in children.items():
             child = f"{path}/{name}" if path else name
             if entry.is_dir:
-                # Filter modules already known to be empty; never list every module just for readdir.
-                known = self.meta.peek((self.remote.cache_namespace, "list", child))
-                if self._is_module_dir(child) and known is not None and self._module_is_empty(child):
-                    continue
+                if self._is_module_dir(child) and (check_all or child not in unknown):
+                    if self._module_is_empty(child):
+                        continue
                 out[name] = VNode("dir", mtime_ns=_ns(entry.mtime))
             else:
                 out[name] = VNode("file", size=entry.size, mtime_ns=_ns(entry.mtime), mode=0o644)
         return out
+
+    def _listing_key(self, path: str) -> tuple:
+        return (self.remote.cache_namespace, "list", path)
 
     @staticmethod
     def _is_module_dir(path: str) -> bool:
