@@ -25,7 +25,6 @@ PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv || die "could not create .venv with $PY (install python3-venv)"
 fi
-.venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 extras="test"
 if [ "${HFFS_SKIP_ML:-0}" != "1" ]; then extras="test,ml"; fi
 # torch 2.13.0 CPU first (pip's find-links on this machine kind holds that wheel), so that
@@ -33,5 +32,10 @@ if [ "${HFFS_SKIP_ML:-0}" != "1" ]; then extras="test,ml"; fi
 if [ "$extras" = "test,ml" ] && ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   .venv/bin/python -m pip install -q "torch==2.13.0"
 fi
-.venv/bin/python -m pip install -q -e ".[$extras]"
+# Reinstall only when the dependency list changed (the package itself is installed editable).
+stamp=".venv/.hffs-setup-$(sha256sum pyproject.toml | cut -c1-16)-${extras/,/-}"
+if [ ! -e "$stamp" ]; then
+  .venv/bin/python -m pip install -q -e ".[$extras]"
+  rm -f .venv/.hffs-setup-* && touch "$stamp"
+fi
 echo "setup: ok ($(.venv/bin/python --version), extras: $extras)" >&2

@@ -283,7 +283,8 @@ def _build_tree_index(files: dict[str, dict[str, Any]]) -> _TreeIndex:
             parent = d
         children[parent].add(path)
         contents[""].append(f"{path} {entry['oid']}")
-    dir_oids = {d: hashlib.sha1("\n".join(sorted(lines)).encode()).hexdigest() for d, lines in contents.items()}
+    # Include the directory's own path so nested directories with the same files differ.
+    dir_oids = {d: hashlib.sha1("\n".join([d, *sorted(lines)]).encode()).hexdigest() for d, lines in contents.items()}
     return _TreeIndex(files, dir_oids, {d: sorted(c) for d, c in children.items()})
 
 
@@ -362,10 +363,10 @@ def _parse_range(header: str | None, size: int) -> tuple[int, int] | None:
         end = int(last) if last else size - 1
     except ValueError:
         return None
-    if end < start:
-        return None
     if start >= size:
         raise _RangeNotSatisfiable
+    if end < start:
+        return None
     return start, min(end, size - 1)
 
 
@@ -387,12 +388,34 @@ class _Server(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], emulator: HubEmulator, role: str):
         self.emulator = emulator
         self.role = role  # "hub" or "cdn"
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
         super().__init__(address, _Handler)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), which can block for seconds without DNS.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close_connections(self) -> None:
+        """Cut every open connection, so a stopped emulator no longer answers on pooled keep-alives."""
+        with self._conns_lock:
+            conns = list(self._conns)
+        for conn in conns:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -402,7 +425,7 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 120  # idle keep-alive connections eventually free their thread
     server: _Server
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
+    def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
     def do_GET(self) -> None:
@@ -514,8 +537,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self.close_connection = True
             elif kind == "reset":
                 self._abort_connection()
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client went away; nothing left to tell it
+        except OSError as e:  # client gone, or a bucket file vanished mid-body: the response is lost
+            logger.debug("aborted %s %s: %s", self.command, self.path, e)
+            self.close_connection = True
         finally:
             emu._end_response()
 
@@ -628,6 +652,7 @@ class HubEmulator:
         for server in self._servers:
             server.shutdown()
             server.server_close()
+            server.close_connections()
         self._servers = []
 
     def __enter__(self) -> HubEmulator:
@@ -945,13 +970,19 @@ class HubEmulator:
             ]
 
     def bytes_served(self, path_contains: str = "") -> int:
-        """Body bytes sent for GET downloads (``resolve`` and CDN) whose path contains the string."""
+        """File bytes sent (200/206 bodies of GET ``resolve`` and CDN requests) whose path contains the string.
+
+        Error bodies (e.g. an injected 503) are not file bytes and are not counted.
+        """
         with self._stats_lock:
             self._settle()
             return sum(
                 r.bytes_sent
                 for r in self._records
-                if r.method == "GET" and path_contains in r.path and _is_download_path(r.path)
+                if r.method == "GET"
+                and r.status in (200, 206)
+                and path_contains in r.path
+                and _is_download_path(r.path)
             )
 
     def reset_stats(self) -> None:
