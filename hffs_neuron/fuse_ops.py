@@ -139,6 +139,9 @@ class FuseOperations(mfusepy.Operations):
     def getattr(self, path: str, fh: Any = None) -> dict:
         return self._call(self.view.getattr, _relative(path))
 
+    def opendir(self, path: str) -> int:
+        return 0  # flags are set by _CachingFUSE.opendir
+
     def readdir(self, path: str, fh: Any) -> list:
         entries = self._call(self.view.readdir, _relative(path))
         return [".", ".."] + [(name, {"st_mode": mode}, 0) for name, mode in entries]
@@ -265,9 +268,25 @@ class FuseOperations(mfusepy.Operations):
         return 0
 
 
+class _CachingFUSE(mfusepy.FUSE):
+    """Let the kernel cache readdir results across opens (mfusepy's opendir ignores raw_fi).
+
+    The kernel drops them when the directory changes through the mount or its mtime changes (views
+    bump directory mtimes when a listing is reloaded), so `ls` of a huge directory stays cheap.
+    libfuse's high-level API forwards these flags only from 3.16.1 on; with older libfuse (Debian 12
+    ships 3.14) every `ls` is answered by the daemon.
+    """
+
+    def opendir(self, path: bytes, fip: Any) -> int:
+        result = super().opendir(path, fip)
+        fip.contents.cache_readdir = 1
+        fip.contents.keep_cache = 1
+        return result
+
+
 def run_fuse(ops: FuseOperations, mountpoint: str, *, foreground: bool = True, **options: Any) -> None:
     """Mount and serve until unmounted (blocks). `options` become libfuse `-o` options."""
     options.setdefault("fsname", "hffs")
     options.setdefault("subtype", "hffs")
     options.setdefault("max_read", MAX_READ)
-    mfusepy.FUSE(ops, mountpoint, raw_fi=True, foreground=foreground, **options)
+    _CachingFUSE(ops, mountpoint, raw_fi=True, foreground=foreground, **options)

@@ -74,6 +74,9 @@ class MergedView:
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.started_ns = time.time_ns()
+        # Bumped whenever the virtual tree may have changed (a listing reloaded, a repo resolved).
+        # Directory mtimes follow it, so the kernel drops its cached readdir results.
+        self.generation_ns = self.started_ns
         # Serializes namespace changes (create/rename/unlink...) against merged lookups of the same tree.
         self._ns_lock = threading.RLock()
 
@@ -104,6 +107,9 @@ class MergedView:
     def on_local_change(self, path: str) -> None:
         """Hook after any local namespace change (e.g. to drop negative cache entries)."""
 
+    def bump_generation(self) -> None:
+        self.generation_ns = max(time.time_ns(), self.generation_ns + 1)
+
     # -- lookups --------------------------------------------------------------------------------
     def _lstat_local(self, path: str) -> os.stat_result | None:
         try:
@@ -121,20 +127,24 @@ class MergedView:
     def getattr(self, path: str) -> dict:
         st = self._lstat_local(path)
         if st is not None:
-            return local_attrs(st)
+            attrs = local_attrs(st)
+            if stat.S_ISDIR(st.st_mode):  # may merge virtual children: changes with them too
+                attrs["st_mtime"] = max(attrs["st_mtime"], self.generation_ns)
+            return attrs
         node = self._vnode(path)
         if node is None:
             raise fs_error(errno.ENOENT)
         return self._vattrs(node)
 
     def _vattrs(self, node: VNode) -> dict:
+        mtime = node.mtime_ns or self.started_ns
         if node.kind == "dir":
             mode, nlink, size = stat.S_IFDIR | 0o755, 2, 4096
+            mtime = max(mtime, self.generation_ns)
         elif node.kind == "symlink":
             mode, nlink, size = stat.S_IFLNK | 0o777, 1, len(node.target)
         else:
             mode, nlink, size = stat.S_IFREG | node.mode, 1, node.size
-        mtime = node.mtime_ns or self.started_ns
         return {
             "st_mode": mode,
             "st_nlink": nlink,
@@ -214,7 +224,8 @@ class MergedView:
                 raise fs_error(errno.EISDIR)
             if not writing:
                 return self.virtual_open(path, node)
-            self._copy_up(path, node)
+            # O_TRUNC discards the content: copy up an empty file instead of fetching the old bytes.
+            self._copy_up(path, node, content=not flags & os.O_TRUNC)
         return FileHandle(fd=os.open(local, flags & ~os.O_CREAT | os.O_CLOEXEC))
 
     def create(self, path: str, flags: int, mode: int) -> FileHandle:
@@ -253,15 +264,15 @@ class MergedView:
         self._ensure_local_parent(path)
         os.makedirs(self.local_path(path), mode=0o755, exist_ok=True)
 
-    def _copy_up(self, path: str, node: VNode) -> None:
-        """Make a local copy of a virtual file before it is modified (or refuse)."""
+    def _copy_up(self, path: str, node: VNode, content: bool = True) -> None:
+        """Make a local copy of a virtual file before it is modified (or refuse); `content=False`: empty."""
         if not self.copy_up or node.kind != "file":
             raise fs_error(errno.EROFS)
         with self._ns_lock:
             if self._lstat_local(path) is not None:
                 return
             self._ensure_local_parent(path)
-            handle = self.virtual_open(path, node)
+            handle = self.virtual_open(path, node) if content else FileHandle(data=b"")
             local = self.local_path(path)
             tmp = f"{local}.hffs-copyup.{os.getpid()}.{threading.get_ident()}"
             try:

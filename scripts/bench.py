@@ -1,0 +1,364 @@
+#!/usr/bin/env python3
+"""Benchmarks, side by side with their baselines, in one run, against the local Hub emulator.
+
+    .venv/bin/python scripts/bench.py [--size-mb 1024] [--rows 1,2,3] [--json out.json]
+
+Each row prints the project's figure, the baseline's and the ratio (see the README table). Sizes are
+parameters; the defaults fit a 2-core machine in a few minutes. Nothing here asserts: tests do that.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+MiB = 1024 * 1024
+
+
+def drop_caches() -> bool:
+    try:
+        subprocess.run(["sync"], check=True)
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def timed(cmd: list[str], env: dict | None = None) -> float:
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    return time.perf_counter() - start
+
+
+def dd_read(path: str) -> float:
+    """Seconds to read a file sequentially with 1 MiB requests."""
+    return timed(["dd", f"if={path}", "of=/dev/null", "bs=1M"])
+
+
+def make_file(path: Path, size: int) -> None:
+    chunk = os.urandom(16 * MiB)
+    with open(path, "wb") as f:
+        written = 0
+        while written < size:
+            n = min(len(chunk), size - written)
+            f.write(chunk[:n] if written % (32 * MiB) else os.urandom(n))
+            written += n
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.work = Path(tempfile.mkdtemp(prefix="hffs-bench-", dir=args.work_dir))
+        self.rows: list[dict] = []
+        os.environ["HFFS_RUNTIME_DIR"] = str(self.work / "run")
+        os.environ["HF_HUB_DISABLE_XET"] = "1"
+        os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        os.environ["HF_HOME"] = str(self.work / "hf_home")
+        from hffs_neuron.testing.hub_emulator import HubEmulator
+
+        self.hub = HubEmulator(self.work / "hub").start()
+        os.environ["HF_ENDPOINT"] = self.hub.url
+        self.mounts: list = []
+
+    def close(self) -> None:
+        for handle in self.mounts:
+            try:
+                handle.unmount()
+            except Exception as exc:  # noqa: BLE001 - best effort at exit
+                print(f"bench: unmount {handle.mountpoint}: {exc}", file=sys.stderr)
+        self.hub.stop()
+        shutil.rmtree(self.work, ignore_errors=True)
+
+    def mount(self, view: str, name: str, source: str = "", **options):
+        import hffs_neuron
+
+        mountpoint = self.work / name
+        mountpoint.mkdir()
+        options.setdefault("cache_dir", str(self.work / f"cache-{name}"))
+        handle = hffs_neuron.mount(view, mountpoint, source, env=dict(os.environ), **options)
+        self.mounts.append(handle)
+        return handle
+
+    def unmount(self, handle) -> None:
+        handle.unmount()
+        self.mounts.remove(handle)
+
+    def report(self, row: str, measure: str, ours: float, base: float, unit: str, ratio: float, target: str):
+        entry = dict(row=row, measure=measure, ours=ours, baseline=base, unit=unit, ratio=ratio, target=target)
+        self.rows.append(entry)
+        print(
+            f"{row:>3} {measure:<58} ours {ours:10.3f} {unit:<6} base {base:10.3f} {unit:<6} ratio {ratio:6.2f}  ({target})",
+            flush=True,
+        )
+
+    # -- data ----------------------------------------------------------------------------------
+    def big_repo(self, repo_id: str, size: int) -> tuple[str, str]:
+        src = self.work / f"src-{repo_id.replace('/', '_')}.bin"
+        make_file(src, size)
+        commit = self.hub.add_repo(repo_id, {"model.safetensors": src})
+        return commit, "model.safetensors"
+
+    def snapshot_file(self, mountpoint: Path, repo_id: str, name: str) -> str:
+        folder = mountpoint / ("models--" + repo_id.replace("/", "--"))
+        commit = (folder / "refs" / "main").read_text()
+        return str(folder / "snapshots" / commit / name)
+
+    # -- rows ----------------------------------------------------------------------------------
+    def rows_1_2_3(self) -> None:
+        size = self.args.size_mb * MiB
+        self.big_repo("bench/big", size)
+        handle = self.mount("hub-cache", "hub123")
+        path = self.snapshot_file(Path(handle.mountpoint), "bench/big", "model.safetensors")
+        drop_caches()
+        cold = dd_read(path)  # first open: materializes through the store
+        # Row 3 baseline: hf_hub_download into an empty plain cache, same emulator.
+        plain = self.work / "plain-cache"
+        env = dict(os.environ, HF_HUB_CACHE=str(plain))
+        script = "from huggingface_hub import hf_hub_download as d; d('bench/big', 'model.safetensors')"
+        drop_caches()
+        base3 = timed([PY, "-c", script], env=env) - self.python_startup(env)
+        self.report(
+            "3", f"cold read {self.args.size_mb} MiB LFS via hub-cache (s)", cold, base3, "s", cold / base3, "<= 0.8"
+        )
+        blob = next(Path(handle.mountpoint).parent.glob("cache-hub123/blobs-store/blobs/*/*"))
+        dd_read(path)
+        dd_read(str(blob))
+        warm, base1 = dd_read(path), dd_read(str(blob))
+        self.report(
+            "1",
+            f"warm read {self.args.size_mb} MiB, second open (GB/s)",
+            size / warm / 1e9,
+            size / base1 / 1e9,
+            "GB/s",
+            base1 / warm,
+            ">= 0.9",
+        )
+        self.unmount(handle)
+        handle = self.mount("hub-cache", "hub2", cache_dir=str(self.work / "cache-hub123"))
+        path = self.snapshot_file(Path(handle.mountpoint), "bench/big", "model.safetensors")
+        dropped = drop_caches()
+        first = dd_read(path)
+        drop_caches()
+        base2 = dd_read(str(blob))
+        note = "" if dropped else " [page cache NOT dropped: not root]"
+        self.report(
+            "2",
+            f"first read after remount, materialized (GB/s){note}",
+            size / first / 1e9,
+            size / base2 / 1e9,
+            "GB/s",
+            base2 / first,
+            ">= 0.7",
+        )
+        self.unmount(handle)
+
+    def python_startup(self, env: dict) -> float:
+        return min(timed([PY, "-c", "import huggingface_hub"], env=env) for _ in range(2))
+
+    def row_4(self) -> None:
+        size = max(64, self.args.size_mb // 2) * MiB
+        self.big_repo("bench/shared", size)
+        single = self.mount("hub-cache", "hub4a")
+        path = self.snapshot_file(Path(single.mountpoint), "bench/shared", "model.safetensors")
+        drop_caches()
+        t1 = dd_read(path)
+        self.unmount(single)
+        self.hub.reset_stats()
+        multi = self.mount("hub-cache", "hub4b")
+        path = self.snapshot_file(Path(multi.mountpoint), "bench/shared", "model.safetensors")
+        drop_caches()
+        start = time.perf_counter()
+        procs = [
+            subprocess.Popen(["dd", f"if={path}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL) for _ in range(8)
+        ]
+        for p in procs:
+            p.wait()
+        t8 = time.perf_counter() - start
+        upstream = self.hub.bytes_served("model.safetensors") / size
+        self.report(
+            "4",
+            f"8 procs cold-read one {size // MiB} MiB blob: upstream bytes / size",
+            upstream,
+            1.0,
+            "x",
+            upstream,
+            "= 1.00",
+        )
+        self.report("4", "8 procs cold-read: wall time vs 1 reader (s)", t8, t1, "s", t8 / t1, "<= 1.3")
+        self.unmount(multi)
+
+    def rows_5_6(self) -> None:
+        n = self.args.files
+        bucket = self.hub.add_bucket("bench/neff")
+        version = bucket / "neuronxcc-2.21.18209.0+043b1bf7"
+        local = self.work / "local-neff" / version.name
+        for i in range(n):
+            for base in (version, local):
+                module = base / f"MODULE_{i:020d}+0badcafe"
+                module.mkdir(parents=True)
+                (module / "model.neff").write_bytes(b"n")
+        self.hub.page_size = 1000
+        handle = self.mount("neff", "neff56", "bench/neff")
+        mounted = Path(handle.mountpoint) / version.name
+        self.hub.reset_stats()
+        start = time.perf_counter()
+        os.listdir(mounted)
+        cold = time.perf_counter() - start
+        requests = len(self.hub.requests("/tree"))
+        self.report(
+            "6", f"ls of {n}-module dir, cold: listing requests", requests, 11, "req", requests / 11, "<= 11 requests"
+        )
+        ours = min(self._time(lambda: os.listdir(mounted)) for _ in range(5))
+        base = min(self._time(lambda: os.listdir(local)) for _ in range(5))
+        self.report(
+            "6",
+            f"ls of {n}-module dir, warm (ms); cold took {cold * 1000:.0f} ms",
+            ours * 1e3,
+            base * 1e3,
+            "ms",
+            ours / base,
+            "<= 3x",
+        )
+        names = os.listdir(mounted)
+        for name in names:  # warm the kernel and metadata caches
+            os.stat(mounted / name)
+        ours = min(self._time(lambda: [os.stat(mounted / nm) for nm in names]) for _ in range(3))
+        base = min(self._time(lambda: [os.stat(local / nm) for nm in names]) for _ in range(3))
+        self.report("5", f"stat of {n} entries, warm (ms)", ours * 1e3, base * 1e3, "ms", ours / base, "<= 3x")
+        self.unmount(handle)
+
+    @staticmethod
+    def _time(fn) -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def row_7(self) -> None:
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            print("  7 skipped: torch/transformers not installed (HFFS_SKIP_ML=1?)")
+            return
+        model_dir = self.work / "tiny-llama"
+        subprocess.run(
+            [
+                PY,
+                "-c",
+                f"""
+import torch, transformers
+torch.manual_seed(0)
+cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=4, vocab_size=8000)
+transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard_size="8MB")
+""",
+            ],
+            check=True,
+        )
+        files = {p.name: p for p in model_dir.iterdir()}
+        self.hub.add_repo("bench/tiny-llama", files)
+        load = (
+            "import time, transformers as t; s = time.perf_counter(); "
+            "t.AutoModelForCausalLM.from_pretrained('bench/tiny-llama'); print(time.perf_counter() - s)"
+        )
+
+        def run(cache: str) -> float:
+            env = dict(os.environ, HF_HUB_CACHE=cache)
+            out = subprocess.run([PY, "-c", load], check=True, capture_output=True, text=True, env=env)
+            return float(out.stdout.strip().splitlines()[-1])
+
+        handle = self.mount("hub-cache", "hub7")
+        plain = str(self.work / "plain-cache-7")
+        ours_cold, base_cold = run(handle.mountpoint), run(plain)
+        ours_warm, base_warm = run(handle.mountpoint), run(plain)
+        self.report(
+            "7", "from_pretrained sharded, cold (s)", ours_cold, base_cold, "s", ours_cold / base_cold, "<= 1.0"
+        )
+        self.report(
+            "7", "from_pretrained sharded, warm (s)", ours_warm, base_warm, "s", ours_warm / base_warm, "<= 1.1"
+        )
+        self.unmount(handle)
+
+    def row_8(self) -> None:
+        per = max(32, self.args.size_mb // 4) * MiB
+        for i in range(8):
+            src = self.work / f"rss-{i}.bin"
+            make_file(src, per)
+            self.hub.add_repo(f"bench/rss{i}", {"model.safetensors": src})
+        handle = self.mount("hub-cache", "hub8")
+        paths = [self.snapshot_file(Path(handle.mountpoint), f"bench/rss{i}", "model.safetensors") for i in range(8)]
+        procs = [subprocess.Popen(["dd", f"if={p}", "of=/dev/null", "bs=1M"], stderr=subprocess.DEVNULL) for p in paths]
+        peak = 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not stop.is_set():
+                try:
+                    for line in Path(f"/proc/{handle.pid}/status").read_text().splitlines():
+                        if line.startswith("VmHWM:"):
+                            peak = max(peak, int(line.split()[1]) * 1024)
+                except OSError:
+                    pass
+                time.sleep(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        for p in procs:
+            p.wait()
+        stop.set()
+        sampler.join()
+        self.report(
+            "8",
+            f"daemon peak RSS, 8 readers x {per // MiB} MiB cold (MB)",
+            peak / 1e6,
+            200,
+            "MB",
+            peak / 1e6 / 200,
+            "<= 200 MB",
+        )
+        self.unmount(handle)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=1024, help="size of the big blob (rows 1-4, 8)")
+    parser.add_argument("--files", type=int, default=10_000, help="entries for rows 5-6")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8")
+    parser.add_argument("--json", default=None, help="write all rows to this file")
+    parser.add_argument("--work-dir", default=None, help="where to put data (default: system temp)")
+    args = parser.parse_args()
+    wanted = set(args.rows.split(","))
+    bench = Bench(args)
+    try:
+        print(f"hffs-neuron benchmarks ({os.cpu_count()} cores); emulator at {bench.hub.url}")
+        if wanted & {"1", "2", "3"}:
+            bench.rows_1_2_3()
+        if "4" in wanted:
+            bench.row_4()
+        if wanted & {"5", "6"}:
+            bench.rows_5_6()
+        if "7" in wanted:
+            bench.row_7()
+        if "8" in wanted:
+            bench.row_8()
+    finally:
+        bench.close()
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
