@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from datetime import datetime
 from urllib.parse import quote
 
 from ..errors import RemoteNotFound, UsageError
-from .base import RemoteEntry, drop_unsafe, is_safe_path
+from .base import RemoteEntry, is_safe_path
 from .http import HubHttp
+
+logger = logging.getLogger(__name__)
 
 _BUCKET_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
@@ -72,19 +75,33 @@ class Bucket:
         suffix = f"/{quote(full, safe='')}" if full else ""
         items = self._http.paginate(f"api/buckets/{self.bucket_id}/tree{suffix}", {"recursive": "false"}, what)
         parent = full + "/" if full else ""
-        entries = []
+        by_name: dict[str, RemoteEntry] = {}
         for item in items:
-            # Whole-component prefix match, whatever the server does: `foo` never lists `foo.sample`.
-            if not item.get("path", "").startswith(parent) or "/" in item["path"][len(parent) :]:
+            item_path = item.get("path")
+            if not isinstance(item_path, str) or not is_safe_path(item_path):
+                logger.warning("%s: ignoring remote entry with an unsafe name: %r", what, item_path)
                 continue
-            entries.append(self._entry(item))
-        return drop_unsafe(entries, what)
+            # Whole-component prefix match, whatever the server does: `foo` never lists `foo.sample`.
+            if not item_path.startswith(parent) or "/" in item_path[len(parent) :]:
+                continue
+            entry = self._entry(item)
+            other = by_name.get(entry.name)
+            if other is not None and other.is_dir != entry.is_dir:
+                # A file and a directory with one name cannot both exist in a filesystem: the directory
+                # (which may hold a whole module) wins, deterministically.
+                logger.warning("%s: %r is both a file and a directory; showing the directory", what, item_path)
+                if other.is_dir:
+                    continue
+            by_name[entry.name] = entry
+        return list(by_name.values())
 
     def stat(self, path: str) -> RemoteEntry:
         full = self._full(path)
         what = f"bucket {self.bucket_id}: stat {full}"
-        response = self._http.request("POST", f"api/buckets/{self.bucket_id}/paths-info", what, json={"paths": [full]})
-        for item in response.json():
+        items, _ = self._http.request_json(
+            "POST", f"api/buckets/{self.bucket_id}/paths-info", what, json={"paths": [full]}
+        )
+        for item in items:
             if item.get("path") == full and item.get("type", "file") == "file":
                 return self._entry(item)
         raise RemoteNotFound(f"{what}: not found")
