@@ -152,16 +152,37 @@ class HubHttp:
 
         return self.with_retries(what, attempt)
 
+    def request_json(
+        self, method: str, path_or_url: str, what: str | None = None, **kwargs: Any
+    ) -> tuple[Any, httpx2.Response]:
+        """Like `request`, and parse the JSON body inside the retry loop.
+
+        A body that is not valid JSON (damaged or cut short in transit) is a transient failure: it is
+        retried, and never escapes as a bare ValueError that no caller maps to an errno.
+        """
+        url = path_or_url if "://" in path_or_url else self.url(path_or_url)
+        what = what or f"{method} {url}"
+
+        def attempt(deadline: float) -> tuple[Any, httpx2.Response]:
+            response = self._send(method, url, deadline, **kwargs)
+            raise_for_status(response, what)
+            try:
+                return response.json(), response
+            except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both derive from it
+                raise _Transient(f"invalid JSON in the response ({exc.__class__.__name__})") from exc
+
+        return self.with_retries(what, attempt)
+
     def get_json(self, path_or_url: str, what: str | None = None, **kwargs: Any) -> Any:
-        return self.request("GET", path_or_url, what, **kwargs).json()
+        return self.request_json("GET", path_or_url, what, **kwargs)[0]
 
     def paginate(self, path: str, params: dict[str, Any] | None, what: str) -> Iterator[dict]:
         """Yield items of a JSON-list endpoint, following `Link: <...>; rel="next"` pages."""
-        response = self.request("GET", path, what, params=params)
-        yield from response.json()
+        items, response = self.request_json("GET", path, what, params=params)
+        yield from items
         while "next" in response.links:
-            response = self.request("GET", response.links["next"]["url"], what)
-            yield from response.json()
+            items, response = self.request_json("GET", response.links["next"]["url"], what)
+            yield from items
 
     def stream_range(
         self,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import posixpath
 import threading
 from collections.abc import Callable
@@ -13,6 +14,8 @@ from huggingface_hub.utils import validate_repo_id
 from ..errors import RemoteNotFound, UsageError
 from .base import Digest, RemoteEntry, drop_unsafe
 from .http import HubHttp
+
+logger = logging.getLogger(__name__)
 
 REPO_TYPES = ("model", "dataset")
 
@@ -41,6 +44,7 @@ class HubRepo:
         info = http.get_json(f"api/{repo_type}s/{repo_id}/revision/{quote(revision, safe='')}", what=what)
         self.repo_id: str = info["id"]  # the Hub's canonical casing
         self.commit: str = info["sha"]
+        self.gated = bool(info.get("gated"))  # metadata is public, files need a token with access
         self.revision = revision
         self.cache_namespace = f"{http.endpoint}|{http.token_fingerprint}|{repo_type}|{self.repo_id}|{self.commit}"
         self._tree: dict[str, RemoteEntry] | None = None
@@ -57,7 +61,13 @@ class HubRepo:
                 {"recursive": "true", "expand": "false"},
                 what,
             )
-            entries = drop_unsafe([_entry_from_item(item) for item in items], what)
+            parsed = []
+            for item in items:
+                try:
+                    parsed.append(_entry_from_item(item))
+                except (KeyError, TypeError, ValueError):  # one malformed item must not hide the rest
+                    logger.warning("%s: ignoring a malformed tree item: %r", what, item)
+            entries = drop_unsafe(parsed, what)
             tree = {"": RemoteEntry(path="", is_dir=True)}
             for entry in entries:
                 tree[entry.path] = entry

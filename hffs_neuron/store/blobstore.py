@@ -24,7 +24,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +37,8 @@ logger = logging.getLogger(__name__)
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _LOCK_POLL = 0.05
+# Transfers of one blob tried before a size/hash mismatch is reported (as IntegrityError, EIO).
+_VERIFY_ATTEMPTS = 2
 # The slowest transfer rate a fetch deadline allows for (bytes/s), on top of OPERATION_TIMEOUT.
 _MIN_RATE = 1024 * 1024
 
@@ -184,7 +186,15 @@ class BlobStore:
             if self._is_complete(path, entry.size):
                 self._touch(path)
                 return path
-            self._download(key, remote, entry, deadline)
+            for attempt in range(_VERIFY_ATTEMPTS):
+                try:
+                    self._download(key, remote, entry, deadline)
+                    break
+                except IntegrityError as exc:
+                    # Bytes damaged in transit are discarded; a fresh transfer usually succeeds.
+                    if attempt + 1 == _VERIFY_ATTEMPTS or time.monotonic() >= deadline:
+                        raise
+                    logger.warning("%s; fetching it again", exc)
         self.evict_if_needed()
         return path
 
@@ -232,8 +242,11 @@ class BlobStore:
 
     def _fill(self, fd: int, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> None:
         progress = self._progress.get(key)
+        aborted = threading.Event()
 
         def sink(offset: int, data: bytes) -> None:
+            if aborted.is_set():  # another range failed: stop this one at its next chunk
+                raise RemoteUnavailable(f"{entry.path}: download aborted")
             os.pwrite(fd, data, offset)
             with self._lock:
                 self.stats.bytes_fetched += len(data)
@@ -253,9 +266,13 @@ class BlobStore:
                 fut.result(timeout=max(0.0, deadline - time.monotonic()) + 1)
             except Exception as exc:  # noqa: BLE001 - collect, cancel the rest, raise the first
                 errors.append(exc)
+                aborted.set()
                 for other in futures:
                     other.cancel()
         if errors:
+            # The caller closes `fd` next: wait until no range thread can write to it any more. Each
+            # one stops at its next chunk (sink raises) or at its own read timeout and deadline.
+            wait(futures)
             first = errors[0]
             raise first if isinstance(first, HffsError) else RemoteUnavailable(f"{entry.path}: {first}")
 
@@ -297,11 +314,23 @@ class BlobStore:
     # -- pins (open blobs are never evicted, by this or any other process) -----------------------
     def pin(self, key: str) -> None:
         with self._lock:
-            fd, count = self._pins.get(key, (-1, 0))
-            if fd < 0:
-                fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                fcntl.flock(fd, fcntl.LOCK_SH)
+            if key in self._pins:
+                fd, count = self._pins[key]
+                self._pins[key] = (fd, count + 1)
+                return
+        # Taken outside self._lock: it may wait for another process's fetch or eviction of this key,
+        # and every other thread of this store must keep going meanwhile.
+        new_fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(new_fd, fcntl.LOCK_SH)
+        except BaseException:
+            os.close(new_fd)
+            raise
+        with self._lock:
+            fd, count = self._pins.get(key, (new_fd, 0))
             self._pins[key] = (fd, count + 1)
+        if fd != new_fd:  # another thread pinned it meanwhile: its shared lock is enough
+            os.close(new_fd)
 
     def unpin(self, key: str) -> None:
         with self._lock:

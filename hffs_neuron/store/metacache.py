@@ -55,6 +55,8 @@ class MetadataCache:
                 self._inflight[key] = future
         if not leader:
             return future.result()  # the leader's loader is itself bounded by network deadlines
+        with self._lock:
+            self.requests += 1  # counted when it goes upstream, whether it then succeeds or not
         try:
             value = loader()
         except RemoteNotFound as exc:
@@ -80,7 +82,6 @@ class MetadataCache:
 
     def _store(self, key: Hashable, value: Any, ttl: float) -> None:
         with self._lock:
-            self.requests += 1
             if ttl > 0:
                 self._cache[key] = (time.monotonic() + ttl, value)
 
