@@ -40,7 +40,10 @@ def plan_push(upper: Path, bucket: Bucket) -> PushPlan:
             if not is_module_complete(names - {"model.log"}):
                 plan.skipped.append((rel, "incomplete (needs model.neff and model.done)"))
                 continue
-            files = sorted(p for p in module.iterdir() if p.is_file() and p.name != "model.log")
+            # A copy-up in progress leaves a private temp file next to its target: never publish it.
+            files = sorted(
+                p for p in module.iterdir() if p.is_file() and p.name != "model.log" and ".hffs-copyup." not in p.name
+            )
             try:
                 remote = {e.name: e for e in bucket.list(rel) if not e.is_dir}
             except RemoteNotFound:

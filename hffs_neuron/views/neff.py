@@ -23,11 +23,13 @@ import os
 import posixpath
 import threading
 
+from cachetools import LRUCache
+
 from ..errors import RemoteNotFound
 from ..remote.base import Remote, RemoteEntry
 from ..store.blobstore import BlobStore, blob_key
 from ..store.metacache import MetadataCache
-from .merged import FileHandle, MergedView, VNode, fs_error
+from .merged import _WRITE_FLAGS, FileHandle, MergedView, VNode, fs_error
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +72,15 @@ class NeffView(MergedView):
         self._whiteout_file = os.path.join(self.state_dir, "whiteouts.json")
         self._hidden, self._opaque_dirs = self._load_whiteouts()
         self._wh_lock = threading.Lock()
+        self._visible_memo: LRUCache = LRUCache(maxsize=4096)
+        self._memo_lock = threading.Lock()
 
     # -- remote side, filtered ------------------------------------------------------------------
     def _remote_listing(self, path: str) -> dict[str, RemoteEntry]:
         """Raw remote children of `path`, cached for the listing TTL."""
 
         def load() -> dict[str, RemoteEntry]:
+            self.bump_generation()
             try:
                 return {e.name: e for e in self.remote.list(path)}
             except RemoteNotFound:
@@ -88,8 +93,22 @@ class NeffView(MergedView):
         return len(parts) >= 2 and parts[0].startswith(VERSION_PREFIX) and not parts[1].startswith(MODULE_PREFIX)
 
     def _visible_children(self, path: str) -> dict[str, RemoteEntry]:
-        """Remote children of `path` after the poison and model-area rules."""
+        """Remote children of `path` after the poison and model-area rules.
+
+        Memoized per listing object: every lookup in a 10,000-module directory would otherwise refilter
+        the whole listing.
+        """
         listing = self._remote_listing(path)
+        with self._memo_lock:
+            memo = self._visible_memo.get(path)
+        if memo is not None and memo[0] is listing:
+            return memo[1]
+        visible = self._filter_listing(path, listing)
+        with self._memo_lock:
+            self._visible_memo[path] = (listing, visible)
+        return visible
+
+    def _filter_listing(self, path: str, listing: dict[str, RemoteEntry]) -> dict[str, RemoteEntry]:
         depth = 0 if not path else path.count("/") + 1
         parts = path.split("/") if path else []
         in_module = depth == 2 and parts[0].startswith(VERSION_PREFIX) and parts[1].startswith(MODULE_PREFIX)
@@ -170,6 +189,12 @@ class NeffView(MergedView):
         return entry if entry is not None and not entry.is_dir else None
 
     # -- local layer rules ----------------------------------------------------------------------
+    def open(self, path: str, flags: int) -> FileHandle:
+        # Opening a model-area file for writing would copy it up: the model area is read-only.
+        if flags & _WRITE_FLAGS:
+            self._check_writable(path)
+        return super().open(path, flags)
+
     def _check_writable(self, path: str) -> None:
         super()._check_writable(path)
         if self._is_model_area(path):

@@ -1,0 +1,209 @@
+"""Publishing compiled modules from a NEFF mount back to its bucket (`hffs_neuron.publish.push`).
+
+Real mount, real huggingface_hub client; the only fake is `HfApi.batch_bucket_files` (Xet uploads
+cannot run offline), which copies the files into the emulator's bucket so they are served afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from huggingface_hub import HfApi
+
+from hffs_neuron import constants
+from hffs_neuron.mount import MountHandle, mount, read_states
+from hffs_neuron.publish import push
+from hffs_neuron.testing.hub_emulator import HubEmulator
+from hffs_neuron.testing.sample_data import build_neff_bucket
+
+pytestmark = pytest.mark.timeout(120)
+
+VERSION = "neuronxcc-2.21.18209.0+043b1bf7"
+MountFn = Callable[..., Path]
+
+
+class FakeApi(HfApi):
+    """A real HfApi whose bucket upload writes straight into the emulator's bucket directory."""
+
+    def __init__(self, hub: HubEmulator, **kwargs: Any):
+        super().__init__(endpoint=hub.url, **kwargs)
+        self.hub = hub
+        self.calls: list[tuple[str, list[tuple[str, str]]]] = []
+
+    def batch_bucket_files(self, bucket_id: str, *, add: Any = None, copy: Any = None, delete: Any = None, **_: Any):
+        assert not copy and not delete  # push only ever adds
+        add = [(str(src), dest) for src, dest in add or []]
+        self.calls.append((bucket_id, add))
+        root = self.hub.bucket_dir(bucket_id)
+        for src, dest in add:
+            target = root / dest
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, target)
+
+
+@pytest.fixture
+def runtime_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """The daemon and this process must agree on the runtime dir: push reads the mount's state there."""
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(constants, "RUNTIME_DIR", run)
+    return dict(os.environ, HFFS_RUNTIME_DIR=str(run))
+
+
+@pytest.fixture
+def mount_neff(tmp_path: Path, runtime_env: dict[str, str]) -> Iterator[MountFn]:
+    handles: list[MountHandle] = []
+
+    def do_mount(bucket_id: str, name: str = "mnt", cache: str = "cache", **options: Any) -> Path:
+        mountpoint = tmp_path / name
+        mountpoint.mkdir(exist_ok=True)
+        handles.append(
+            mount("neff", mountpoint, bucket_id, cache_dir=str(tmp_path / cache), env=runtime_env, **options)
+        )
+        return mountpoint
+
+    try:
+        yield do_mount
+    finally:
+        for handle in handles:
+            try:
+                handle.unmount(force=True)
+            except Exception as exc:  # keep unmounting the others
+                print(f"unmount {handle.mountpoint} failed: {exc}", file=sys.stderr)
+
+
+def _state_of(mountpoint: Path) -> dict:
+    states = [s for s in read_states() if s.get("mountpoint") == os.path.realpath(mountpoint)]
+    assert len(states) == 1, read_states()
+    return states[0]
+
+
+def _write_module(root: Path, name: str, files: dict[str, bytes]) -> str:
+    """Create a module through the mount, as the compiler does (plain create + write)."""
+    module = root / VERSION / name
+    module.mkdir(parents=True, exist_ok=True)
+    for fname, data in files.items():
+        (module / fname).write_bytes(data)
+    return f"{VERSION}/{name}"
+
+
+def _local_modules(mp: Path) -> dict[str, str]:
+    """Modules in every state a compile cache can hold; returns {kind: module path}."""
+    hlo, flags = os.urandom(3000), b'["--target=trn1"]'
+    return {
+        "complete": _write_module(
+            mp,
+            "MODULE_11111111111111111111+aaaaaaaa",
+            {
+                "model.hlo_module.pb": hlo,
+                "compile_flags.json": flags,
+                "model.neff": os.urandom(70_000),
+                "model.done": b"",
+            },
+        ),
+        "incomplete": _write_module(
+            mp, "MODULE_22222222222222222222+bbbbbbbb", {"model.hlo_module.pb": hlo, "model.neff": b"partial"}
+        ),
+        "locked": _write_module(
+            mp,
+            "MODULE_33333333333333333333+cccccccc",
+            {"model.neff": b"n", "model.done": b"", "model.hlo_module.pb.lock": b""},
+        ),
+        "failed": _write_module(
+            mp, "MODULE_44444444444444444444+dddddddd", {"model.hlo_module.pb": hlo, "model.log": b"ERROR\n"}
+        ),
+    }
+
+
+def test_push_selects_complete_modules_and_is_idempotent(hub: HubEmulator, mount_neff: MountFn) -> None:
+    bucket = build_neff_bucket(hub)
+    mp = mount_neff(bucket["bucket_id"])
+    with open(mp / "lock", "w"):  # the compiler's root lock: never published
+        pass
+    modules = _local_modules(mp)
+    # A complete module that also kept a log of warnings: published, minus the log.
+    noisy = _write_module(
+        mp, "MODULE_55555555555555555555+eeeeeeee", {"model.neff": b"neff5", "model.done": b"", "model.log": b"warn\n"}
+    )
+    state = _state_of(mp)
+    api = FakeApi(hub)
+
+    plan = push(state, dry_run=True, api=api)
+    assert api.calls == []  # dry run uploads nothing
+    assert sorted(m for m, _ in plan.upload) == sorted([modules["complete"], noisy])
+    skipped = dict(plan.skipped)
+    assert "lock" in skipped[modules["locked"]]
+    assert "failed" in skipped[modules["failed"]]
+    assert "incomplete" in skipped[modules["incomplete"]]
+    assert modules["complete"] not in skipped
+
+    plan = push(state, api=api)
+    assert len(api.calls) == 1
+    bucket_id, added = api.calls[0]
+    assert bucket_id == bucket["bucket_id"]
+    destinations = sorted(dest for _, dest in added)
+    expected = [
+        f"{modules['complete']}/{n}" for n in ("compile_flags.json", "model.done", "model.hlo_module.pb", "model.neff")
+    ] + [f"{noisy}/model.done", f"{noisy}/model.neff"]
+    assert destinations == sorted(expected)
+    for dest in destinations:
+        assert dest != "lock" and not dest.endswith(".lock") and not dest.endswith("model.log")
+    # The bytes uploaded are the bytes the mount shows.
+    for src, dest in added:
+        assert Path(src).read_bytes() == (mp / dest).read_bytes()
+
+    again = push(state, api=api)
+    assert len(api.calls) == 1  # nothing new: no upload call at all
+    assert again.upload == []
+    assert "already published" in dict(again.skipped)[modules["complete"]]
+    assert "already published" in dict(again.skipped)[noisy]
+
+
+def test_pushed_modules_are_served_to_a_fresh_mount(hub: HubEmulator, mount_neff: MountFn) -> None:
+    bucket = build_neff_bucket(hub)
+    mp = mount_neff(bucket["bucket_id"])
+    modules = _local_modules(mp)
+    neff = (mp / modules["complete"] / "model.neff").read_bytes()
+    push(_state_of(mp), api=FakeApi(hub))
+    hub.reset_stats()
+
+    other = mount_neff(bucket["bucket_id"], name="mnt2", cache="cache2")  # a second machine: empty cache
+    assert (other / modules["complete"] / "model.done").exists()
+    assert (other / modules["complete"] / "model.neff").read_bytes() == neff
+    assert hub.bytes_served(f"{modules['complete']}/model.neff") == len(neff)
+    for kind in ("incomplete", "locked", "failed"):
+        assert not os.path.exists(other / modules[kind]), kind
+
+
+def test_push_with_prefix(hub: HubEmulator, mount_neff: MountFn) -> None:
+    hub.add_bucket("org/shared", {"team-a/README": b"team a cache"})
+    mp = mount_neff("org/shared", prefix="team-a")
+    module = _write_module(mp, "MODULE_66666666666666666666+ffffffff", {"model.neff": b"neff6", "model.done": b""})
+    api = FakeApi(hub)
+    push(_state_of(mp), api=api)
+    assert sorted(dest for _, dest in api.calls[0][1]) == [f"team-a/{module}/model.done", f"team-a/{module}/model.neff"]
+    assert (hub.bucket_dir("org/shared") / "team-a" / module / "model.neff").read_bytes() == b"neff6"
+    assert push(_state_of(mp), api=api).upload == []
+
+
+def test_mountctl_push_dry_run(hub: HubEmulator, mount_neff: MountFn, runtime_env: dict[str, str]) -> None:
+    bucket = build_neff_bucket(hub)
+    mp = mount_neff(bucket["bucket_id"])
+    modules = _local_modules(mp)
+    mountctl = Path(sys.executable).parent / "mountctl"
+    result = subprocess.run(
+        [str(mountctl), "push", str(mp), "--dry-run"], capture_output=True, text=True, env=runtime_env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"would push {modules['complete']} (4 files)" in result.stdout
+    for kind in ("incomplete", "locked", "failed"):
+        assert f"skipped {modules[kind]}:" in result.stdout
+    before = set(hub.bucket_dir(bucket["bucket_id"]).rglob("*"))
+    assert not any(modules["complete"] in str(p) for p in before)  # dry run published nothing
