@@ -55,27 +55,24 @@ def fetch_deadline(size: int) -> float:
     return time.monotonic() + constants.OPERATION_TIMEOUT + size / _MIN_RATE
 
 
-def git_blob_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    h.update(b"blob %d\0" % path.stat().st_size)
-    _hash_file(path, h)
-    return h.hexdigest()
-
-
-def _hash_file(path: Path, h: hashlib._Hash) -> None:
-    with open(path, "rb", buffering=0) as f:
-        buf = bytearray(4 * 1024 * 1024)
-        view = memoryview(buf)
-        while n := f.readinto(buf):
-            h.update(view[:n])
-
-
-def verify_digest(path: Path, digest: Digest) -> bool:
+def new_hasher(digest: Digest, size: int) -> hashlib._Hash:
+    """A hash object that, fed the `size` content bytes, yields `digest.hexdigest` if they are right."""
     if digest.algo == "git-sha1":
-        return git_blob_sha1(path) == digest.hexdigest
-    h = hashlib.new(digest.algo)
-    _hash_file(path, h)
-    return h.hexdigest() == digest.hexdigest
+        h = hashlib.sha1()
+        h.update(b"blob %d\0" % size)  # git hashes a header, then the content
+        return h
+    return hashlib.new(digest.algo)
+
+
+def _hash_range(fd: int, start: int, end: int, h: hashlib._Hash) -> None:
+    """Feed bytes [start, end) of `fd` to `h` (they were just written: read from the page cache)."""
+    position = start
+    while position < end:
+        data = os.pread(fd, min(8 * 1024 * 1024, end - position), position)
+        if not data:
+            break
+        h.update(data)
+        position += len(data)
 
 
 @dataclass
@@ -220,13 +217,13 @@ class BlobStore:
         tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            self._fill(fd, key, remote, entry, deadline)
+            actual = self._fill(fd, key, remote, entry, deadline)
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
-            os.fsync(fd)
-            if entry.digest and not verify_digest(tmp, entry.digest):
+            if entry.digest and actual != entry.digest.hexdigest:
                 raise IntegrityError(f"{entry.path}: content does not match its {entry.digest.algo}; discarded")
+            os.fsync(fd)
             os.chmod(tmp, 0o444)  # blobs are immutable
             os.replace(tmp, path)
             _fsync_dir(path.parent)
@@ -240,9 +237,16 @@ class BlobStore:
             except FileNotFoundError:
                 pass
 
-    def _fill(self, fd: int, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> None:
+    def _fill(self, fd: int, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> str | None:
+        """Download `entry` into `fd`; return the hex digest of what was written (None: nothing to verify).
+
+        Hashing overlaps the transfer: inline for one stream, range by range (in order, while later ranges
+        are still downloading) for parallel fetches, so verification adds almost no time.
+        """
         progress = self._progress.get(key)
         aborted = threading.Event()
+        size = entry.size
+        hasher = new_hasher(entry.digest, size) if entry.digest else None
 
         def sink(offset: int, data: bytes) -> None:
             if aborted.is_set():  # another range failed: stop this one at its next chunk
@@ -253,17 +257,24 @@ class BlobStore:
                 if progress:
                     progress.done += len(data)
 
-        size = entry.size
         if size < self.parallel_threshold or self.concurrency == 1:
-            remote.read_range(entry, 0, size, sink, deadline)
-            return
+
+            def hashing_sink(offset: int, data: bytes) -> None:
+                sink(offset, data)
+                if hasher:
+                    hasher.update(data)  # one stream delivers bytes in order, resuming without overlap
+
+            remote.read_range(entry, 0, size, hashing_sink, deadline)
+            return hasher.hexdigest() if hasher else None
         os.ftruncate(fd, size)  # sparse: ranges land in place
         ranges = [(start, min(start + self.chunk_size, size)) for start in range(0, size, self.chunk_size)]
         futures = [self._pool.submit(remote.read_range, entry, a, b, sink, deadline) for a, b in ranges]
         errors = []
-        for fut in futures:
+        for (start, end), fut in zip(ranges, futures, strict=True):
             try:
                 fut.result(timeout=max(0.0, deadline - time.monotonic()) + 1)
+                if hasher and not errors:
+                    _hash_range(fd, start, end, hasher)
             except Exception as exc:  # noqa: BLE001 - collect, cancel the rest, raise the first
                 errors.append(exc)
                 aborted.set()
@@ -275,6 +286,7 @@ class BlobStore:
             wait(futures)
             first = errors[0]
             raise first if isinstance(first, HffsError) else RemoteUnavailable(f"{entry.path}: {first}")
+        return hasher.hexdigest() if hasher else None
 
     @staticmethod
     def _is_complete(path: Path, size: int) -> bool:
