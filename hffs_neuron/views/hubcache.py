@@ -108,7 +108,10 @@ class HubCacheView(MergedView):
         repo = self._hub_repo(repo_type, repo_id, revision)
         state = self._state_for(repo)
         with self._lock:
+            changed = state.refs.get(revision) != repo.commit
             state.refs[revision] = repo.commit
+        if changed:
+            self.bump_generation()  # a new ref: directory listings changed
         return state
 
     def _state_for(self, repo: HubRepo) -> RepoState:
@@ -116,7 +119,9 @@ class HubCacheView(MergedView):
             state = self._repos.setdefault(
                 (repo.repo_type, repo.repo_id.lower()), RepoState(repo.repo_type, repo.repo_id)
             )
-            state.commits.setdefault(repo.commit, repo)
+            if repo.commit not in state.commits:
+                state.commits[repo.commit] = repo
+                self.bump_generation()
             return state
 
     def _repo_state(self, folder: str) -> RepoState | None:
@@ -196,7 +201,27 @@ class HubCacheView(MergedView):
             return None
         if not rest:
             return VNode("dir")
+        if len(rest) == 2:
+            # Commits and revisions a client names (`revision=<sha>` / `revision="v1"`, online or
+            # offline) are resolved on the Hub on first sight, like repos: their snapshot is then
+            # complete here and huggingface_hub never downloads anything itself.
+            top, name = rest
+            if top == "snapshots":
+                self._commit(state, name)
+            elif top == "trees" and name.endswith(".json"):
+                self._commit(state, name.removesuffix(".json"))
+            elif top == "refs" and name not in state.refs:
+                self._ref(state, name)
         return self._children_of(state, rest[:-1]).get(rest[-1])
+
+    def _ref(self, state: RepoState, revision: str) -> None:
+        """Resolve a branch or tag name not seen yet (`refs/<name>`); unknown names stay absent."""
+        if _COMMIT.match(revision) or revision.startswith("."):
+            return
+        try:
+            self.pin_repo(state.repo_type, state.repo_id, revision)
+        except RemoteNotFound:
+            pass
 
     def virtual_children(self, path: str) -> dict[str, VNode]:
         if not path:
@@ -257,6 +282,27 @@ class HubCacheView(MergedView):
             data = json.dumps({"format_version": 1, "files": files}, indent=1).encode()
             self._tree_json[repo.commit] = data
         return data
+
+    def _copy_up(self, path: str, node: VNode, content: bool = True) -> None:
+        """Refs may be rewritten (huggingface_hub records a newer commit of a branch there): the ref
+        is copied into the backing, which then shadows it. Blobs, snapshots and trees stay EROFS."""
+        parts = path.split("/")
+        if not (len(parts) == 3 and parts[1] == "refs" and node.kind == "file") or self.read_only:
+            raise fs_error(errno.EROFS)
+        state, rest = self._resolve(path)
+        commit = state.refs.get(rest[1]) if state else None
+        if commit is None:
+            raise fs_error(errno.ENOENT)
+        with self._ns_lock:
+            if self._lstat_local(path) is None:
+                self._ensure_local_parent(path)
+                local = self.local_path(path)
+                tmp = f"{local}.hffs-copyup.{os.getpid()}.{threading.get_ident()}"
+                with open(tmp, "w") as out:
+                    out.write(commit if content else "")  # no trailing newline, like huggingface_hub
+                os.chmod(tmp, 0o644)
+                os.replace(tmp, local)
+        self.on_local_change(path)
 
     def virtual_open(self, path: str, node: VNode) -> FileHandle:
         state, rest = self._resolve(path)
