@@ -7,6 +7,6 @@ with hffs_neuron.mount("neff", "/mnt/neff", "aws-neuron/optimum-neuron-cache"):
 
 __version__ = "0.1.0"
 
-from .mount import MountHandle, mount, unmount  # noqa: E402
+from .mount import MountHandle, cache_prune, cache_usage, mount, prefetch, status, unmount  # noqa: E402
 
-__all__ = ["MountHandle", "__version__", "mount", "unmount"]
+__all__ = ["MountHandle", "__version__", "cache_prune", "cache_usage", "mount", "prefetch", "status", "unmount"]

@@ -25,6 +25,8 @@ MAX_READ = 1024 * 1024  # libfuse3's largest request: fewer Python calls per byt
 # libfuse's `struct fuse_buf` / `struct fuse_bufvec` (with its one inline buffer), for read_buf.
 _FUSE_BUF_IS_FD = 1 << 1
 _FUSE_BUF_FD_SEEK = 1 << 2
+_FUSE_CAP_SPLICE_WRITE = 1 << 7
+_FUSE_CAP_SPLICE_MOVE = 1 << 8
 
 
 class _FuseBuf(ctypes.Structure):
@@ -93,6 +95,9 @@ class FuseOperations(mfusepy.Operations):
             conn.max_readahead = 16 * 1024 * 1024
             conn.max_background = 64
             conn.congestion_threshold = 48
+            # read_buf hands libfuse an fd: with splice the bytes go page cache -> /dev/fuse without
+            # passing through a user-space buffer.
+            conn.want |= conn.capable & (_FUSE_CAP_SPLICE_WRITE | _FUSE_CAP_SPLICE_MOVE)
         if self._on_init:
             self._on_init()
 

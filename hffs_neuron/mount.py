@@ -31,6 +31,9 @@ from .errors import HffsError, MountError, UsageError
 logger = logging.getLogger(__name__)
 
 VIEWS = ("neff", "hub-cache")
+# Mount-time resolution of the bucket / pinned repos: deadline (seconds) and retries.
+SETUP_TIMEOUT = 10.0
+SETUP_RETRIES = 2
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
 
@@ -140,7 +143,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A daemon started by a CLI that has exited is reparented; where nobody reaps it (PID 1 of many
+    # containers does not), a dead daemon lingers as a zombie that kill(0) still reports alive.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 # -- mountpoint checks --------------------------------------------------------------------------
@@ -155,6 +164,14 @@ def mountpoint_status(path: str) -> str:
             return "stale"
         raise
     if os.path.ismount(path):
+        # The kernel answers stat of the root from its attribute cache even after the daemon died
+        # (kill -9): statfs always reaches the daemon, so it tells a live mount from a stale one.
+        try:
+            os.statvfs(path)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTCONN, errno.ECONNABORTED):
+                return "stale"
+            raise
         return "mounted"
     if not os.path.isdir(path):
         return "not-a-directory"
@@ -173,11 +190,68 @@ def fusermount() -> str:
 
 
 def check_fuse_available() -> None:
+    """Raise a one-line MountError naming what to install if FUSE cannot work here."""
     if not os.path.exists("/dev/fuse"):
         raise MountError(
             "/dev/fuse is missing: load the fuse kernel module or run the container with --device /dev/fuse"
         )
     fusermount()
+    # Found the way mfusepy looks for it (fuse_ops sets FUSE_LIBRARY_NAME=fuse3): a missing library
+    # would otherwise only surface as an import error inside the daemon.
+    from ctypes.util import find_library
+
+    path = os.environ.get("FUSE_LIBRARY_PATH")
+    if path:
+        if not os.path.exists(path):
+            raise MountError(f"libfuse not found at FUSE_LIBRARY_PATH={path}")
+    elif not find_library(os.environ.get("FUSE_LIBRARY_NAME", "fuse3")):
+        raise MountError("libfuse3 not found: install it (sudo apt-get install -y fuse3 libfuse3-3)")
+
+
+def fuse_fstype(mountpoint: str) -> str | None:
+    """The filesystem type mounted exactly at `mountpoint` (e.g. "fuse.hffs"), from /proc/self/mountinfo."""
+    wanted = os.path.abspath(mountpoint)
+    found = None
+    try:
+        lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split(" ")
+        if len(fields) < 10 or "-" not in fields:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
+        if point == wanted:
+            found = fields[fields.index("-") + 1]  # the last one wins: mounts stack
+    return found
+
+
+def users_of(mountpoint: str) -> list[str]:
+    """Processes keeping `mountpoint` busy, as "name (pid N)": working directory, root or open files inside it."""
+    root = os.path.realpath(mountpoint)
+    inside = (root, root.rstrip("/") + "/")
+    users = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        links = [f"/proc/{entry.name}/cwd", f"/proc/{entry.name}/root"]
+        try:
+            links += [f"/proc/{entry.name}/fd/{fd}" for fd in os.listdir(f"/proc/{entry.name}/fd")]
+        except OSError:
+            pass
+        for link in links:
+            try:
+                target = os.readlink(link)  # never touches the FUSE mount itself
+            except OSError:
+                continue
+            if target == inside[0] or target.startswith(inside[1]):
+                try:
+                    name = Path(f"/proc/{entry.name}/comm").read_text().strip()
+                except OSError:
+                    name = "?"
+                users.append(f"{name} (pid {entry.name})")
+                break
+    return users
 
 
 def lazy_unmount(mountpoint: str) -> None:
@@ -220,10 +294,36 @@ class MountRuntime:
         self.http = HubHttp(config.endpoint, operation_timeout=config.timeout)
         self.store = BlobStore(cache_dir / "blobs-store", max_size=parse_size(config.cache_size))
         self.meta = MetadataCache(ttl=config.metadata_ttl, negative_ttl=config.negative_ttl)
-        self.view = self._build_view(cache_dir)
+        self.view = self._build_view_failing_fast(cache_dir)
         self.ops = FuseOperations(self.view, negative_timeout=min(config.negative_ttl, 5.0), on_init=self._on_init)
         self.ready = threading.Event()
         self._stop = threading.Event()
+        self.device: int | None = None  # st_dev of the live mount, to notice a lazy detach
+
+    def _build_view_failing_fast(self, cache_dir: Path):
+        """Build the view (resolving the bucket or pinned repos) with a short deadline and few retries.
+
+        `mountctl mount` waits for this: a wrong or unreachable endpoint must fail in seconds, not
+        after the full operation timeout meant for reads of a live mount.
+        """
+        from .errors import RemoteNotFound, RemoteUnavailable
+
+        http = self.http
+        saved = http.operation_timeout, http.max_retries
+        http.operation_timeout = min(http.operation_timeout, SETUP_TIMEOUT)
+        http.max_retries = min(http.max_retries, SETUP_RETRIES)
+        try:
+            return self._build_view(cache_dir)
+        except RemoteUnavailable as exc:
+            raise RemoteUnavailable(
+                f"Hub endpoint {http.endpoint} unreachable or failing ({exc}); check --endpoint / HF_ENDPOINT"
+            ) from exc
+        except RemoteNotFound as exc:
+            if http.has_token or "HF_TOKEN" in str(exc):
+                raise
+            raise RemoteNotFound(f"{exc} (if it is private, set HF_TOKEN)") from exc
+        finally:
+            http.operation_timeout, http.max_retries = saved
 
     def _build_view(self, cache_dir: Path):
         config = self.config
@@ -246,7 +346,7 @@ class MountRuntime:
 
         backing = config.backing or str(cache_dir / "hub-cache-backing")
         pinned = [parse_repo_spec(spec) for spec in config.repos]
-        return HubCacheView(
+        view = HubCacheView(
             self.http,
             self.store,
             self.meta,
@@ -255,6 +355,28 @@ class MountRuntime:
             read_only=config.read_only,
             revision_ttl=config.metadata_ttl,
         )
+        for spec in pinned:
+            self._check_download_access(view, *spec)
+        return view
+
+    def _check_download_access(self, view: Any, repo_type: str, repo_id: str, revision: str) -> None:
+        """Read one byte of a pinned gated repo: its metadata is public, its files are not.
+
+        Without this, a missing token shows up only later, as EACCES deep inside `from_pretrained`.
+        """
+        from .errors import RemoteAccessDenied
+
+        repo = view._hub_repo(repo_type, repo_id, revision)  # already resolved by the view: no request
+        if not getattr(repo, "gated", False):
+            return
+        files = [e for e in repo.files() if e.size > 0]
+        if not files:
+            return
+        smallest = min(files, key=lambda e: e.size)
+        try:
+            repo.read_range(smallest, 0, 1, lambda _o, _d: None, time.monotonic() + self.http.operation_timeout)
+        except RemoteAccessDenied as exc:
+            raise RemoteAccessDenied(f"{repo_type} {repo.repo_id} is gated: {exc}") from exc
 
     def _on_init(self) -> None:
         self.ready.set()
@@ -285,8 +407,24 @@ class MountRuntime:
             "in_flight": [dataclasses.asdict(p) for p in self.store.in_flight()],
         }
 
+    def attached(self) -> bool:
+        """Is this daemon's mount still the one at the mountpoint (not lazily detached, not replaced)?"""
+        if self.device is None:
+            return True
+        try:
+            return os.stat(self.config.mountpoint).st_dev == self.device
+        except OSError:
+            return False
+
+    def _owns_state(self) -> bool:
+        state = _state_for(self.config.mountpoint)
+        return state is None or state.get("pid") == os.getpid() or not _pid_alive(state.get("pid", -1))
+
     def write_state(self) -> None:
-        _write_json_atomic(state_path(self.config.mountpoint), self.stats())
+        # After `umount --force` detached us lazily, a new mount may live at the same mountpoint:
+        # its state file is not ours to overwrite.
+        if self.attached() and self._owns_state():
+            _write_json_atomic(state_path(self.config.mountpoint), self.stats())
 
     def _report_loop(self) -> None:
         while not self._stop.wait(1.0):
@@ -297,10 +435,9 @@ class MountRuntime:
 
     def close(self) -> None:
         self._stop.set()
-        try:
-            state_path(self.config.mountpoint).unlink()
-        except FileNotFoundError:
-            pass
+        state = _state_for(self.config.mountpoint)
+        if state is not None and state.get("pid") == os.getpid():
+            _forget(self.config.mountpoint)
         self.store.close()
         self.http.close()
 
@@ -321,6 +458,20 @@ def configure_logging(config: MountConfig) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # its request lines would carry URLs only, but are noise
 
 
+READ_AHEAD_KB = 16 * 1024
+
+
+def tune_readahead(device: int, kb: int = READ_AHEAD_KB) -> None:
+    """Raise the mount's block-device readahead (default 128 KiB) so sequential reads arrive as 1 MiB
+    FUSE requests. Needs root (sysfs); silently skipped otherwise."""
+    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
+    try:
+        with open(path, "w") as f:
+            f.write(str(kb))
+    except OSError as exc:
+        logger.debug("could not set %s: %s", path, exc)
+
+
 def serve(config: MountConfig, ready_fd: int | None = None) -> None:
     """Run a mount in this process until it is unmounted or the process gets SIGTERM/SIGINT."""
     from .fuse_ops import run_fuse
@@ -339,11 +490,17 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
     except HffsError as exc:
         report(f"ERROR {type(exc).__name__} {exc}")
         raise
+    except OSError as exc:  # e.g. an unusable --cache-dir: still one precise line for the caller
+        error = MountError(f"cannot set up the mount: {exc.filename or ''}: {exc.strerror or exc}")
+        report(f"ERROR MountError {error}")
+        raise error from exc
 
     def announce_when_ready() -> None:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if runtime.ready.wait(0.05) and os.path.ismount(config.mountpoint):
+                runtime.device = os.stat(config.mountpoint).st_dev
+                tune_readahead(runtime.device)
                 runtime.write_state()
                 report("READY")
                 if ready_fd is not None:
@@ -381,16 +538,24 @@ class MountHandle:
     pid: int
     process: subprocess.Popen | None = None
 
-    def unmount(self, timeout: float = 30.0, force: bool = False) -> None:
-        unmount(self.mountpoint, timeout=timeout, force=force, pid=self.pid)
-        if self.process is not None:
+    def unmount(self, timeout: float = 30.0, force: bool = False) -> str:
+        """Unmount and wait for the daemon, like `mountctl umount [--force]`; returns what was done.
+
+        A busy mount raises MountError naming its users, unless `force` (then it is detached lazily
+        and the daemon exits once they are gone).
+        """
+        message = unmount(self.mountpoint, timeout=timeout, force=force, pid=self.pid)
+        if self.process is not None and not _pid_alive(self.pid):
             self.process.wait(timeout=timeout)  # reap the daemon
+        return message
 
     def __enter__(self) -> MountHandle:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.unmount()
+        # Leaving the block must never leave a mount behind, even with a file still open.
+        if os.path.ismount(self.mountpoint) or mountpoint_status(self.mountpoint) == "stale":
+            self.unmount(force=True)
 
 
 def mount(
@@ -421,20 +586,33 @@ def mount(
     if token:
         child_env["HF_TOKEN"] = token  # never on the command line, where `ps` would show it
     constants.RUNTIME_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hffs_neuron.daemon", "--ready-fd", str(write_fd), config.to_json()],
-        pass_fds=(write_fd,),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=child_env,
-        start_new_session=True,  # survives the terminal; SIGTERM via `mountctl umount`
-    )
-    os.close(write_fd)
+    Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
+    # The daemon's stdout/stderr (libfuse prints its errors there, Python its tracebacks) go to the log.
+    log_fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hffs_neuron.daemon", "--ready-fd", str(write_fd), config.to_json()],
+            pass_fds=(write_fd,),
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            env=child_env,
+            start_new_session=True,  # survives the terminal; SIGTERM via `mountctl umount`
+        )
+    finally:
+        os.close(write_fd)
+        os.close(log_fd)
+    process.hffs_log_file = config.log_file  # type: ignore[attr-defined]
     message = _read_ready(read_fd, process, ready_timeout)
     if message != "READY":
         if process.poll() is None:
             process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        if os.path.ismount(config.mountpoint):  # nothing left half-done
+            lazy_unmount(config.mountpoint)
         _, _, detail = message.partition(" ")
         kind, _, text = detail.partition(" ")
         error_class = {"UsageError": UsageError}.get(kind)
@@ -464,13 +642,26 @@ def _read_ready(fd: int, process: subprocess.Popen, timeout: float) -> str:
                     return buffer.split(b"\n", 1)[0].decode(errors="replace")
             elif chunk == b"" or process.poll() is not None:
                 if process.poll() is not None and not buffer:
-                    return f"ERROR MountError the mount daemon exited with code {process.returncode}"
+                    code = process.returncode
+                    return f"ERROR MountError the mount daemon exited with code {code}{_log_hint(process)}"
                 if chunk == b"":
                     break
             time.sleep(0.02)
         return buffer.decode(errors="replace").strip() or "ERROR MountError timed out waiting for the mount"
     finally:
         os.close(fd)
+
+
+def _log_hint(process: subprocess.Popen) -> str:
+    """`: <last line of the daemon's log>`, so a crash is diagnosable from the one-line error."""
+    log_file = getattr(process, "hffs_log_file", None)
+    if not log_file:
+        return ""
+    try:
+        lines = [line for line in Path(log_file).read_text(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return ""
+    return f": {lines[-1].strip()[:300]} (see {log_file})" if lines else f" (see {log_file})"
 
 
 def validate_config(config: MountConfig) -> None:
@@ -498,48 +689,56 @@ def unmount(
         state = _state_for(mountpoint)
         pid = state.get("pid", -1) if state else -1
     if status == "stale":
-        if not force:
-            raise MountError(
-                f"{mountpoint}: the daemon is dead (Transport endpoint is not connected); "
-                f"run: mountctl umount --force {mountpoint}"
-            )
-        lazy_unmount(mountpoint)
+        # Dead daemon ("Transport endpoint is not connected"): nothing is served any more, so a plain
+        # unmount is safe; only users still inside (EBUSY) need --force to detach lazily.
+        result = subprocess.run([fusermount(), "-u", mountpoint], capture_output=True, text=True, timeout=30)
+        if result.returncode != 0 and mountpoint_status(mountpoint) == "stale":
+            if not force:
+                users = users_of(mountpoint)
+                raise MountError(
+                    f"{mountpoint}: the daemon is dead (Transport endpoint is not connected) and the mount is busy"
+                    f"{' (used by ' + ', '.join(users[:5]) + ')' if users else ''}; "
+                    f"run: mountctl umount --force {mountpoint}"
+                )
+            lazy_unmount(mountpoint)
         _forget(mountpoint)
         return f"{mountpoint}: cleared a stale mount (daemon was dead)"
     if status != "mounted":
         _forget(mountpoint)
         raise MountError(f"{mountpoint}: not mounted")
-    if _pid_alive(pid):
-        os.kill(pid, signal.SIGTERM)  # the daemon unmounts itself cleanly
-    else:
-        result = subprocess.run([fusermount(), "-u", mountpoint], capture_output=True, text=True, timeout=30)
-        if result.returncode != 0:
-            return _busy_or_fail(mountpoint, result.stderr, force)
+    fstype = fuse_fstype(mountpoint)
+    if fstype is not None and fstype != "fuse.hffs":
+        raise MountError(f"{mountpoint}: not an hffs mount ({fstype}); use umount")
+    # A plain (non-lazy) unmount first: it fails with EBUSY while anything uses the mount, which we
+    # report. SIGTERM would make libfuse detach lazily and exit, leaving those users with a dead mount.
+    result = subprocess.run([fusermount(), "-u", mountpoint], capture_output=True, text=True, timeout=30)
+    if result.returncode != 0 and os.path.ismount(mountpoint):
+        return _busy_or_fail(mountpoint, result.stderr, force, pid)
+    # Unmounted: the daemon sees its session end, cleans up and exits. Wait for that.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not os.path.ismount(mountpoint) and not _pid_alive(pid):
+        if not _pid_alive(pid):
             _forget(mountpoint)
             return f"{mountpoint}: unmounted"
         time.sleep(0.05)
-    # The daemon could not unmount: most likely busy (open files, a shell's cwd).
-    result = subprocess.run([fusermount(), "-u", mountpoint], capture_output=True, text=True, timeout=30)
-    if result.returncode == 0:
-        _forget(mountpoint)
-        return f"{mountpoint}: unmounted"
-    return _busy_or_fail(mountpoint, result.stderr, force)
+    os.kill(pid, signal.SIGTERM)  # unmounted but still running after `timeout`: make it exit
+    _forget(mountpoint)
+    return f"{mountpoint}: unmounted (daemon pid {pid} did not exit in {timeout:.0f}s; sent SIGTERM)"
 
 
-def _busy_or_fail(mountpoint: str, stderr: str, force: bool) -> str:
-    if not os.path.ismount(mountpoint):
-        _forget(mountpoint)
-        return f"{mountpoint}: unmounted"
-    if "busy" in stderr.lower():
-        if force:
-            lazy_unmount(mountpoint)
-            _forget(mountpoint)
-            return f"{mountpoint}: was busy; detached lazily (it disappears when the last user closes it)"
-        raise MountError(f"{mountpoint}: busy (open files or a shell inside it); close them or use --force")
-    raise MountError(f"{mountpoint}: unmount failed: {stderr.strip() or 'unknown error'}")
+def _busy_or_fail(mountpoint: str, stderr: str, force: bool, pid: int) -> str:
+    if "busy" not in stderr.lower():
+        raise MountError(f"{mountpoint}: unmount failed: {stderr.strip() or 'unknown error'}")
+    users = users_of(mountpoint)
+    who = f"used by {', '.join(users[:5])}{' ...' if len(users) > 5 else ''}" if users else "open files"
+    if not force:
+        raise MountError(
+            f"{mountpoint}: busy ({who}); close them, or detach lazily with: mountctl umount --force {mountpoint}"
+        )
+    # The daemon keeps serving the remaining users and exits when the kernel drops the last reference.
+    lazy_unmount(mountpoint)
+    _forget(mountpoint)
+    return f"{mountpoint}: was busy ({who}); detached lazily, the daemon (pid {pid}) exits when they are done"
 
 
 def _state_for(mountpoint: str) -> dict | None:
@@ -554,3 +753,129 @@ def _forget(mountpoint: str) -> None:
         state_path(mountpoint).unlink()
     except FileNotFoundError:
         pass
+
+
+# -- status, prefetch and cache: the rest of the API the CLI prints --------------------------------
+def status(mountpoint: str | os.PathLike | None = None) -> list[dict]:
+    """Runtime state of every recorded mount (or the one at `mountpoint`), plus derived fields.
+
+    Each dict holds the daemon's own record (pid, view, source, mountpoint, counters, in_flight, ...)
+    and `alive`, `health` ("running", "dead", "not mounted"), `mounted`, `uptime` (s), `cache_used` (B).
+    """
+    states = read_states()
+    if mountpoint is not None:
+        wanted = os.path.realpath(mountpoint)
+        states = [s for s in states if s.get("mountpoint") == wanted]
+        if not states:
+            raise MountError(f"{mountpoint}: no hffs mount recorded here (see mountctl status)")
+    for state in states:
+        try:
+            where = mountpoint_status(state.get("mountpoint", ""))
+        except OSError:
+            where = "unknown"
+        state["mounted"] = where == "mounted"
+        if not state["alive"] or where == "stale":
+            state["health"] = "dead"
+        else:
+            state["health"] = "running" if state["mounted"] else "not mounted"
+        state["uptime"] = round(time.time() - state.get("started", time.time()), 1)
+        state["cache_used"] = cache_usage(state.get("cache_dir") or "/nonexistent")[0]
+    return states
+
+
+def mount_state_of(path: str | os.PathLike) -> dict | None:
+    """The recorded mount whose mountpoint holds `path` (the innermost one), or None."""
+    real = os.path.realpath(path)
+    best = None
+    for state in read_states():
+        mp = state.get("mountpoint", "")
+        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
+            best is None or len(mp) > len(best["mountpoint"])
+        ):
+            best = state
+    return best
+
+
+@dataclass
+class PrefetchResult:
+    files: int = 0
+    bytes: int = 0
+    failures: list[str] = field(default_factory=list)
+
+
+def prefetch(
+    paths: list[str | os.PathLike],
+    *,
+    jobs: int = 4,
+    on_total: Any = None,
+    on_file: Any = None,
+) -> PrefetchResult:
+    """Materialize files (directories recursively) of running mounts, `jobs` at a time.
+
+    Each file is opened through the mount: the daemon's single-flight store does the transfer, so
+    warming while other clients read the same files never fetches anything twice. `on_total(bytes)` is
+    called once before the first file and `on_file(size)` after each (progress bars). Raises
+    UsageError/MountError for paths outside a mount.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    files: list[str] = []
+    for path in map(os.fspath, paths):
+        if not os.path.lexists(path):
+            raise UsageError(f"{path}: no such file or directory")
+        state = mount_state_of(path)
+        if state is None or not state.get("alive"):
+            raise MountError(f"{path}: not inside a running hffs mount (see mountctl status)")
+        if os.path.isdir(path) and not os.path.islink(path):
+            for root, _dirs, names in os.walk(path):
+                files.extend(os.path.join(root, n) for n in sorted(names))
+        else:
+            files.append(path)
+    if on_total is not None:
+        on_total(sum(os.stat(f).st_size for f in files if os.path.isfile(f)))
+    result = PrefetchResult()
+    lock = threading.Lock()
+
+    def warm(path: str) -> None:
+        try:
+            with open(path, "rb") as fh:  # open() returns once the blob is complete and verified
+                size = os.fstat(fh.fileno()).st_size
+                fh.read(1)
+        except OSError as exc:
+            with lock:
+                result.failures.append(f"{path}: {exc.strerror or exc}")
+            return
+        with lock:
+            result.files += 1
+            result.bytes += size
+        if on_file is not None:
+            on_file(size)
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(warm, files))
+    return result
+
+
+def cache_usage(cache_dir: str | os.PathLike) -> tuple[int, int]:
+    """(bytes, number of blobs) in the blob store under `cache_dir` (read without locking anything)."""
+    root = Path(cache_dir) / "blobs-store" / "blobs"
+    sizes = [f.stat().st_size for f in root.glob("*/*") if f.is_file()] if root.is_dir() else []
+    return sum(sizes), len(sizes)
+
+
+def cache_prune(cache_dir: str | os.PathLike, max_size: int | str = 0) -> tuple[int, int]:
+    """Evict least recently used blobs not open in any mount until at most `max_size` remain.
+
+    Returns (bytes freed, bytes left).
+    """
+    from .store.blobstore import BlobStore
+
+    root = Path(cache_dir) / "blobs-store"
+    if not root.is_dir():
+        return 0, 0
+    store = BlobStore(root)
+    try:
+        freed = store.evict_if_needed(parse_size(max_size))
+        return freed, store.usage()
+    finally:
+        store.close()

@@ -7,21 +7,24 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from hffs_neuron import constants
 from hffs_neuron.errors import HffsError, MountError, UsageError
 from hffs_neuron.mount import (
+    cache_prune,
+    cache_usage,
     check_fuse_available,
     mount,
+    mount_state_of,
     parse_duration,
     parse_size,
-    read_states,
+    prefetch,
+    status,
     unmount,
 )
 
@@ -35,21 +38,45 @@ EXIT_CODES = """exit codes:
   6  Hub unreachable or failing after retries"""
 
 
+def _secrets(argv: list[str]) -> list[str]:
+    """Every token this invocation could know, so no message ever prints one."""
+    found = [os.environ.get(name, "") for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")]
+    for i, arg in enumerate(argv):
+        if arg in ("--token", "--token-file") and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif arg.startswith(("--token=", "--token-file=")):
+            value = arg.split("=", 1)[1]
+        else:
+            continue
+        if arg.startswith("--token-file"):
+            try:
+                value = Path(value).read_text().strip()
+            except OSError:
+                continue
+        found.append(value)
+    return [t for t in found if len(t) >= 4]
+
+
+def _fail(message: str, argv: list[str]) -> None:
+    """Print one line on stderr, with any token masked (argparse echoes arguments back)."""
+    for secret in _secrets(argv):
+        message = message.replace(secret, "***")
+    print(f"mountctl: {' '.join(message.split())}", file=sys.stderr)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse that fails with one line and exit code 2."""
 
+    argv: list[str] = []
+
     def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"mountctl: {message} (see mountctl --help)", file=sys.stderr)
+        _fail(f"{message} (see mountctl --help)", _Parser.argv)
         sys.exit(2)
 
 
 def _common_mount_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--cache-dir", default=str(constants.CACHE_DIR), help="blob store and local layers"
-    )
-    p.add_argument(
-        "--cache-size", default=constants.CACHE_SIZE, help="blob store size limit, e.g. 50G"
-    )
+    p.add_argument("--cache-dir", default=str(constants.CACHE_DIR), help="blob store and local layers")
+    p.add_argument("--cache-size", default=constants.CACHE_SIZE, help="blob store size limit, e.g. 50G")
     p.add_argument("--metadata-ttl", default=str(constants.METADATA_TTL), help="seconds a listing is trusted")
     p.add_argument("--negative-ttl", default=str(constants.NEGATIVE_TTL), help="seconds 'not found' is trusted")
     p.add_argument("--endpoint", default=None, help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co)")
@@ -57,14 +84,10 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
     tok.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN or the saved token)")
     tok.add_argument("--token-file", default=None, help="file holding the Hub token")
     p.add_argument("--foreground", action="store_true", help="stay attached instead of daemonizing")
-    p.add_argument(
-        "--allow-other", action="store_true", help="let other users in (opt-in)"
-    )
+    p.add_argument("--allow-other", action="store_true", help="let other users in (opt-in)")
     p.add_argument("--log-file", default=None, help="daemon log file (default: in the runtime dir)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
-    p.add_argument(
-        "--timeout", default=str(constants.OPERATION_TIMEOUT), help="network deadline, seconds"
-    )
+    p.add_argument("--timeout", default=str(constants.OPERATION_TIMEOUT), help="network deadline, seconds")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,11 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("status", help="show mounts, cache use, counters and in-flight fetches")
     s.add_argument("mountpoint", nargs="?")
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help='machine-readable: {"mounts": [...]}')
 
     pf = sub.add_parser("prefetch", help="warm files or whole directories of a mount")
     pf.add_argument("paths", nargs="+")
-    pf.add_argument("--jobs", type=int, default=4)
+    pf.add_argument("--jobs", type=int, default=4, help="files fetched at once")
 
     pu = sub.add_parser("push", help="NEFF view: publish complete local modules to the bucket")
     pu.add_argument("mountpoint")
@@ -123,10 +146,13 @@ def _token(args: argparse.Namespace) -> str | None:
         if not token:
             raise UsageError(f"--token-file {args.token_file}: file is empty")
         return token
+    if getattr(args, "token", None) is not None and not args.token.strip():
+        raise UsageError("--token is empty")
     return getattr(args, "token", None)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    check_fuse_available()
     options = {
         "cache_dir": os.path.abspath(args.cache_dir),
         "cache_size": args.cache_size,
@@ -178,22 +204,8 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def _store_usage(cache_dir: str) -> int:
-    root = Path(cache_dir) / "blobs-store" / "blobs"
-    return sum(f.stat().st_size for f in root.glob("*/*") if f.is_file()) if root.is_dir() else 0
-
-
 def cmd_status(args: argparse.Namespace) -> int:
-    states = read_states()
-    if args.mountpoint:
-        wanted = os.path.realpath(args.mountpoint)
-        states = [s for s in states if s.get("mountpoint") == wanted]
-        if not states:
-            raise MountError(f"{args.mountpoint}: no hffs mount recorded here")
-    for state in states:
-        state["cache_used"] = _store_usage(state.get("cache_dir", ""))
-        state["uptime"] = round(time.time() - state.get("started", time.time()), 1)
-        state["mounted"] = os.path.ismount(state.get("mountpoint", ""))
+    states = status(args.mountpoint)
     if args.json:
         print(json.dumps({"mounts": states}, indent=1))
         return 0
@@ -201,7 +213,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("no hffs mounts")
         return 0
     for s in states:
-        health = "running" if s["alive"] and s["mounted"] else ("DEAD daemon" if not s["alive"] else "not mounted")
+        health = {"dead": "DEAD daemon: run mountctl umount --force"}.get(s["health"], s["health"])
         c = s.get("counters", {})
         print(f"{s['mountpoint']}: {s['view']} view of {s['source']} ({health}, pid {s['pid']}, up {s['uptime']}s)")
         print(f"  cache {s.get('cache_dir')}: {_human(s['cache_used'])} used")
@@ -217,65 +229,31 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _files_under(paths: list[str]) -> list[str]:
-    files = []
-    for path in paths:
-        if not os.path.lexists(path):
-            raise UsageError(f"{path}: no such file or directory")
-        if os.path.isdir(path) and not os.path.islink(path):
-            for root, _dirs, names in os.walk(path):
-                files.extend(os.path.join(root, n) for n in sorted(names))
-        else:
-            files.append(path)
-    return files
-
-
-def _mount_state_of(path: str) -> dict | None:
-    real = os.path.realpath(path)
-    best = None
-    for state in read_states():
-        mp = state.get("mountpoint", "")
-        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
-            best is None or len(mp) > len(best["mountpoint"])
-        ):
-            best = state
-    return best
-
-
 def cmd_prefetch(args: argparse.Namespace) -> int:
     """Warm by opening each file through the mount: the daemon's single-flight store does the fetch."""
     from tqdm import tqdm
 
-    files = _files_under(args.paths)
-    sizes = {f: os.stat(f).st_size if os.path.exists(f) else 0 for f in files}
-    total = sum(sizes.values())
-    failures: list[str] = []
-    done = threading.Event()
+    bars: list[Any] = []
 
-    def warm(path: str) -> int:
-        try:
-            with open(path, "rb") as fh:  # open() returns once the blob is complete and verified
-                fh.read(1)
-        except OSError as exc:
-            failures.append(f"{path}: {exc.strerror or exc}")
-            return 0
-        return sizes[path]
+    def start(total: int) -> None:  # only once the paths are known good: errors stay one line
+        bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prefetch", file=sys.stderr))
 
-    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prefetch", file=sys.stderr) as bar:
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for size in pool.map(warm, files):
-                bar.update(size)
-        done.set()
-    print(f"prefetched {len(files) - len(failures)} of {len(files)} files ({_human(total)})")
-    for failure in failures:
+    try:
+        result = prefetch(args.paths, jobs=args.jobs, on_total=start, on_file=lambda n: bars[0].update(n))
+    finally:
+        for bar in bars:
+            bar.close()
+    total = result.files + len(result.failures)
+    print(f"prefetched {result.files} of {total} files ({_human(result.bytes)})")
+    for failure in result.failures:
         print(f"mountctl: prefetch failed: {failure}", file=sys.stderr)
-    return 1 if failures else 0
+    return 1 if result.failures else 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     from hffs_neuron.publish import push
 
-    state = _mount_state_of(args.mountpoint)
+    state = mount_state_of(args.mountpoint)
     if state is None or os.path.realpath(args.mountpoint) != state.get("mountpoint"):
         raise MountError(f"{args.mountpoint}: not an hffs mount (see mountctl status)")
     plan = push(state, dry_run=args.dry_run)
@@ -290,24 +268,13 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_cache(args: argparse.Namespace) -> int:
-    from hffs_neuron.store.blobstore import BlobStore
-
-    root = Path(args.cache_dir) / "blobs-store"
-    if not root.is_dir():
-        print(f"{args.cache_dir}: no blob store yet (0 B)")
+    if args.action == "du":
+        used, count = cache_usage(args.cache_dir)
+        print(f"{_human(used)} in {count} blobs under {args.cache_dir}")
         return 0
-    store = BlobStore(root)
-    try:
-        if args.action == "du":
-            blobs = store.blobs()
-            print(f"{_human(sum(st.st_size for _, st in blobs))} in {len(blobs)} blobs under {root}")
-            return 0
-        limit = parse_size(args.max_size) if args.max_size else 0
-        freed = store.evict_if_needed(limit)
-        print(f"freed {_human(freed)}; {_human(store.usage())} left (blobs open in a mount are kept)")
-        return 0
-    finally:
-        store.close()
+    freed, left = cache_prune(args.cache_dir, parse_size(args.max_size) if args.max_size else 0)
+    print(f"freed {_human(freed)}; {_human(left)} left (blobs open in a mount are kept)")
+    return 0
 
 
 COMMANDS = {
@@ -321,20 +288,93 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    _Parser.argv = argv
     args = build_parser().parse_args(argv)
+    # Library warnings (e.g. "recovering a stale mount") as one "mountctl: ..." line each.
+    logging.basicConfig(level=logging.WARNING, format="mountctl: %(message)s", stream=sys.stderr)
     try:
-        if args.command == "mount":
-            check_fuse_available()
         return COMMANDS[args.command](args)
     except HffsError as exc:
-        print(f"mountctl: {exc}", file=sys.stderr)
+        _fail(str(exc), argv)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("mountctl: interrupted", file=sys.stderr)
+        _fail("interrupted", argv)
         return 130
     except OSError as exc:
-        print(f"mountctl: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
+        _fail(f"{exc.filename or ''}: {exc.strerror or exc}", argv)
         return 1
+
+
+# fstab options that are mount(8)'s business, not ours.
+_GENERIC_OPTIONS = {
+    "defaults", "rw", "auto", "noauto", "user", "nouser", "users", "owner", "group", "_netdev", "nofail",
+    "exec", "noexec", "suid", "nosuid", "dev", "nodev", "atime", "noatime", "relatime", "strictatime",
+    "sync", "async", "loop",
+}  # fmt: skip
+_FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other": "--allow-other",
+                 "show_model_area": "--show-model-area", "foreground": "--foreground"}  # fmt: skip
+_VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
+                  "endpoint", "token_file", "log_file", "log_level", "timeout"}  # fmt: skip
+
+
+def mount_helper_argv(argv: list[str]) -> list[str]:
+    """`mount.hffs SOURCE MOUNTPOINT [-o opt,key=value...] [-fnsv]` -> `mountctl mount ...` arguments.
+
+    SOURCE is `neff:<namespace>/<bucket>` (or a bare bucket id) or `hub-cache`. This is how mount(8)
+    calls `/sbin/mount.hffs` for an fstab line such as
+    `neff:my-org/neuron-cache /mnt/nc hffs cache_dir=/var/cache/hffs,token_file=/etc/hffs/token,_netdev 0 0`.
+    """
+    positional: list[str] = []
+    options: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "-o" and i + 1 < len(argv):
+            options += [o for o in argv[i + 1].split(",") if o]
+            i += 2
+            continue
+        if arg.startswith("-o") and len(arg) > 2:
+            options += [o for o in arg[2:].split(",") if o]
+        elif arg in ("-t", "-N") and i + 1 < len(argv):
+            i += 1  # type / namespace: mount(8) passes them, we already know
+        elif arg.startswith("-"):
+            pass  # -f (fake), -n (no mtab), -s (sloppy), -v (verbose): nothing to do for a FUSE daemon
+        else:
+            positional.append(arg)
+        i += 1
+    if len(positional) != 2:
+        raise UsageError("usage: mount.hffs neff:<namespace>/<bucket>|hub-cache MOUNTPOINT [-o options]")
+    source, mountpoint = positional
+    if source.startswith("hub-cache"):
+        out = ["mount", "hub-cache", mountpoint]
+    else:
+        out = ["mount", "neff", source.removeprefix("neff:"), mountpoint]
+    for option in options:
+        key, has_value, value = option.partition("=")
+        key = key.replace("-", "_")
+        if key in _GENERIC_OPTIONS or key.startswith(("x-", "comment")):
+            continue
+        if key == "token":
+            raise UsageError("mount.hffs: a token in fstab is world-readable: use token_file=<path>")
+        if key in _FLAG_OPTIONS and not has_value:
+            out.append(_FLAG_OPTIONS[key])
+        elif key in _VALUE_OPTIONS and has_value:
+            out += [f"--{key.replace('_', '-')}", value]
+        else:
+            raise UsageError(f"mount.hffs: unknown option {option!r}")
+    return out
+
+
+def mount_helper(argv: list[str] | None = None) -> int:
+    """Console script `mount.hffs`: the mount(8) helper protocol on top of `mountctl mount`."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        mapped = mount_helper_argv(argv)
+    except HffsError as exc:
+        _fail(str(exc), argv)
+        return exc.exit_code
+    return main(mapped)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ class Bench:
         entry = dict(row=row, measure=measure, ours=ours, baseline=base, unit=unit, ratio=ratio, target=target)
         self.rows.append(entry)
         print(
-            f"{row:>3} {measure:<58} ours {ours:10.3f} {unit:<6} base {base:10.3f} {unit:<6} ratio {ratio:6.2f}  ({target})",
+            f"{row:>3} {measure:<58} ours {ours:10.3f} {unit:<6} base {base:10.3f} {unit:<6} "
+            f"ratio {ratio:6.2f}  ({target})",
             flush=True,
         )
 

@@ -1,0 +1,586 @@
+"""`mountctl` end to end: the real console script in a subprocess, real FUSE mounts, the local Hub emulator.
+
+Every command and every documented error is exercised the way a user meets it: exit code, one line on
+stderr, what is (or is not) mounted afterwards, and that no token is ever printed or recorded.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from hffs_neuron.testing.hub_emulator import HubEmulator
+from hffs_neuron.testing.sample_data import build_neff_bucket
+
+BIN = Path(sys.executable).parent
+MOUNTCTL = str(BIN / "mountctl")
+MOUNT_HFFS = str(BIN / "mount.hffs")
+BUCKET = "aws-neuron/optimum-neuron-cache"
+SECRET = "hf_cli_secret_token_4242"  # accepted by no one: only for leak checks
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 15.0, what: str = "condition") -> object:
+    """Poll `predicate` until it returns something truthy (bounded: state files update once a second)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] == "Z"  # a zombie nobody reaps is gone as far as we care
+
+
+class Cli:
+    """Runs the installed console scripts with an isolated runtime dir, HF_HOME and cache dir."""
+
+    def __init__(self, tmp: Path, hub: HubEmulator):
+        self.tmp = tmp
+        self.hub = hub
+        self.runtime = tmp / "run"
+        self.cache = tmp / "home" / "hffs-neuron"  # the default: under $HF_HOME
+        self.env = dict(os.environ, HF_ENDPOINT=hub.url, HFFS_RUNTIME_DIR=str(self.runtime), HF_HOME=str(tmp / "home"))
+        for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HFFS_CACHE_DIR"):
+            self.env.pop(name, None)
+        self.outputs: list[str] = []  # everything any command printed, for the token-leak check
+        self.mountpoints: list[Path] = []
+        self._count = 0
+
+    def run(
+        self, *args: str, env: dict[str, str] | None = None, script: str = MOUNTCTL, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        result = subprocess.run(
+            [script, *args], env=env or self.env, capture_output=True, text=True, timeout=timeout, cwd=self.tmp
+        )
+        self.outputs += [result.stdout, result.stderr]
+        return result
+
+    def ok(self, *args: str, **kwargs: object) -> str:
+        result = self.run(*args, **kwargs)  # type: ignore[arg-type]
+        assert result.returncode == 0, f"mountctl {' '.join(args)} failed: {result.stderr}"
+        return result.stdout
+
+    def fails(self, code: int, *args: str, **kwargs: object) -> str:
+        """Run, expect exit `code` and exactly one `mountctl: ...` line on stderr; return that line."""
+        result = self.run(*args, **kwargs)  # type: ignore[arg-type]
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == code, f"expected exit {code}, got {result.returncode}: {result.stderr}"
+        assert len(lines) == 1 and lines[0].startswith("mountctl: "), result.stderr
+        return lines[0]
+
+    def mountpoint(self) -> Path:
+        self._count += 1
+        path = self.tmp / f"mnt{self._count}"
+        path.mkdir()
+        self.mountpoints.append(path)
+        return path
+
+    def mount_neff(self, mp: Path, *extra: str) -> int:
+        out = self.ok("mount", "neff", BUCKET, str(mp), *extra)
+        assert f"mounted neff view on {mp}" in out
+        assert os.path.ismount(mp)
+        return self.state(mp)["pid"]
+
+    def status(self, mp: Path | None = None) -> list[dict]:
+        return json.loads(self.ok("status", *([str(mp)] if mp else []), "--json"))["mounts"]
+
+    def state(self, mp: Path) -> dict:
+        (state,) = self.status(mp)
+        return state
+
+    def leftovers(self) -> list[str]:
+        """Daemons still running for one of this test's mountpoints (nothing may be left half-done)."""
+        found = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "hffs_neuron.daemon" in cmdline and str(self.tmp) in cmdline and not pid_gone(int(proc.name)):
+                found.append(proc.name)
+        return found
+
+    def cleanup(self) -> None:
+        """Detach every mount of this test and stop its daemons, whatever state the test left them in."""
+        for mp in self.mountpoints:
+            subprocess.run(["fusermount3", "-uz", str(mp)], capture_output=True, timeout=30)
+        for pid in self.leftovers():
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def cli(tmp_path: Path, hub: HubEmulator) -> Iterator[Cli]:
+    c = Cli(tmp_path, hub)
+    try:
+        yield c
+    finally:
+        c.cleanup()
+
+
+@pytest.fixture
+def bucket(hub: HubEmulator) -> dict:
+    return build_neff_bucket(hub, BUCKET)
+
+
+def a_neff(bucket: dict) -> tuple[str, bytes]:
+    """(bucket-relative path, bytes) of the largest sample NEFF."""
+    path = max((p for p in bucket["files"] if p.endswith("model.neff")), key=bucket["files"].get)
+    return path, (bucket["dir"] / path).read_bytes()
+
+
+# -- the happy paths ------------------------------------------------------------------------------
+def test_help_documents_exit_codes(cli: Cli) -> None:
+    out = cli.ok("--help")
+    assert "exit codes" in out and "access denied" in out
+    for command in ("mount", "umount", "status", "prefetch", "push", "cache"):
+        assert command in out
+
+
+@pytest.mark.timeout(120)
+def test_mount_status_umount_cycles(cli: Cli, bucket: dict) -> None:
+    path, data = a_neff(bucket)
+    mp = cli.mountpoint()
+    assert cli.ok("status") == "no hffs mounts\n"
+    for cycle in range(2):  # the same mountpoint can be reused after a clean unmount
+        pid = cli.mount_neff(mp)
+        state = cli.state(mp)
+        for key in ("pid", "view", "source", "mountpoint", "uptime", "cache_used", "alive", "health", "mounted"):
+            assert key in state, key
+        for key in ("hits", "misses", "fetches", "bytes_fetched", "http_requests"):
+            assert isinstance(state["counters"][key], int), key
+        assert isinstance(state["in_flight"], list)
+        assert (state["view"], state["source"], state["mountpoint"]) == ("neff", BUCKET, str(mp))
+        assert (state["alive"], state["health"], state["mounted"]) == (True, "running", True)
+        before = state["counters"]
+
+        assert (mp / path).read_bytes() == data
+        if cycle == 0:  # a transfer: misses, bytes fetched and http requests go up
+            after = wait_for(
+                lambda: (s := cli.state(mp))["counters"]["bytes_fetched"] >= len(data) and s,  # noqa: B023
+                what="counters to show the fetch",
+            )
+            assert after["counters"]["misses"] > before["misses"]
+            assert after["counters"]["http_requests"] > before["http_requests"]
+        else:  # the blob store outlives the mount: a hit, nothing fetched
+            after = wait_for(
+                lambda: (s := cli.state(mp))["counters"]["hits"] > before["hits"] and s,  # noqa: B023
+                what="counters to show the hit",
+            )
+            assert after["counters"]["bytes_fetched"] == 0
+        assert after["cache_used"] >= len(data)
+        text = cli.ok("status")
+        assert f"{mp}: neff view of {BUCKET} (running, pid {pid}" in text and "misses" in text
+
+        assert "unmounted" in cli.ok("umount", str(mp))
+        assert not os.path.ismount(mp) and os.listdir(mp) == []
+        wait_for(lambda: pid_gone(pid), what="the daemon to exit")  # noqa: B023
+        assert cli.ok("status") == "no hffs mounts\n"
+    assert "not mounted" in cli.fails(3, "umount", str(mp))
+    assert "no hffs mount recorded" in cli.fails(3, "status", str(mp))
+
+
+@pytest.mark.timeout(60)
+def test_hub_cache_mount_pins_repo(cli: Cli, hub: HubEmulator) -> None:
+    commit = hub.add_repo("HFFS-Test/Cli-Model", {"config.json": b'{"model_type": "llama"}', "README.md": b"hi"})
+    mp = cli.mountpoint()
+    out = cli.ok("mount", "hub-cache", str(mp), "--repo", "HFFS-Test/Cli-Model@main", "--cache-size", "1G")
+    assert f"mounted hub-cache view on {mp}" in out
+    try:
+        folder = mp / "models--HFFS-Test--Cli-Model"
+        assert (folder / "refs" / "main").read_text() == commit
+        assert (folder / "snapshots" / commit / "config.json").read_bytes() == b'{"model_type": "llama"}'
+        assert cli.state(mp)["view"] == "hub-cache"
+    finally:
+        cli.ok("umount", str(mp))
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_unmounts_cleanly(cli: Cli, bucket: dict) -> None:
+    mp = cli.mountpoint()
+    pid = cli.mount_neff(mp)
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: pid_gone(pid) and not os.path.ismount(mp), what="the daemon to unmount and exit")
+    assert os.listdir(mp) == []
+    assert list(cli.runtime.glob("*.json")) == []  # its runtime state went with it
+    assert cli.ok("status") == "no hffs mounts\n"
+
+
+@pytest.mark.timeout(60)
+def test_foreground_stays_attached_and_exits_on_sigint(cli: Cli, bucket: dict) -> None:
+    path, data = a_neff(bucket)
+    mp = cli.mountpoint()
+    proc = subprocess.Popen(
+        [MOUNTCTL, "mount", "neff", BUCKET, str(mp), "--foreground", "--log-file", str(cli.tmp / "fg.log")],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: cli.status(), what="the foreground mount to record its state")
+        assert cli.state(mp)["pid"] == proc.pid  # no daemon behind it: this very process serves
+        assert (mp / path).read_bytes() == data
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert not os.path.ismount(mp)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(90)
+def test_dead_daemon_status_force_umount_and_stale_recovery(cli: Cli, bucket: dict) -> None:
+    path, data = a_neff(bucket)
+    mp = cli.mountpoint()
+    pid = cli.mount_neff(mp)
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: pid_gone(pid), what="the daemon to die")
+    state = cli.state(mp)
+    assert (state["alive"], state["health"], state["mounted"]) == (False, "dead", False)
+    assert "DEAD daemon" in cli.ok("status")
+    with pytest.raises(OSError) as exc:
+        os.listdir(mp)
+    assert exc.value.errno == errno.ENOTCONN
+
+    assert "cleared a stale mount" in cli.ok("umount", "--force", str(mp))
+    assert cli.ok("status") == "no hffs mounts\n"
+    pid = cli.mount_neff(mp)  # the same mountpoint works again
+    assert (mp / path).read_bytes() == data
+
+    # Mounting straight onto a stale mountpoint recovers it too.
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: pid_gone(pid), what="the daemon to die")
+    result = cli.run("mount", "neff", BUCKET, str(mp))
+    assert result.returncode == 0, result.stderr
+    assert "stale" in result.stderr  # says what it did
+    assert (mp / path).read_bytes() == data
+    assert cli.state(mp)["health"] == "running"
+    cli.ok("umount", str(mp))
+
+
+@pytest.mark.timeout(60)
+def test_busy_umount_names_the_user_and_force_detaches(cli: Cli, bucket: dict) -> None:
+    mp = cli.mountpoint()
+    pid = cli.mount_neff(mp)
+    user = subprocess.Popen(["sleep", "60"], cwd=mp)
+    try:
+        line = cli.fails(3, "umount", str(mp))
+        assert "busy" in line and f"sleep (pid {user.pid})" in line and "--force" in line
+        assert os.path.ismount(mp) and cli.state(mp)["health"] == "running"  # nothing was torn down
+
+        assert "detached" in cli.ok("umount", "--force", str(mp))
+        assert not os.path.ismount(mp)
+        assert cli.ok("status") == "no hffs mounts\n"
+        assert not pid_gone(pid)  # still serving the process inside...
+    finally:
+        user.kill()
+        user.wait()
+    wait_for(lambda: pid_gone(pid), what="the daemon to exit once its last user left")
+    cli.mount_neff(mp)  # ...and the mountpoint is free again
+    cli.ok("umount", str(mp))
+
+
+@pytest.mark.timeout(90)
+def test_prefetch_concurrent_with_readers_fetches_once(cli: Cli, hub: HubEmulator, bucket: dict) -> None:
+    version = bucket["compiler_versions"][0]
+    module = f"{version}/MODULE_99999999999999999999+0000beef"
+    rel = f"{module}/model.neff"
+    data = os.urandom(8 * 1024 * 1024 + 123)
+    hub.add_bucket(BUCKET, {rel: data, f"{module}/compile_flags.json": b"[]", f"{module}/model.done": b""})
+    # A slow start keeps the transfer in flight while the prefetch and every reader ask for it.
+    hub.faults.add("*/resolve/*MODULE_99999999999999999999*", "latency", seconds=3.0)
+    mp = cli.mountpoint()
+    cli.mount_neff(mp)
+    hub.reset_stats()
+    reader = "import hashlib, sys; h = hashlib.sha256(open(sys.argv[1], 'rb').read()).hexdigest(); print(h)"
+    readers = [
+        subprocess.Popen([sys.executable, "-c", reader, str(mp / rel)], stdout=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    prefetch = subprocess.Popen(
+        [MOUNTCTL, "prefetch", str(mp / version), "--jobs", "4"],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Meanwhile `status` shows the fetch in flight, with its progress.
+    fetching = wait_for(lambda: cli.state(mp)["in_flight"], what="the fetch to show in status")
+    assert any(f["total"] == len(data) and 0 <= f["done"] <= f["total"] and f["name"] for f in fetching)
+    assert "fetching " in cli.ok("status")
+    out, err = prefetch.communicate(timeout=60)
+    result = subprocess.CompletedProcess(prefetch.args, prefetch.returncode, out, err)
+    digests = [r.communicate(timeout=60)[0].strip() for r in readers]
+    assert result.returncode == 0, result.stderr
+    assert "prefetched" in result.stdout and "prefetch" in result.stderr  # summary + tqdm bar
+    assert digests == [hashlib.sha256(data).hexdigest()] * 3
+    assert hub.bytes_served("0000beef/model.neff") == len(data)  # one transfer for everyone
+    counters = wait_for(lambda: (c := cli.state(mp)["counters"])["bytes_fetched"] >= len(data) and c)
+    assert counters["fetches"] >= 1
+
+    # A second prefetch is all hits: nothing more is transferred.
+    cli.ok("prefetch", str(mp / rel))
+    assert hub.bytes_served("0000beef/model.neff") == len(data)
+    assert "not inside a running hffs mount" in cli.fails(3, "prefetch", str(cli.tmp))
+    assert "no such file" in cli.fails(2, "prefetch", str(mp / "nope"))
+    cli.ok("umount", str(mp))
+
+
+@pytest.mark.timeout(60)
+def test_cache_du_and_prune(cli: Cli, bucket: dict) -> None:
+    path, data = a_neff(bucket)
+    cache = str(cli.tmp / "cache")
+    assert "0 B in 0 blobs" in cli.ok("cache", "du", "--cache-dir", cache)
+    mp = cli.mountpoint()
+    cli.mount_neff(mp, "--cache-dir", cache)
+    assert (mp / path).read_bytes() == data
+    du = cli.ok("cache", "du", "--cache-dir", cache)
+    assert "in 1 blobs" in du
+    cli.ok("umount", str(mp))
+    assert "freed 0 B" in cli.ok("cache", "prune", "--cache-dir", cache, "--max-size", "1G")  # under the limit
+    assert "0 B left" in cli.ok("cache", "prune", "--cache-dir", cache)
+    assert "0 B in 0 blobs" in cli.ok("cache", "du", "--cache-dir", cache)
+    assert "bad size" in cli.fails(2, "cache", "prune", "--cache-dir", cache, "--max-size", "lots")
+    # The default cache dir lives under $HF_HOME.
+    assert str(cli.cache) in cli.ok("cache", "du")
+
+
+@pytest.mark.timeout(60)
+def test_push_dry_run_lists_complete_local_modules(cli: Cli, bucket: dict) -> None:
+    mp = cli.mountpoint()
+    cli.mount_neff(mp)
+    module = mp / bucket["compiler_versions"][0] / "MODULE_12345678901234567890+abcdef12"
+    module.mkdir()
+    for name, content in (("model.hlo_module.pb", b"hlo"), ("compile_flags.json", b"[]"), ("model.neff", b"neff")):
+        (module / name).write_bytes(content)
+    (module / "model.done").touch()
+    out = cli.ok("push", str(mp), "--dry-run")
+    assert f"would push {bucket['compiler_versions'][0]}/{module.name} (4 files)" in out
+    assert "not an hffs mount" in cli.fails(3, "push", str(cli.tmp))
+    cli.ok("umount", str(mp))
+
+
+@pytest.mark.timeout(60)
+def test_mount_hffs_helper_maps_fstab_options(cli: Cli, bucket: dict) -> None:
+    path, data = a_neff(bucket)
+    mp = cli.mountpoint()
+    cache = cli.tmp / "fstab-cache"
+    opts = f"ro,_netdev,nofail,cache_dir={cache},cache_size=1G,metadata_ttl=30s"
+    out = cli.ok(f"neff:{BUCKET}", str(mp), "-o", opts, script=MOUNT_HFFS)
+    assert "mounted neff view" in out
+    assert (mp / path).read_bytes() == data
+    assert cli.state(mp)["cache_dir"] == str(cache)
+    with pytest.raises(OSError) as exc:
+        (mp / "new-file").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+    cli.ok("umount", str(mp))
+    assert "token_file" in cli.fails(2, f"neff:{BUCKET}", str(mp), "-o", f"token={SECRET}", script=MOUNT_HFFS)
+    assert "unknown option" in cli.fails(2, f"neff:{BUCKET}", str(mp), "-o", "frobnicate", script=MOUNT_HFFS)
+    assert SECRET not in "".join(cli.outputs)
+
+
+# -- errors: one line, the right exit code, nothing left behind ------------------------------------
+def assert_nothing_left(cli: Cli, mp: Path | None = None) -> None:
+    if mp is not None and mp.is_dir():
+        assert not os.path.ismount(mp)
+    assert list(cli.runtime.glob("*.json")) == []
+    assert cli.leftovers() == []
+
+
+@pytest.mark.parametrize(
+    ("setup", "code", "message"),
+    [
+        ("missing", 3, "does not exist; create it with: mkdir -p"),
+        ("file", 3, "not a directory"),
+        ("non-empty", 3, "not empty"),
+    ],
+)
+def test_bad_mountpoints(cli: Cli, bucket: dict, setup: str, code: int, message: str) -> None:
+    mp = cli.tmp / "target"
+    if setup == "file":
+        mp.write_text("x")
+    elif setup == "non-empty":
+        mp.mkdir()
+        (mp / "something").write_text("x")
+    assert message in cli.fails(code, "mount", "neff", BUCKET, str(mp))
+    assert_nothing_left(cli)
+
+
+@pytest.mark.timeout(60)
+def test_already_mounted(cli: Cli, bucket: dict) -> None:
+    mp = cli.mountpoint()
+    pid = cli.mount_neff(mp)
+    line = cli.fails(3, "mount", "neff", BUCKET, str(mp))
+    assert "already mounted" in line and f"mountctl umount {mp}" in line
+    assert cli.state(mp)["pid"] == pid  # the running mount is untouched
+    cli.ok("umount", str(mp))
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["mount", "neff", "not-a-bucket-id", "{mp}"], 2, "invalid bucket id"),
+        (["mount", "neff", "../etc/passwd", "{mp}"], 2, "invalid bucket id"),
+        (["mount", "hub-cache", "{mp}", "--repo", "a/b/c/d"], 2, "'a/b/c/d'"),
+        (["mount", "neff", BUCKET, "{mp}", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["mount", "neff", BUCKET, "{mp}", "--cache-size", "12X"], 2, "bad size '12X'"),
+        (["mount", "neff", BUCKET, "{mp}", "--metadata-ttl", "5y"], 2, "bad duration '5y'"),
+        (["mount", "neff", BUCKET, "{mp}", "--negative-ttl", "soon"], 2, "bad duration 'soon'"),
+        (["mount", "neff", BUCKET, "{mp}", "--timeout", "-1"], 2, "bad duration '-1'"),
+        (["mount", "neff", BUCKET, "{mp}", "--log-level", "LOUD"], 2, "bad log level"),
+        (["mount", "neff", BUCKET, "{mp}", "--token-file", "/nonexistent/token"], 2, "--token-file"),
+        (["mount", "hub-cache", "{mp}", "--backing", "/nonexistent/dir"], 2, "--backing"),
+        (["mount", "neff", "Nobody/Nothing", "{mp}"], 4, "not found"),
+        (["mount", "hub-cache", "{mp}", "--repo", "Nobody/Nothing"], 4, "not found"),
+        (["mount", "neff", BUCKET, "{mp}", "--cache-dir", "/proc/hffs-cache"], 3, "/proc/hffs-cache"),
+        (["frobnicate"], 2, "invalid choice"),
+        (["cache", "explode"], 2, "invalid choice"),
+    ],
+)
+def test_usage_and_not_found_errors(cli: Cli, bucket: dict, args: list[str], code: int, message: str) -> None:
+    mp = cli.mountpoint()
+    line = cli.fails(code, *[a.format(mp=mp) for a in args])
+    assert message in line
+    assert_nothing_left(cli, mp)
+
+
+def test_gated_repo_needs_a_token(cli: Cli, hub: HubEmulator, hub_token: str) -> None:
+    hub.add_repo("HFFS-Test/Gated", {"config.json": b"{}"}, gated=True)
+    mp = cli.mountpoint()
+    line = cli.fails(5, "mount", "hub-cache", str(mp), "--repo", "HFFS-Test/Gated")
+    assert "gated" in line and "HF_TOKEN" in line
+    assert_nothing_left(cli, mp)
+    cli.ok("mount", "hub-cache", str(mp), "--repo", "HFFS-Test/Gated", "--token", hub_token)
+    cli.ok("umount", str(mp))
+
+
+def test_unauthorized_bucket_suggests_token(cli: Cli, hub: HubEmulator, bucket: dict) -> None:
+    hub.faults.add("/api/buckets/*", "status", status=401)
+    mp = cli.mountpoint()
+    line = cli.fails(5, "mount", "neff", BUCKET, str(mp))
+    assert "HF_TOKEN" in line
+    assert_nothing_left(cli, mp)
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_endpoint_fails_fast(cli: Cli) -> None:
+    mp = cli.mountpoint()
+    # Bounded by the subprocess timeout: far below the 120 s operation deadline of a live mount.
+    line = cli.fails(6, "mount", "neff", BUCKET, str(mp), "--endpoint", "http://127.0.0.1:1", timeout=30)
+    assert "http://127.0.0.1:1" in line and "unreachable" in line
+    assert_nothing_left(cli, mp)
+
+
+def test_hub_failing_after_retries(cli: Cli, hub: HubEmulator, bucket: dict) -> None:
+    hub.faults.add("/api/buckets/*", "status", status=503)
+    mp = cli.mountpoint()
+    assert "unreachable or failing" in cli.fails(6, "mount", "neff", BUCKET, str(mp), timeout=30)
+    assert_nothing_left(cli, mp)
+
+
+def test_missing_fuse_pieces(cli: Cli, bucket: dict) -> None:
+    mp = cli.mountpoint()
+    no_path = dict(cli.env, PATH="/nonexistent")  # the console script's shebang is absolute
+    assert "fusermount3 not found" in cli.fails(3, "mount", "neff", BUCKET, str(mp), env=no_path)
+    no_lib = dict(cli.env, FUSE_LIBRARY_NAME="hffs-no-such-fuse")
+    assert "libfuse3 not found" in cli.fails(3, "mount", "neff", BUCKET, str(mp), env=no_lib)
+    no_lib = dict(cli.env, FUSE_LIBRARY_PATH="/nonexistent/libfuse3.so.3")
+    assert "libfuse not found" in cli.fails(3, "mount", "neff", BUCKET, str(mp), env=no_lib)
+    assert_nothing_left(cli, mp)
+
+
+# -- secrets --------------------------------------------------------------------------------------
+@pytest.mark.timeout(90)
+def test_tokens_are_never_printed_or_recorded(cli: Cli, hub: HubEmulator, bucket: dict, hub_token: str) -> None:
+    hub.add_repo("HFFS-Test/Gated", {"config.json": b"{}"}, gated=True)
+    path, data = a_neff(bucket)
+    token_file = cli.tmp / "token"
+    token_file.write_text(hub_token + "\n")
+    mp1, mp2, mp3 = cli.mountpoint(), cli.mountpoint(), cli.mountpoint()
+    env_token = dict(cli.env, HF_TOKEN=hub_token)
+    debug = ("--log-level", "DEBUG")
+
+    cli.ok("mount", "hub-cache", str(mp1), "--repo", "HFFS-Test/Gated", "--token-file", str(token_file), *debug)
+    cli.ok("mount", "neff", BUCKET, str(mp2), "--token", hub_token, *debug)
+    cli.ok("mount", "hub-cache", str(mp3), "--repo", "HFFS-Test/Gated", *debug, env=env_token)
+    assert (mp2 / path).read_bytes() == data
+    for mp in (mp1, mp2, mp3):
+        cmdline = Path(f"/proc/{cli.state(mp)['pid']}/cmdline").read_bytes()
+        assert hub_token.encode() not in cmdline  # `ps` never shows it
+    cli.ok("prefetch", str(mp2 / path), env=env_token)
+    time.sleep(1.2)  # let the daemons write their state files once more, counters included
+    cli.ok("status", env=env_token)
+    cli.ok("status", "--json", env=env_token)
+    # Errors that echo arguments back must mask the token too.
+    cli.fails(2, "mount", "neff", hub_token, str(cli.tmp / "x"), "--token", hub_token)
+    cli.fails(2, "mount", "neff", BUCKET, str(mp1), "--token", hub_token, hub_token)
+    cli.fails(4, "mount", "neff", "Nobody/Nothing", str(cli.mountpoint()), "--token", SECRET)
+    cli.fails(2, "mount", "neff", BUCKET, str(cli.tmp / "x"), "--token-file", str(token_file), f"--x={hub_token}")
+    for mp in (mp1, mp2, mp3):
+        cli.ok("umount", str(mp), env=env_token)
+
+    printed = "".join(cli.outputs)
+    assert hub_token not in printed and SECRET not in printed
+    files = [p for p in cli.tmp.rglob("*") if p.is_file() and p != token_file]
+    assert any(p.suffix == ".log" for p in files)  # the daemons did log (at DEBUG)
+    for p in files:
+        content = p.read_bytes()
+        assert hub_token.encode() not in content and SECRET.encode() not in content, p
+
+
+def test_daemon_log_has_its_stderr(cli: Cli, bucket: dict) -> None:
+    mp = cli.mountpoint()
+    log = cli.tmp / "logs" / "daemon.log"
+    cli.fails(4, "mount", "neff", "Nobody/Nothing", str(mp), "--log-file", str(log))
+    # The daemon's own stderr (where libfuse and Python print their errors) is in the log file.
+    assert "hffs daemon: bucket Nobody/Nothing: not found" in log.read_text()
+    cli.mount_neff(mp, "--log-file", str(log))
+    assert cli.state(mp)["log_file"] == str(log)
+    assert str(log) in cli.ok("status")
+    cli.ok("umount", str(mp))
+    assert f"mounting neff view of {BUCKET}" in log.read_text()
+
+
+@pytest.mark.timeout(60)
+def test_python_api_mirrors_the_cli(cli: Cli, bucket: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hffs_neuron
+    from hffs_neuron import constants
+
+    monkeypatch.setattr(constants, "RUNTIME_DIR", cli.runtime)  # read at import time, like the CLI's env
+    path, data = a_neff(bucket)
+    mp = cli.mountpoint()
+    cache = cli.tmp / "api-cache"
+    cli.mount_neff(mp, "--cache-dir", str(cache))
+    (state,) = hffs_neuron.status(mp)
+    assert (state["view"], state["health"]) == ("neff", "running")
+    result = hffs_neuron.prefetch([mp / path])
+    assert (result.files, result.bytes, result.failures) == (1, len(data), [])
+    assert hffs_neuron.cache_usage(cache) == (len(data), 1)
+    assert "unmounted" in hffs_neuron.unmount(mp)
+    assert hffs_neuron.status() == []
+    assert hffs_neuron.cache_prune(cache, "0") == (len(data), 0)
