@@ -27,6 +27,7 @@ from typing import Any
 
 from . import constants
 from .errors import HffsError, MountError, UsageError
+from .proc import pid_alive
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +121,7 @@ def read_states() -> list[dict]:
             state = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        state["alive"] = _pid_alive(state.get("pid", -1))
+        state["alive"] = pid_alive(state.get("pid", -1))
         states.append(state)
     return states
 
@@ -132,24 +133,6 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A daemon started by a CLI that has exited is reparented; where nobody reaps it (PID 1 of many
-    # containers does not), a dead daemon lingers as a zombie that kill(0) still reports alive.
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
 # -- mountpoint checks --------------------------------------------------------------------------
@@ -418,7 +401,7 @@ class MountRuntime:
 
     def _owns_state(self) -> bool:
         state = _state_for(self.config.mountpoint)
-        return state is None or state.get("pid") == os.getpid() or not _pid_alive(state.get("pid", -1))
+        return state is None or state.get("pid") == os.getpid() or not pid_alive(state.get("pid", -1))
 
     def write_state(self) -> None:
         # After `umount --force` detached us lazily, a new mount may live at the same mountpoint:
@@ -509,7 +492,8 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
         report("ERROR MountError the mount did not come up within 30 s")
 
     threading.Thread(target=announce_when_ready, name="hffs-ready", daemon=True).start()
-    options: dict[str, Any] = {"max_threads": config.max_threads}
+    # Idle libfuse workers beyond 16 retire, so a burst of callers does not pin threads forever.
+    options: dict[str, Any] = {"max_threads": config.max_threads, "max_idle_threads": 16}
     if config.allow_other:
         options["allow_other"] = True
     if config.read_only:
@@ -545,7 +529,7 @@ class MountHandle:
         and the daemon exits once they are gone).
         """
         message = unmount(self.mountpoint, timeout=timeout, force=force, pid=self.pid)
-        if self.process is not None and not _pid_alive(self.pid):
+        if self.process is not None and not pid_alive(self.pid):
             self.process.wait(timeout=timeout)  # reap the daemon
         return message
 
@@ -717,7 +701,7 @@ def unmount(
     # Unmounted: the daemon sees its session end, cleans up and exits. Wait for that.
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             _forget(mountpoint)
             return f"{mountpoint}: unmounted"
         time.sleep(0.05)

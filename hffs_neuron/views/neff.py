@@ -73,6 +73,7 @@ class NeffView(MergedView):
         self._hidden, self._opaque_dirs = self._load_whiteouts()
         self._wh_lock = threading.Lock()
         self._visible_memo: LRUCache = LRUCache(maxsize=4096)
+        self._children_memo: LRUCache = LRUCache(maxsize=1024)
         self._memo_lock = threading.Lock()
 
     # -- remote side, filtered ------------------------------------------------------------------
@@ -147,6 +148,18 @@ class NeffView(MergedView):
 
     def virtual_children(self, path: str) -> dict[str, VNode]:
         children = self._visible_children(path)
+        # Reused until the listing or any module listing changes (every load bumps the generation).
+        with self._memo_lock:
+            memo = self._children_memo.get(path)
+        if memo is not None and memo[0] is children and memo[1] == self.generation_ns:
+            return memo[2]
+        generation = self.generation_ns
+        out = self._build_children(path, children)
+        with self._memo_lock:
+            self._children_memo[path] = (children, generation, out)
+        return out
+
+    def _build_children(self, path: str, children: dict[str, RemoteEntry]) -> dict[str, VNode]:
         modules = [f"{path}/{n}" for n, e in children.items() if e.is_dir and self._is_module_dir(f"{path}/{n}")]
         # Hiding failed modules needs their listings. A small directory is checked in full so that
         # `ls` never shows a name that then does not exist; a huge one (thousands of modules) is not
@@ -230,6 +243,10 @@ class NeffView(MergedView):
 
     def is_hidden(self, path: str) -> bool:
         return path in self._hidden or self._opaque_above(path)
+
+    def hidden_children(self, path: str) -> set[str]:
+        prefix = f"{path}/" if path else ""
+        return {h[len(prefix) :] for h in self._hidden if h.startswith(prefix) and "/" not in h[len(prefix) :]}
 
     def _opaque(self, path: str) -> bool:
         return path in self._opaque_dirs
