@@ -31,6 +31,7 @@ from pathlib import Path
 
 from .. import constants
 from ..errors import HffsError, IntegrityError, RemoteUnavailable
+from ..proc import pid_alive
 from ..remote.base import Digest, Remote, RemoteEntry
 
 logger = logging.getLogger(__name__)
@@ -420,7 +421,7 @@ class BlobStore:
                 pid = int(parts[-2])
             except (ValueError, IndexError):
                 pid = -1
-            if pid == os.getpid() or (pid > 0 and _pid_alive(pid)):
+            if pid == os.getpid() or pid_alive(pid):
                 continue
             try:
                 tmp.unlink()
@@ -433,16 +434,6 @@ class BlobStore:
             for fd, _ in self._pins.values():
                 os.close(fd)
             self._pins.clear()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _fsync_dir(path: Path) -> None:
