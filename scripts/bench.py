@@ -152,7 +152,7 @@ class Bench:
         first = dd_read(path)
         drop_caches()
         base2 = dd_read(str(blob))
-        note = "" if dropped else " [page cache NOT dropped: not root]"
+        note = "" if dropped else " [page cache not droppable here]"
         self.report(
             "2",
             f"first read after remount, materialized (GB/s){note}",
