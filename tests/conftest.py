@@ -1,4 +1,6 @@
-"""Session-wide local Hub emulator and a clean huggingface_hub environment for every test.
+"""Session-wide local Hub emulator and a clean huggingface_hub environment for every test, plus the
+helpers many test files share: a per-test runtime dir, a mount factory that never leaves a mount
+behind, and a runner for client processes started all at once.
 
 The emulator starts in ``pytest_configure`` because huggingface_hub reads ``HF_ENDPOINT`` and
 friends once, at import time: the environment must be set before any test module imports it.
@@ -8,12 +10,17 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hffs_neuron import constants
+from hffs_neuron.mount import MountHandle, mount, mountpoint_status
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 #: Token accepted by the emulator for gated repos.
@@ -74,3 +81,104 @@ def hf_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def hub_token() -> str:
     """A token the emulator accepts for gated repos."""
     return TEST_TOKEN
+
+
+@pytest.fixture
+def runtime_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """A fresh runtime dir (state files, logs) for this test; returns the environment for a daemon.
+
+    The daemon and this process must agree on it: mount(), status and push read state files here, and
+    `constants.RUNTIME_DIR` was read at import time, so it is patched as well as passed on.
+    """
+    run = tmp_path / "run"
+    run.mkdir()
+    monkeypatch.setattr(constants, "RUNTIME_DIR", run)
+    return dict(os.environ, HFFS_RUNTIME_DIR=str(run))
+
+
+class Mounts:
+    """Mount factory bound to one test's tmp dir and runtime dir (see the `mounts` fixture)."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]):
+        self.tmp_path = tmp_path
+        self.env = env
+        # Keyed by mountpoint: a remount at the same place (after an unmount or a crash) replaces the
+        # old handle, so teardown never unmounts a newer daemon on behalf of a dead one.
+        self.handles: dict[str, MountHandle] = {}
+
+    def __call__(
+        self, view: str, source: str = "", *, name: str = "mnt", cache: str = "cache", **options: Any
+    ) -> MountHandle:
+        """Mount `view` of `source` at tmp_path/name (created if need be).
+
+        The cache dir defaults to tmp_path/cache (named, so a test can remount on the same cache) and
+        the environment to `runtime_env`; `cache_dir=` and `env=` in `options` override them.
+        """
+        mountpoint = self.tmp_path / name
+        mountpoint.mkdir(exist_ok=True)
+        options.setdefault("cache_dir", str(self.tmp_path / cache))
+        options.setdefault("env", self.env)
+        handle = mount(view, mountpoint, source, **options)
+        self.handles[os.path.abspath(handle.mountpoint)] = handle
+        return handle
+
+    def unmount(self, target: MountHandle | str | os.PathLike[str]) -> str:
+        """Unmount (not forced: a busy mount fails the test) a mount made here, by handle or mountpoint."""
+        mountpoint = target.mountpoint if isinstance(target, MountHandle) else target
+        return self.handles.pop(os.path.abspath(mountpoint)).unmount()
+
+    def close(self) -> None:
+        """Force-unmount every mount still alive (or stale), newest first; report failures, keep going."""
+        for handle in reversed(list(self.handles.values())):
+            try:
+                if os.path.ismount(handle.mountpoint) or mountpoint_status(handle.mountpoint) == "stale":
+                    handle.unmount(force=True)
+                elif handle.process is not None:
+                    handle.process.poll()  # unmounted elsewhere (hffs_neuron.unmount, mountctl): reap it
+            except Exception as exc:  # one failure must not leave the other mounts behind
+                print(f"unmount {handle.mountpoint} failed: {exc}", file=sys.stderr)
+        self.handles.clear()
+
+
+@pytest.fixture
+def mounts(tmp_path: Path, runtime_env: dict[str, str]) -> Iterator[Mounts]:
+    """`mounts(view, source="", *, name="mnt", cache="cache", **options) -> MountHandle`.
+
+    Real daemons via `hffs_neuron.mount`, with tmp_path/cache and `runtime_env` unless given;
+    `mounts.unmount(handle_or_mountpoint)` unmounts one; every mount still alive at teardown is
+    force-unmounted.
+    """
+    factory = Mounts(tmp_path, runtime_env)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def _short(arg: str, limit: int = 80) -> str:
+    return arg if len(arg) <= limit else arg[: limit - 3] + "..."
+
+
+def run_parallel(argvs: list[list[str]], *, env: dict[str, str], timeout: float) -> list[str]:
+    """Start one process per argv, all at once; wait for each (`timeout` seconds each, in order).
+
+    Returns their stdout, in order. Each must exit 0: the failure message carries the tail of its
+    stderr. A process still running when this returns or raises is killed, so a hung client never
+    outlives the test (and keeps a mount busy).
+    """
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for argv in argvs:
+            procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outputs = []
+        for argv, proc in zip(argvs, procs, strict=True):
+            out, err = proc.communicate(timeout=timeout)
+            command = " ".join(_short(arg) for arg in argv)
+            assert proc.returncode == 0, f"{command} exited {proc.returncode}:\n{err[-4000:]}"
+            outputs.append(out)
+        return outputs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

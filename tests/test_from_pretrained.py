@@ -10,13 +10,12 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import Mounts, run_parallel
 
-import hffs_neuron
-from hffs_neuron import constants
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 # Four casings of one repo id: four processes, one repo folder, one transfer per shard.
@@ -92,31 +91,20 @@ def published(hub: HubEmulator, checkpoint: tuple[Path, str]) -> dict[str, Path]
 
 
 @pytest.fixture
-def mounted(tmp_path: Path, hub: HubEmulator, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[], Path]]:
-    run_dir = tmp_path / "run"
-    monkeypatch.setattr(constants, "RUNTIME_DIR", run_dir)  # keep mount() state out of ~/.cache
-    handles: list[hffs_neuron.MountHandle] = []
+def mounted(tmp_path: Path, hub: HubEmulator, mounts: Mounts) -> Callable[[], Path]:
+    """Factory: a hub-cache mount at a new mountpoint; all share one cache, backing dir and log."""
+    (tmp_path / "backing").mkdir()
+    count = 0
 
     def _mount() -> Path:
-        mountpoint = tmp_path / f"mnt{len(handles)}"
-        mountpoint.mkdir()
-        env = dict(os.environ, HFFS_RUNTIME_DIR=str(run_dir))
-        handles.append(
-            hffs_neuron.mount(
-                "hub-cache",
-                mountpoint,
-                cache_dir=str(tmp_path / "cache"),
-                backing=str(tmp_path / "backing"),
-                env=env,
-                log_file=str(tmp_path / "daemon.log"),
-            )
+        nonlocal count
+        name, count = f"mnt{count}", count + 1
+        handle = mounts(
+            "hub-cache", name=name, backing=str(tmp_path / "backing"), log_file=str(tmp_path / "daemon.log")
         )
-        return mountpoint
+        return Path(handle.mountpoint)
 
-    (tmp_path / "backing").mkdir()
-    yield _mount
-    for handle in reversed(handles):
-        handle.unmount()
+    return _mount
 
 
 def load_in_parallel(mountpoint: Path, *, offline: bool, timeout: float = 180) -> list[str]:
@@ -125,24 +113,8 @@ def load_in_parallel(mountpoint: Path, *, offline: bool, timeout: float = 180) -
     env.pop("HF_TOKEN", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", LOAD, repo_id], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-        for repo_id in REPO_IDS
-    ]
-    hashes = []
-    try:
-        for proc, repo_id in zip(procs, REPO_IDS, strict=True):
-            out, err = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, f"from_pretrained({repo_id!r}) failed:\n{err[-4000:]}"
-            hashes.append(out.strip().splitlines()[-1])
-    finally:
-        for proc in procs:  # never leave a client behind holding the mount busy
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return hashes
+    argvs = [[sys.executable, "-c", LOAD, repo_id] for repo_id in REPO_IDS]
+    return [out.strip().splitlines()[-1] for out in run_parallel(argvs, env=env, timeout=timeout)]
 
 
 def assert_each_file_served_once(hub: HubEmulator, files: dict[str, Path]) -> None:

@@ -12,14 +12,13 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import Mounts, run_parallel
 
-import hffs_neuron
-from hffs_neuron import constants
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_sharded_model_repo
 
@@ -39,39 +38,25 @@ class Mounted:
 
 @pytest.fixture
 def mount_hub_cache(
-    tmp_path: Path, hub: HubEmulator, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., Mounted]]:
-    """Factory: mount a hub-cache view (own cache dir, runtime dir and log); all unmounted at teardown."""
-    run_dir = tmp_path / "run"
-    # mount() records state and picks log paths in this process too: keep them out of ~/.cache.
-    monkeypatch.setattr(constants, "RUNTIME_DIR", run_dir)
-    handles: list[hffs_neuron.MountHandle] = []
+    tmp_path: Path, hub: HubEmulator, mounts: Mounts, runtime_env: dict[str, str]
+) -> Callable[..., Mounted]:
+    """Factory: mount a hub-cache view (own mountpoint, backing dir and log; shared cache dir)."""
+    # The daemon gets a token only when a test passes one: the log and EACCES hints depend on it.
+    env = {key: value for key, value in runtime_env.items() if key != "HF_TOKEN"}
+    count = 0
 
     def _mount(backing: Path | None = None, *, token: str | None = None, **options: object) -> Mounted:
-        n = len(handles)
-        mountpoint = tmp_path / f"mnt{n}"
-        mountpoint.mkdir()
+        nonlocal count
+        n, count = count, count + 1
         backing = backing or tmp_path / f"backing{n}"
         backing.mkdir(exist_ok=True)
         log = tmp_path / f"daemon{n}.log"
-        env = dict(os.environ, HFFS_RUNTIME_DIR=str(run_dir))
-        env.pop("HF_TOKEN", None)
-        handle = hffs_neuron.mount(
-            "hub-cache",
-            mountpoint,
-            cache_dir=str(tmp_path / "cache"),
-            backing=str(backing),
-            env=env,
-            token=token,
-            log_file=str(log),
-            **options,
+        handle = mounts(
+            "hub-cache", name=f"mnt{n}", backing=str(backing), env=env, token=token, log_file=str(log), **options
         )
-        handles.append(handle)
-        return Mounted(mountpoint, backing, log)
+        return Mounted(Path(handle.mountpoint), backing, log)
 
-    yield _mount
-    for handle in reversed(handles):
-        handle.unmount()
+    return _mount
 
 
 @pytest.fixture
@@ -107,28 +92,8 @@ def run_clients(
     env.pop("HF_TOKEN", None)
     if offline:
         env["HF_HUB_OFFLINE"] = "1"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CLIENT, json.dumps(job)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for job in jobs
-    ]
-    results = []
-    try:
-        for proc, job in zip(procs, jobs, strict=True):
-            out, err = proc.communicate(timeout=timeout)
-            assert proc.returncode == 0, f"client {job} failed:\n{err[-3000:]}"
-            results.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for proc in procs:  # a hung client must not outlive the test (and keep the mount busy)
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return results
+    argvs = [[sys.executable, "-c", CLIENT, json.dumps(job)] for job in jobs]
+    return [json.loads(out.strip().splitlines()[-1]) for out in run_parallel(argvs, env=env, timeout=timeout)]
 
 
 def sha256(data: bytes) -> str:

@@ -16,14 +16,13 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Mounts, run_parallel
 
-from hffs_neuron import constants
-from hffs_neuron.mount import MountHandle, mount
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
 
@@ -35,43 +34,18 @@ MountFn = Callable[..., Path]
 
 
 @pytest.fixture
-def runtime_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The daemon and this process must agree on the runtime dir (state files, logs)."""
-    run = tmp_path / "run"
-    run.mkdir()
-    monkeypatch.setattr(constants, "RUNTIME_DIR", run)
-    return dict(os.environ, HFFS_RUNTIME_DIR=str(run))
-
-
-@pytest.fixture
-def mount_neff(tmp_path: Path, runtime_env: dict[str, str]) -> Iterator[MountFn]:
+def mount_neff(mounts: Mounts) -> MountFn:
     """Mount factory: `mount_neff(bucket_id, name="mnt", cache="cache", **options)` -> mountpoint.
 
-    Mountpoints and cache dirs are named so a test can unmount and remount on the same cache dir.
-    Every mount still alive at teardown is unmounted.
+    Mountpoints and cache dirs are named so a test can unmount (`mount_neff.unmount(mountpoint)`) and
+    remount on the same cache dir. Every mount still alive at teardown is unmounted.
     """
-    handles: dict[Path, MountHandle] = {}
 
     def do_mount(bucket_id: str, name: str = "mnt", cache: str = "cache", **options: Any) -> Path:
-        mountpoint = tmp_path / name
-        mountpoint.mkdir(exist_ok=True)
-        handles[mountpoint] = mount(
-            "neff", mountpoint, bucket_id, cache_dir=str(tmp_path / cache), env=runtime_env, **options
-        )
-        return mountpoint
+        return Path(mounts("neff", bucket_id, name=name, cache=cache, **options).mountpoint)
 
-    def do_unmount(mountpoint: Path) -> None:
-        handles.pop(mountpoint).unmount()
-
-    do_mount.unmount = do_unmount  # type: ignore[attr-defined]
-    try:
-        yield do_mount
-    finally:
-        for handle in handles.values():
-            try:
-                handle.unmount(force=True)
-            except Exception as exc:  # keep unmounting the others; report the first failure below
-                print(f"unmount {handle.mountpoint} failed: {exc}", file=sys.stderr)
+    do_mount.unmount = mounts.unmount  # type: ignore[attr-defined]
+    return do_mount
 
 
 @pytest.fixture
@@ -414,21 +388,8 @@ def _run_workers(root: Path, plan: dict, workers: int, tmp_path: Path) -> list[d
     script, plan_file = tmp_path / "compiler.py", tmp_path / "plan.json"
     script.write_text(COMPILER)
     plan_file.write_text(json.dumps(plan))
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(script), str(root), str(plan_file), str(w)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for w in range(workers)
-    ]
-    outputs = []
-    for proc in procs:
-        out, err = proc.communicate(timeout=120)
-        assert proc.returncode == 0, err
-        outputs.append(json.loads(out))
-    return outputs
+    argvs = [[sys.executable, str(script), str(root), str(plan_file), str(w)] for w in range(workers)]
+    return [json.loads(out) for out in run_parallel(argvs, env=dict(os.environ), timeout=120)]
 
 
 @pytest.mark.timeout(180)
@@ -482,8 +443,7 @@ def test_one_transfer_per_neff_across_processes_and_reopens(hub: HubEmulator, bu
     module = bucket["complete"][2]  # the 1 MiB NEFF
     path = mp / module / "model.neff"
     code = f"import hashlib; print(hashlib.sha256(open({str(path)!r}, 'rb').read()).hexdigest())"
-    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(6)]
-    shas = {p.communicate(timeout=60)[0].strip() for p in procs}
+    shas = {out.strip() for out in run_parallel([[sys.executable, "-c", code]] * 6, env=dict(os.environ), timeout=60)}
     remote = _remote_bytes(hub, bucket, f"{module}/model.neff")
     assert shas == {_sha(remote)}
     assert _sha(path.read_bytes()) == _sha(remote)

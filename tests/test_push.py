@@ -10,15 +10,15 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import Mounts
 from huggingface_hub import HfApi
 
-from hffs_neuron import constants
-from hffs_neuron.mount import MountHandle, mount, read_states
+from hffs_neuron.mount import read_states
 from hffs_neuron.publish import push
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
@@ -49,34 +49,14 @@ class FakeApi(HfApi):
 
 
 @pytest.fixture
-def runtime_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    """The daemon and this process must agree on the runtime dir: push reads the mount's state there."""
-    run = tmp_path / "run"
-    run.mkdir()
-    monkeypatch.setattr(constants, "RUNTIME_DIR", run)
-    return dict(os.environ, HFFS_RUNTIME_DIR=str(run))
-
-
-@pytest.fixture
-def mount_neff(tmp_path: Path, runtime_env: dict[str, str]) -> Iterator[MountFn]:
-    handles: list[MountHandle] = []
+def mount_neff(mounts: Mounts) -> MountFn:
+    """`mount_neff(bucket_id, name="mnt", cache="cache", **options)` -> mountpoint. Push reads the
+    mount's state in the runtime dir (`runtime_env`), which `mounts` gives the daemon too."""
 
     def do_mount(bucket_id: str, name: str = "mnt", cache: str = "cache", **options: Any) -> Path:
-        mountpoint = tmp_path / name
-        mountpoint.mkdir(exist_ok=True)
-        handles.append(
-            mount("neff", mountpoint, bucket_id, cache_dir=str(tmp_path / cache), env=runtime_env, **options)
-        )
-        return mountpoint
+        return Path(mounts("neff", bucket_id, name=name, cache=cache, **options).mountpoint)
 
-    try:
-        yield do_mount
-    finally:
-        for handle in handles:
-            try:
-                handle.unmount(force=True)
-            except Exception as exc:  # keep unmounting the others
-                print(f"unmount {handle.mountpoint} failed: {exc}", file=sys.stderr)
+    return do_mount
 
 
 def _state_of(mountpoint: Path) -> dict:

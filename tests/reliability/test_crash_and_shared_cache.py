@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Mounts, run_parallel
 
-import hffs_neuron
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 READER = """
@@ -24,18 +24,6 @@ with open(sys.argv[1], "rb") as f:
         h.update(chunk)
 print(h.hexdigest())
 """
-
-
-@pytest.fixture
-def env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    runtime = tmp_path / "run"
-    monkeypatch.setattr(hffs_neuron.constants, "RUNTIME_DIR", runtime)
-    return dict(os.environ, HFFS_RUNTIME_DIR=str(runtime))
-
-
-def _mount(view: str, mountpoint: Path, env: dict, source: str = "", **options):
-    mountpoint.mkdir(exist_ok=True)
-    return hffs_neuron.mount(view, mountpoint, source, env=env, **options)
 
 
 def _wait_for(predicate, timeout: float = 30.0) -> None:
@@ -52,12 +40,14 @@ def _mountctl(*args: str, env: dict) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(180)
-def test_kill_9_mid_fetch_and_mid_write_then_recover(hub: HubEmulator, tmp_path: Path, env: dict) -> None:
+def test_kill_9_mid_fetch_and_mid_write_then_recover(
+    hub: HubEmulator, tmp_path: Path, runtime_env: dict[str, str], mounts: Mounts
+) -> None:
     data = os.urandom(8 * 1024 * 1024)
     hub.add_bucket("crash/cache", {"neuronxcc-1/MODULE_1/model.neff": data})
     cache = str(tmp_path / "cache")
     mountpoint = tmp_path / "mnt"
-    handle = _mount("neff", mountpoint, env, "crash/cache", cache_dir=cache)
+    handle = mounts("neff", "crash/cache")
     module = mountpoint / "neuronxcc-1" / "MODULE_1"
     # A local write that was fsynced must survive the crash.
     with open(module / "compile_flags.json", "wb") as f:
@@ -74,31 +64,31 @@ def test_kill_9_mid_fetch_and_mid_write_then_recover(hub: HubEmulator, tmp_path:
     handle.process.wait(timeout=10)
 
     # The mountpoint is stale; mountctl says so, --force clears it, and a new mount serves everything.
-    status = _mountctl("status", str(mountpoint), env=env)
+    status = _mountctl("status", str(mountpoint), env=runtime_env)
     assert "DEAD" in status.stdout, status.stdout + status.stderr
-    assert _mountctl("umount", "--force", str(mountpoint), env=env).returncode == 0
+    assert _mountctl("umount", "--force", str(mountpoint), env=runtime_env).returncode == 0
     hub.faults.clear()
-    handle = _mount("neff", mountpoint, env, "crash/cache", cache_dir=cache)
-    try:
-        out = subprocess.run([sys.executable, "-c", READER, str(module / "model.neff")], capture_output=True, text=True)
-        assert out.stdout.strip() == hashlib.sha256(data).hexdigest()
-        assert (module / "compile_flags.json").read_bytes() == b'["--O1"]'
-        # No temp file of the dead fetch is left, and no lock blocks anyone (the read above succeeded).
-        assert not list((Path(cache) / "blobs-store" / "tmp").iterdir())
-    finally:
-        handle.unmount()
+    handle = mounts("neff", "crash/cache")
+    out = subprocess.run([sys.executable, "-c", READER, str(module / "model.neff")], capture_output=True, text=True)
+    assert out.stdout.strip() == hashlib.sha256(data).hexdigest()
+    assert (module / "compile_flags.json").read_bytes() == b'["--O1"]'
+    # No temp file of the dead fetch is left, and no lock blocks anyone (the read above succeeded).
+    assert not list((Path(cache) / "blobs-store" / "tmp").iterdir())
+    mounts.unmount(handle)
 
 
 @pytest.mark.timeout(240)
-def test_two_mounts_a_prefetch_and_eight_readers_share_one_cache(hub: HubEmulator, tmp_path: Path, env: dict) -> None:
+def test_two_mounts_a_prefetch_and_eight_readers_share_one_cache(
+    hub: HubEmulator, tmp_path: Path, runtime_env: dict[str, str], mounts: Mounts
+) -> None:
     """The same content reached through a NEFF mount, a hub-cache mount and a prefetch: one transfer each."""
     neffs = {f"neuronxcc-1/MODULE_{i}/model.neff": os.urandom(3 * 1024 * 1024 + i) for i in range(3)}
     hub.add_bucket("shared/cache", neffs)
     shards = {f"model-0000{i}.safetensors": os.urandom(4 * 1024 * 1024 + i) for i in range(3)}
     commit = hub.add_repo("shared/model", shards)
     cache = str(tmp_path / "cache")
-    neff = _mount("neff", tmp_path / "neff", env, "shared/cache", cache_dir=cache)
-    hubm = _mount("hub-cache", tmp_path / "hub", env, cache_dir=cache)
+    neff = mounts("neff", "shared/cache", name="neff")
+    hubm = mounts("hub-cache", name="hub")
     try:
         snapshot = tmp_path / "hub" / "models--shared--model" / "snapshots" / commit
         targets = [tmp_path / "neff" / name for name in neffs] + [snapshot / name for name in shards]
@@ -109,21 +99,13 @@ def test_two_mounts_a_prefetch_and_eight_readers_share_one_cache(hub: HubEmulato
         hub.faults.add("*/resolve/*", "latency", seconds=0.5)  # keep fetches in flight while others arrive
         prefetch = subprocess.Popen(
             [sys.executable, "-m", "mountctl", "prefetch", str(tmp_path / "neff"), str(snapshot)],
-            env=env,
+            env=runtime_env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        readers = [
-            subprocess.Popen(
-                [sys.executable, "-c", READER, str(targets[i % len(targets)])], stdout=subprocess.PIPE, text=True
-            )
-            for i in range(8)
-        ] + [
-            subprocess.Popen([sys.executable, "-c", READER, str(t)], stdout=subprocess.PIPE, text=True) for t in targets
-        ]
-        for proc in readers:
-            out, _ = proc.communicate(timeout=120)
-            path = proc.args[-1]
+        paths = [str(targets[i % len(targets)]) for i in range(8)] + [str(t) for t in targets]
+        outputs = run_parallel([[sys.executable, "-c", READER, path] for path in paths], env=runtime_env, timeout=120)
+        for path, out in zip(paths, outputs, strict=True):
             assert out.strip() == hashlib.sha256(expected[path]).hexdigest(), path
         assert prefetch.wait(timeout=120) == 0, prefetch.stderr.read()
         for name, data in {**neffs, **shards}.items():
@@ -131,11 +113,11 @@ def test_two_mounts_a_prefetch_and_eight_readers_share_one_cache(hub: HubEmulato
 
         # Eviction never removes a blob that is open: keep one open and prune everything.
         with open(targets[0], "rb") as held:
-            pruned = _mountctl("cache", "prune", "--cache-dir", cache, "--max-size", "0", env=env)
+            pruned = _mountctl("cache", "prune", "--cache-dir", cache, "--max-size", "0", env=runtime_env)
             assert pruned.returncode == 0, pruned.stderr
             assert hashlib.sha256(held.read()).digest() == hashlib.sha256(expected[str(targets[0])]).digest()
         assert len(list((Path(cache) / "blobs-store" / "blobs").glob("*/*"))) == 1  # only the open one is left
+        mounts.unmount(neff)
+        mounts.unmount(hubm)
     finally:
         hub.faults.clear()
-        neff.unmount()
-        hubm.unmount()

@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import Mounts
 
-import hffs_neuron
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 HOSTILE_NAMES = [
@@ -26,33 +26,12 @@ HOSTILE_NAMES = [
 ]
 
 
-@pytest.fixture
-def mounter(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    runtime = tmp_path / "run"
-    monkeypatch.setattr(hffs_neuron.constants, "RUNTIME_DIR", runtime)
-    handles = []
-
-    def mount(view: str, source: str = "", name: str = "mnt", **options):
-        mountpoint = tmp_path / name
-        mountpoint.mkdir()
-        env = dict(os.environ, HFFS_RUNTIME_DIR=str(runtime))
-        options.setdefault("cache_dir", str(tmp_path / "cache"))
-        handle = hffs_neuron.mount(view, mountpoint, source, env=env, **options)
-        handles.append(handle)
-        return handle
-
-    yield mount
-    for handle in handles:
-        if os.path.ismount(handle.mountpoint):
-            handle.unmount()
-
-
 def _file_item(path: str, data: bytes = b"evil") -> dict:
     return {"type": "file", "path": path, "size": len(data), "xetHash": "ab" * 32, "mtime": "2024-01-01T00:00:00Z"}
 
 
 @pytest.mark.timeout(120)
-def test_hostile_bucket_names_are_dropped_and_logged(hub: HubEmulator, mounter, tmp_path: Path) -> None:
+def test_hostile_bucket_names_are_dropped_and_logged(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
     good = b"NEFF" * 1000
     hub.add_bucket("hostile/cache", {"neuronxcc-1/MODULE_ok/model.neff": good, "neuronxcc-1/MODULE_ok/model.done": b""})
     hub.add_listing_override(
@@ -60,7 +39,7 @@ def test_hostile_bucket_names_are_dropped_and_logged(hub: HubEmulator, mounter, 
         [_file_item(name) for name in HOSTILE_NAMES]
         + [{"type": "directory", "path": "neuronxcc-1/MODULE_ok/dup"}, _file_item("neuronxcc-1/MODULE_ok/dup")],
     )
-    handle = mounter("neff", "hostile/cache", log_file=str(tmp_path / "neff.log"))
+    handle = mounts("neff", "hostile/cache", log_file=str(tmp_path / "neff.log"))
     root = Path(handle.mountpoint)
     module = root / "neuronxcc-1" / "MODULE_ok"
 
@@ -79,7 +58,7 @@ def test_hostile_bucket_names_are_dropped_and_logged(hub: HubEmulator, mounter, 
 
 
 @pytest.mark.timeout(120)
-def test_hostile_repo_tree_names_are_dropped(hub: HubEmulator, mounter, tmp_path: Path) -> None:
+def test_hostile_repo_tree_names_are_dropped(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
     commit = hub.add_repo("hostile/model", {"config.json": b"{}"})
     hub.add_listing_override(
         "hostile/model",
@@ -90,7 +69,7 @@ def test_hostile_repo_tree_names_are_dropped(hub: HubEmulator, mounter, tmp_path
         ],
         repo_type="model",
     )
-    handle = mounter("hub-cache", log_file=str(tmp_path / "hub.log"))
+    handle = mounts("hub-cache", log_file=str(tmp_path / "hub.log"))
     snapshot = Path(handle.mountpoint) / "models--hostile--model" / "snapshots" / commit
     assert os.listdir(snapshot) == ["config.json"]
     assert (snapshot / "config.json").read_bytes() == b"{}"
@@ -98,13 +77,13 @@ def test_hostile_repo_tree_names_are_dropped(hub: HubEmulator, mounter, tmp_path
 
 
 @pytest.mark.timeout(180)
-def test_token_never_leaks(hub: HubEmulator, hub_token: str, mounter, tmp_path: Path) -> None:
+def test_token_never_leaks(hub: HubEmulator, hub_token: str, mounts: Mounts, tmp_path: Path) -> None:
     data = os.urandom(50_000)
     commit = hub.add_repo("secret/gated", {"model.safetensors": data, "config.json": b"{}"}, gated=True)
     hub.add_bucket("secret/cache", {"neuronxcc-1/MODULE_1/model.neff": data})
     log_hub, log_neff = tmp_path / "hub.log", tmp_path / "neff.log"
-    gated = mounter("hub-cache", name="hub", token=hub_token, log_file=str(log_hub), log_level="DEBUG")
-    neff = mounter("neff", "secret/cache", name="neff", token=hub_token, log_file=str(log_neff), log_level="DEBUG")
+    gated = mounts("hub-cache", name="hub", token=hub_token, log_file=str(log_hub), log_level="DEBUG")
+    neff = mounts("neff", "secret/cache", name="neff", token=hub_token, log_file=str(log_neff), log_level="DEBUG")
     snapshot = Path(gated.mountpoint) / "models--secret--gated" / "snapshots" / commit
     assert (snapshot / "model.safetensors").read_bytes() == data  # the token works...
     assert (Path(neff.mountpoint) / "neuronxcc-1/MODULE_1/model.neff").read_bytes() == data
@@ -132,9 +111,9 @@ def test_token_never_leaks(hub: HubEmulator, hub_token: str, mounter, tmp_path: 
 
 
 @pytest.mark.timeout(120)
-def test_gated_repo_without_token_is_eacces_with_a_hint(hub: HubEmulator, mounter, tmp_path: Path) -> None:
+def test_gated_repo_without_token_is_eacces_with_a_hint(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
     commit = hub.add_repo("secret/gated", {"model.safetensors": os.urandom(20_000)}, gated=True)
-    handle = mounter("hub-cache", log_file=str(tmp_path / "hub.log"))
+    handle = mounts("hub-cache", log_file=str(tmp_path / "hub.log"))
     blob = Path(handle.mountpoint) / "models--secret--gated" / "snapshots" / commit / "model.safetensors"
     with pytest.raises(OSError) as exc:
         blob.read_bytes()

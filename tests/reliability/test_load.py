@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import Mounts
 
-import hffs_neuron
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 SECONDS = float(os.environ.get("HFFS_LOAD_SECONDS", "60"))
@@ -46,8 +46,20 @@ print(json.dumps({"ops": ops, "errors": errors}))
 
 
 def _daemon_usage(pid: int) -> tuple[int, int, int]:
-    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    """(open fds other than pipes, threads, RSS) of a daemon.
+
+    libfuse gives each worker thread its own splice pipe pair and frees it when the thread retires, so
+    pipes follow the worker pool's size; files and sockets are what a leak would pile up.
+    """
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    fds = sum(1 for link in links if not link.startswith("pipe:"))
     threads = len(os.listdir(f"/proc/{pid}/task"))
+    assert len(links) - fds <= 2 * threads + 4, f"daemon {pid}: more pipes than worker threads account for"
     rss = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -56,69 +68,59 @@ def _daemon_usage(pid: int) -> tuple[int, int, int]:
 
 
 @pytest.mark.timeout(int(SECONDS) + 240)
-def test_sixteen_processes_of_random_io_over_both_views(
-    hub: HubEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sixteen_processes_of_random_io_over_both_views(hub: HubEmulator, tmp_path: Path, mounts: Mounts) -> None:
     files = {f"neuronxcc-1/MODULE_{i}/model.neff": os.urandom(64 * 1024 * (i + 1)) for i in range(12)}
     hub.add_bucket("load/cache", files)
     shards = {f"model-{i}.safetensors": os.urandom(128 * 1024 * (i + 1)) for i in range(6)}
     commit = hub.add_repo("load/model", shards)
-    runtime = tmp_path / "run"
-    monkeypatch.setattr(hffs_neuron.constants, "RUNTIME_DIR", runtime)
-    env = dict(os.environ, HFFS_RUNTIME_DIR=str(runtime))
-    cache = str(tmp_path / "cache")
-    (tmp_path / "neff").mkdir()
-    (tmp_path / "hub").mkdir()
-    neff = hffs_neuron.mount("neff", tmp_path / "neff", "load/cache", cache_dir=cache, env=env)
-    hubm = hffs_neuron.mount("hub-cache", tmp_path / "hub", cache_dir=cache, env=env)
-    try:
-        snapshot = tmp_path / "hub" / "models--load--model" / "snapshots" / commit
-        expected = {str(tmp_path / "neff" / n): [len(d)] for n, d in files.items()}
-        expected.update({str(snapshot / n): [len(d)] for n, d in shards.items()})
-        # Two rounds of the same load: whatever the daemons hold after the first (libfuse's worker pool,
-        # connection pools) is their steady state; a leak keeps growing in the second.
-        peak_rss, after = 0, []
-        for _round in range(2):
-            workers = [
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        "-c",
-                        WORKER,
-                        json.dumps(sorted(expected)),
-                        json.dumps(expected),
-                        str(SECONDS / 2),
-                    ],
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for _ in range(PROCESSES)
-            ]
-            while any(w.poll() is None for w in workers):
-                peak_rss = max(peak_rss, *(_daemon_usage(h.pid)[2] for h in (neff, hubm)))
-                time.sleep(0.5)
-            total_ops = 0
-            for worker in workers:
-                out, err = worker.communicate(timeout=60)
-                result = json.loads(out)
-                assert result["errors"] == 0, err[-2000:]
-                total_ops += result["ops"]
-            assert total_ops > PROCESSES * 10
-            time.sleep(1.0)  # let released handles drain
-            after.append({h.pid: _daemon_usage(h.pid) for h in (neff, hubm)})
-        for handle in (neff, hubm):
-            fds1, threads1, _ = after[0][handle.pid]
-            # libfuse retires idle workers over a few seconds: wait for the count to come back down.
-            deadline = time.monotonic() + 15
-            while True:
-                fds2, threads2, _ = _daemon_usage(handle.pid)
-                if (fds2 <= fds1 + 2 and threads2 <= threads1 + 2) or time.monotonic() > deadline:
-                    break
-                time.sleep(0.5)
-            assert fds2 <= fds1 + 2, f"daemon {handle.pid} leaks fds: {fds1} -> {fds2}"
-            assert threads2 <= threads1 + 2, f"daemon {handle.pid} leaks threads: {threads1} -> {threads2}"
-        assert peak_rss < RSS_LIMIT, f"daemon RSS peaked at {peak_rss / 1e6:.0f} MB"
-    finally:
-        neff.unmount()
-        hubm.unmount()
+    neff = mounts("neff", "load/cache", name="neff")
+    hubm = mounts("hub-cache", name="hub")
+    snapshot = tmp_path / "hub" / "models--load--model" / "snapshots" / commit
+    expected = {str(tmp_path / "neff" / n): [len(d)] for n, d in files.items()}
+    expected.update({str(snapshot / n): [len(d)] for n, d in shards.items()})
+    # Two rounds of the same load: whatever the daemons hold after the first (libfuse's worker pool,
+    # connection pools) is their steady state; a leak keeps growing in the second.
+    peak_rss, after = 0, []
+    for _round in range(2):
+        workers = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    json.dumps(sorted(expected)),
+                    json.dumps(expected),
+                    str(SECONDS / 2),
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            for _ in range(PROCESSES)
+        ]
+        while any(w.poll() is None for w in workers):
+            peak_rss = max(peak_rss, *(_daemon_usage(h.pid)[2] for h in (neff, hubm)))
+            time.sleep(0.5)
+        total_ops = 0
+        for worker in workers:
+            out, err = worker.communicate(timeout=60)
+            result = json.loads(out)
+            assert result["errors"] == 0, err[-2000:]
+            total_ops += result["ops"]
+        assert total_ops > PROCESSES * 10
+        time.sleep(1.0)  # let released handles drain
+        after.append({h.pid: _daemon_usage(h.pid) for h in (neff, hubm)})
+    for handle in (neff, hubm):
+        fds1, threads1, _ = after[0][handle.pid]
+        # libfuse retires idle workers over a few seconds: wait for the count to come back down.
+        deadline = time.monotonic() + 15
+        while True:
+            fds2, threads2, _ = _daemon_usage(handle.pid)
+            if (fds2 <= fds1 + 2 and threads2 <= threads1 + 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert fds2 <= fds1 + 2, f"daemon {handle.pid} leaks fds: {fds1} -> {fds2}"
+        assert threads2 <= threads1 + 2, f"daemon {handle.pid} leaks threads: {threads1} -> {threads2}"
+    assert peak_rss < RSS_LIMIT, f"daemon RSS peaked at {peak_rss / 1e6:.0f} MB"
+    mounts.unmount(neff)
+    mounts.unmount(hubm)

@@ -13,9 +13,11 @@ import errno
 import fcntl
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from conftest import Mounts
 
 import hffs_neuron
 from hffs_neuron.testing.hub_emulator import HubEmulator
@@ -120,23 +122,13 @@ def _snapshot(root: Path) -> dict[str, bytes | None]:
 
 
 @pytest.fixture
-def neff_mount(hub: HubEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    runtime = tmp_path / "run"
-    monkeypatch.setattr(hffs_neuron.constants, "RUNTIME_DIR", runtime)
-    env = dict(os.environ, HFFS_RUNTIME_DIR=str(runtime))
-    handles = []
+def neff_mount(hub: HubEmulator, mounts: Mounts) -> Callable[..., Path]:
+    """`neff_mount(name="mnt")` -> mountpoint of bucket `model/posix`; every mount shares one cache dir."""
 
     def mount(name: str = "mnt") -> Path:
-        mountpoint = tmp_path / name
-        mountpoint.mkdir(exist_ok=True)
-        handle = hffs_neuron.mount("neff", mountpoint, "model/posix", cache_dir=str(tmp_path / "cache"), env=env)
-        handles.append(handle)
-        return mountpoint
+        return Path(mounts("neff", "model/posix", name=name).mountpoint)
 
-    yield mount
-    for handle in handles:
-        if os.path.ismount(handle.mountpoint):
-            handle.unmount()
+    return mount
 
 
 @pytest.mark.timeout(240)
