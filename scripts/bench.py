@@ -279,17 +279,21 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
             out = subprocess.run([PY, "-c", load], check=True, capture_output=True, text=True, env=env)
             return float(out.stdout.strip().splitlines()[-1])
 
-        handle = self.mount("hub-cache", "hub7")
-        plain = str(self.work / "plain-cache-7")
-        ours_cold, base_cold = run(handle.mountpoint), run(plain)
-        ours_warm, base_warm = run(handle.mountpoint), run(plain)
+        # Best of 3, each cold run on a fresh mount and a fresh plain cache: one load is ~3 s of which
+        # most is model construction, so single runs are noise-dominated.
+        ours_cold = base_cold = ours_warm = base_warm = float("inf")
+        for attempt in range(3):
+            handle = self.mount("hub-cache", f"hub7-{attempt}")
+            plain = str(self.work / f"plain-cache-7-{attempt}")
+            ours_cold, base_cold = min(ours_cold, run(handle.mountpoint)), min(base_cold, run(plain))
+            ours_warm, base_warm = min(ours_warm, run(handle.mountpoint)), min(base_warm, run(plain))
+            self.unmount(handle)
         self.report(
             "7", "from_pretrained sharded, cold (s)", ours_cold, base_cold, "s", ours_cold / base_cold, "<= 1.0"
         )
         self.report(
             "7", "from_pretrained sharded, warm (s)", ours_warm, base_warm, "s", ours_warm / base_warm, "<= 1.1"
         )
-        self.unmount(handle)
 
     def row_8(self) -> None:
         per = max(32, self.args.size_mb // 4) * MiB
