@@ -215,7 +215,7 @@ class HubHttp:
                     expected = int(response.headers.get("Content-Length", -1))
                     if expected != end - position:
                         raise _Transient("server ignored Range and sent a different length")
-                for data in response.iter_raw(1024 * 1024):
+                for data in response.iter_raw():  # network-sized pieces: no 1 MiB re-chunking copies
                     if time.monotonic() > deadline:
                         raise _Transient("deadline exceeded mid-body")
                     room = end - position
