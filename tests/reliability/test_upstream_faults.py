@@ -73,6 +73,9 @@ def test_500_reads_under_mixed_faults(
     assert sum(fired.values()) > 100, fired
     assert all(count > 0 for count in fired.values()), fired
     assert len(failed) < FILES // 4, f"{len(failed)} reads failed"
+    slowest = max(seconds for _, _, seconds in results)
+    # The figures README quotes (visible with pytest -s).
+    print(f"\nfaults fired {fired}; {len(failed)}/{FILES} reads gave EIO; slowest read {slowest:.1f}s")
 
     # Faults cleared: every file reads correctly, including those that failed (nothing cached wrong).
     for name in sorted(files):
