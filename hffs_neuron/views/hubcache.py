@@ -73,8 +73,6 @@ class RepoState:
 
 
 class HubCacheView(MergedView):
-    copy_up = False
-
     def __init__(
         self,
         http: HubHttp,
@@ -283,26 +281,11 @@ class HubCacheView(MergedView):
             self._tree_json[repo.commit] = data
         return data
 
-    def _copy_up(self, path: str, node: VNode, content: bool = True) -> None:
-        """Refs may be rewritten (huggingface_hub records a newer commit of a branch there): the ref
-        is copied into the backing, which then shadows it. Blobs, snapshots and trees stay EROFS."""
+    def can_copy_up(self, path: str, node: VNode) -> bool:
+        """Refs may be rewritten (huggingface_hub records a newer commit of a branch there): the ref is
+        copied into the backing, which then shadows it. Blobs, snapshots and trees stay EROFS."""
         parts = path.split("/")
-        if not (len(parts) == 3 and parts[1] == "refs" and node.kind == "file") or self.read_only:
-            raise fs_error(errno.EROFS)
-        state, rest = self._resolve(path)
-        commit = state.refs.get(rest[1]) if state else None
-        if commit is None:
-            raise fs_error(errno.ENOENT)
-        with self._ns_lock:
-            if self._lstat_local(path) is None:
-                self._ensure_local_parent(path)
-                local = self.local_path(path)
-                tmp = f"{local}.hffs-copyup.{os.getpid()}.{threading.get_ident()}"
-                with open(tmp, "w") as out:
-                    out.write(commit if content else "")  # no trailing newline, like huggingface_hub
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, local)
-        self.on_local_change(path)
+        return len(parts) == 3 and parts[1] == "refs" and node.kind == "file"
 
     def virtual_open(self, path: str, node: VNode) -> FileHandle:
         state, rest = self._resolve(path)
@@ -324,21 +307,3 @@ class HubCacheView(MergedView):
             fd, unpin = self.store.open_blob(name, repo, entry)
             return FileHandle(fd=fd, keep_cache=True, on_release=unpin)
         raise fs_error(errno.ENOENT)
-
-    def remote_files(self, path: str) -> list[tuple[HubRepo, RemoteEntry]]:
-        """Files under a snapshot path or blob (for prefetch)."""
-        state, rest = self._resolve(path)
-        if state is None:
-            return []
-        if len(rest) == 2 and rest[0] == "blobs":
-            found = state.entry_by_etag(rest[1])
-            return [found] if found else []
-        if len(rest) >= 2 and rest[0] == "snapshots":
-            repo = self._commit(state, rest[1])
-            if repo is None:
-                return []
-            inner = "/".join(rest[2:])
-            return [(repo, e) for e in repo.files() if not inner or e.path == inner or e.path.startswith(inner + "/")]
-        if not rest or rest == ["snapshots"]:
-            return [(repo, e) for repo in list(state.commits.values()) for e in repo.files()]
-        return []

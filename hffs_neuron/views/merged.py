@@ -62,11 +62,6 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 class MergedView:
     """Filesystem semantics over a local layer (`local_root`) and a virtual tree from a subclass."""
 
-    #: set by subclasses: may a write to a virtual file copy it up into the local layer?
-    copy_up = False
-    #: keep_cache for virtual (content-addressed) files
-    virtual_keep_cache = True
-
     def __init__(self, local_root: str | os.PathLike, *, read_only: bool = False):
         self.local_root = os.fspath(local_root)
         os.makedirs(self.local_root, mode=0o755, exist_ok=True)
@@ -90,6 +85,10 @@ class MergedView:
     def virtual_open(self, path: str, node: VNode) -> FileHandle:
         raise NotImplementedError
 
+    def can_copy_up(self, path: str, node: VNode) -> bool:
+        """May this virtual file be copied into the local layer to be modified? (Otherwise EROFS.)"""
+        return False
+
     def local_path(self, path: str) -> str:
         """Where `path` lives in the local layer (subclasses may remap names, e.g. case)."""
         return os.path.join(self.local_root, path) if path else self.local_root
@@ -103,9 +102,6 @@ class MergedView:
 
     def unhide(self, path: str, *, opaque: bool) -> None:
         """A local entry now exists at `path`: stop hiding it (`opaque`: a recreated directory)."""
-
-    def on_local_change(self, path: str) -> None:
-        """Hook after any local namespace change (e.g. to drop negative cache entries)."""
 
     def bump_generation(self) -> None:
         self.generation_ns = max(time.time_ns(), self.generation_ns + 1)
@@ -209,7 +205,7 @@ class MergedView:
             node = self._vnode(path)
             if node is None:
                 raise fs_error(errno.ENOENT)
-            if mode & os.W_OK and (self.read_only or not self.copy_up) and node.kind != "dir":
+            if mode & os.W_OK and node.kind != "dir" and (self.read_only or not self.can_copy_up(path, node)):
                 raise fs_error(errno.EROFS)
         elif mode & os.W_OK and self.read_only:
             raise fs_error(errno.EROFS)
@@ -246,7 +242,6 @@ class MergedView:
             self._ensure_local_parent(path)
             fd = os.open(self.local_path(path), flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o777)
             self.unhide(path, opaque=False)
-        self.on_local_change(path)
         return FileHandle(fd=fd)
 
     def _check_writable(self, path: str) -> None:
@@ -274,7 +269,7 @@ class MergedView:
 
     def _copy_up(self, path: str, node: VNode, content: bool = True) -> None:
         """Make a local copy of a virtual file before it is modified (or refuse); `content=False`: empty."""
-        if not self.copy_up or node.kind != "file":
+        if self.read_only or node.kind != "file" or not self.can_copy_up(path, node):
             raise fs_error(errno.EROFS)
         with self._ns_lock:
             if self._lstat_local(path) is not None:
@@ -298,7 +293,6 @@ class MergedView:
                 handle.release()
                 if os.path.exists(tmp):
                     os.unlink(tmp)
-        self.on_local_change(path)
 
     # -- namespace changes ----------------------------------------------------------------------
     def mkdir(self, path: str, mode: int) -> None:
@@ -310,7 +304,6 @@ class MergedView:
             was_virtual = self.virtual_lookup(path) is not None  # hidden before: recreate empty
             os.mkdir(self.local_path(path), mode & 0o777)
             self.unhide(path, opaque=was_virtual)
-        self.on_local_change(path)
 
     def symlink(self, path: str, target: str) -> None:
         self._check_writable(path)
@@ -320,7 +313,6 @@ class MergedView:
             self._ensure_local_parent(path)
             os.symlink(target, self.local_path(path))
             self.unhide(path, opaque=False)
-        self.on_local_change(path)
 
     def unlink(self, path: str) -> None:
         self._check_writable(path)
@@ -335,7 +327,6 @@ class MergedView:
                 self.hide(path)  # raises EROFS in views that cannot hide virtual entries
             if local_exists:
                 os.unlink(self.local_path(path))
-        self.on_local_change(path)
 
     def rmdir(self, path: str) -> None:
         self._check_writable(path)
@@ -349,7 +340,6 @@ class MergedView:
                 self.hide(path)
             if self._lstat_local(path) is not None:
                 os.rmdir(self.local_path(path))
-        self.on_local_change(path)
 
     def rename(self, old: str, new: str) -> None:
         self._check_writable(new)
@@ -370,8 +360,6 @@ class MergedView:
             if self.virtual_lookup(old) is not None:
                 self.hide(old)
             self.unhide(new, opaque=dest_node is not None and dest_node.kind == "dir")
-        self.on_local_change(old)
-        self.on_local_change(new)
 
     def _local_for_modify(self, path: str) -> str:
         self._check_writable(path)

@@ -49,8 +49,6 @@ def is_lock_name(name: str) -> bool:
 
 
 class NeffView(MergedView):
-    copy_up = True
-
     def __init__(
         self,
         remote: Remote,
@@ -195,13 +193,10 @@ class NeffView(MergedView):
         fd, unpin = self.store.open_blob(blob_key(key), self.remote, entry)
         return FileHandle(fd=fd, keep_cache=True, on_release=unpin)
 
-    def remote_entry(self, path: str) -> RemoteEntry | None:
-        """The visible remote file at `path` (for publishing and prefetch)."""
-        parent, name = posixpath.split(path)
-        entry = self._visible_children(parent).get(name)
-        return entry if entry is not None and not entry.is_dir else None
-
     # -- local layer rules ----------------------------------------------------------------------
+    def can_copy_up(self, path: str, node: VNode) -> bool:
+        return True  # remote files become local ones when modified (model-area writes stop earlier)
+
     def open(self, path: str, flags: int) -> FileHandle:
         # Opening a model-area file for writing would copy it up: the model area is read-only.
         if flags & _WRITE_FLAGS:
