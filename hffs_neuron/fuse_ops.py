@@ -62,8 +62,8 @@ def _relative(path: str) -> str:
 class FuseOperations(mfusepy.Operations):
     """Thin mapping from mfusepy callbacks to a `MergedView`.
 
-    File handles are indices into `_handles`; reads of local fds use `os.pread` (no Python-side
-    buffering), and content-addressed files get `keep_cache` so the page cache survives reopens.
+    File handles are indices into `_handles`; reads go through `read_buf`, which hands libfuse the
+    local fd itself, and content-addressed files get `keep_cache` so the page cache survives reopens.
     """
 
     use_ns = True
@@ -197,15 +197,6 @@ class FuseOperations(mfusepy.Operations):
             buf.fd, buf.pos = handle.fd, offset
         ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = vec_addr
         return 0
-
-    def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
-        handle = self._handle(fh)
-        if handle.data is not None:
-            return handle.data[offset : offset + size]
-        try:
-            return os.pread(handle.fd, size, offset)
-        except OSError as exc:
-            raise mfusepy.FuseOSError(errno_of(exc)) from None
 
     def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
         handle = self._handle(fh)
