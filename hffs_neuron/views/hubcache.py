@@ -63,13 +63,16 @@ class RepoState:
     repo_id: str
     refs: dict[str, str] = field(default_factory=dict)  # revision -> commit
     commits: dict[str, HubRepo] = field(default_factory=dict)
+    # etag -> (commit's repo, file), rebuilt when a commit is added (blobs/ lookups are per open).
+    _blobs: dict[str, tuple[HubRepo, RemoteEntry]] = field(default_factory=dict)
+    _blobs_commits: int = -1
 
-    def entry_by_etag(self, etag: str) -> tuple[HubRepo, RemoteEntry] | None:
-        for repo in self.commits.values():
-            for entry in repo.files():
-                if entry.content_id == etag:
-                    return repo, entry
-        return None
+    def blobs(self) -> dict[str, tuple[HubRepo, RemoteEntry]]:
+        commits = list(self.commits.values())
+        if self._blobs_commits != len(commits):
+            self._blobs = {e.content_id: (repo, e) for repo in commits for e in repo.files() if e.content_id}
+            self._blobs_commits = len(commits)
+        return self._blobs
 
 
 class HubCacheView(MergedView):
@@ -204,6 +207,9 @@ class HubCacheView(MergedView):
             # offline) are resolved on the Hub on first sight, like repos: their snapshot is then
             # complete here and huggingface_hub never downloads anything itself.
             top, name = rest
+            if top == "blobs":  # per open of every file: no full directory build
+                found = state.blobs().get(name)
+                return VNode("file", size=found[1].size) if found else None
             if top == "snapshots":
                 self._commit(state, name)
             elif top == "trees" and name.endswith(".json"):
@@ -237,12 +243,7 @@ class HubCacheView(MergedView):
         if top == "refs" and len(rest) == 1:
             return {rev: VNode("file", size=len(commit)) for rev, commit in state.refs.items() if "/" not in rev}
         if top == "blobs" and len(rest) == 1:
-            return {
-                e.content_id: VNode("file", size=e.size)
-                for repo in list(state.commits.values())
-                for e in repo.files()
-                if e.content_id
-            }
+            return {etag: VNode("file", size=entry.size) for etag, (_, entry) in state.blobs().items()}
         if top == "trees" and len(rest) == 1:
             return {f"{c}.json": VNode("file", size=len(self._tree_bytes(r))) for c, r in state.commits.items()}
         if top == "snapshots":
@@ -300,7 +301,7 @@ class HubCacheView(MergedView):
                 raise fs_error(errno.ENOENT)
             return FileHandle(data=self._tree_bytes(repo))
         if top == "blobs":
-            found = state.entry_by_etag(name)
+            found = state.blobs().get(name)
             if found is None:
                 raise fs_error(errno.ENOENT)
             repo, entry = found
