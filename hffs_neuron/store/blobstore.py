@@ -334,8 +334,16 @@ class BlobStore:
         # Taken outside self._lock: it may wait for another process's fetch or eviction of this key,
         # and every other thread of this store must keep going meanwhile.
         new_fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        deadline = time.monotonic() + constants.OPERATION_TIMEOUT
         try:
-            fcntl.flock(new_fd, fcntl.LOCK_SH)
+            while True:
+                try:
+                    fcntl.flock(new_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise RemoteUnavailable(f"blob {key[:16]}: timed out waiting for another process") from None
+                    time.sleep(_LOCK_POLL)
         except BaseException:
             os.close(new_fd)
             raise
