@@ -14,19 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from hffs_neuron import constants
+from hffs_neuron.config import parse_duration, parse_size
 from hffs_neuron.errors import HffsError, MountError, UsageError
-from hffs_neuron.mount import (
-    cache_prune,
-    cache_usage,
-    check_fuse_available,
-    mount,
-    mount_state_of,
-    parse_duration,
-    parse_size,
-    prefetch,
-    status,
-    unmount,
-)
+from hffs_neuron.mount import cache_prune, cache_usage, mount, mount_state_of, prefetch, status, unmount
+from hffs_neuron.runtime import check_fuse_available
 
 EXIT_CODES = """exit codes:
   0  success
@@ -180,7 +171,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def _mount_foreground(view: str, mountpoint: str, source: str, token: str | None, options: dict) -> int:
-    from hffs_neuron.mount import MountConfig, configure_logging, serve, validate_config
+    from hffs_neuron.config import MountConfig, validate_config
+    from hffs_neuron.daemon import configure_logging, serve
 
     if token:
         os.environ["HF_TOKEN"] = token

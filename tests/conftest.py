@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from hffs_neuron import constants
-from hffs_neuron.mount import MountHandle, mount, mountpoint_status
+from hffs_neuron.mount import MountHandle, mount
+from hffs_neuron.runtime import mountpoint_status
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 #: Token accepted by the emulator for gated repos.

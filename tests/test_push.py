@@ -18,8 +18,8 @@ import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
 
-from hffs_neuron.mount import read_states
 from hffs_neuron.publish import push
+from hffs_neuron.runtime import read_states
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
 

@@ -1,0 +1,101 @@
+"""Mount configuration: the `MountConfig` record and the parsing and validation of user input.
+
+Pure input handling: nothing here touches the network, FUSE or the runtime directory, so a bad size,
+duration, repo spec or log level is rejected (as `UsageError`) before anything is started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+from . import constants
+from .errors import UsageError
+
+VIEWS = ("neff", "hub-cache")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str | int) -> int:
+    """`50G`, `512M`, `1.5T`, `1024` (bytes) -> bytes. Powers of 1024."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise UsageError(f"bad size {text!r}: use a number with an optional K/M/G/T suffix, e.g. 50G")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return int(number * 1024 ** " KMGTP".index(unit or " "))
+
+
+def parse_duration(text: str | float) -> float:
+    """`30`, `30s`, `500ms`, `5m`, `1h` -> seconds."""
+    if isinstance(text, (int, float)):
+        return float(text)
+    match = _DURATION.match(str(text))
+    if not match:
+        raise UsageError(f"bad duration {text!r}: use seconds or a suffix, e.g. 30s, 500ms, 5m")
+    number, unit = float(match.group(1)), (match.group(2) or "s").lower()
+    return number * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+@dataclass
+class MountConfig:
+    """Everything a mount needs, minus secrets (the token travels in the daemon's environment)."""
+
+    view: str
+    mountpoint: str
+    source: str = ""  # bucket id (neff) or "" (hub-cache)
+    prefix: str | None = None
+    read_only: bool = False
+    show_model_area: bool = False
+    backing: str | None = None
+    repos: list[str] = field(default_factory=list)  # "type:id@rev" or "id@rev"
+    cache_dir: str = str(constants.CACHE_DIR)
+    cache_size: str = constants.CACHE_SIZE
+    metadata_ttl: float = constants.METADATA_TTL
+    negative_ttl: float = constants.NEGATIVE_TTL
+    endpoint: str | None = None
+    allow_other: bool = False
+    log_file: str | None = None
+    log_level: str = "INFO"
+    timeout: float = constants.OPERATION_TIMEOUT
+    max_threads: int = 64
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> MountConfig:
+        return cls(**json.loads(text))
+
+
+def parse_repo_spec(spec: str) -> tuple[str, str, str]:
+    """`Org/Name`, `Org/Name@rev`, `datasets/Org/Name@rev` -> (repo_type, repo_id, revision)."""
+    from .remote.hub import check_repo_id
+
+    repo_type = "model"
+    body, _, revision = spec.partition("@")
+    for prefix, kind in (("datasets/", "dataset"), ("models/", "model")):
+        if body.startswith(prefix) and body.count("/") == 2:
+            repo_type, body = kind, body[len(prefix) :]
+    check_repo_id(body)
+    return repo_type, body, revision or "main"
+
+
+def validate_config(config: MountConfig) -> None:
+    """Raise UsageError for input problems detectable before contacting anything."""
+    from .remote.bucket import check_bucket_id
+
+    if config.view == "neff":
+        check_bucket_id(config.source)
+    for spec in config.repos:
+        parse_repo_spec(spec)
+    parse_size(config.cache_size)
+    if config.backing and not os.path.isdir(config.backing):
+        raise UsageError(f"--backing {config.backing}: not a directory")
+    if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise UsageError(f"bad log level {config.log_level!r}: use DEBUG, INFO, WARNING or ERROR")
