@@ -200,14 +200,7 @@ class BlobStore:
     def _exclusive(self, key: str, deadline: float, name: str) -> Iterator[None]:
         fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise RemoteUnavailable(f"{name}: timed out waiting for another process's download") from None
-                    time.sleep(_LOCK_POLL)
+            _flock_by(fd, fcntl.LOCK_EX, deadline, f"{name}: timed out waiting for another process's download")
             yield
         finally:
             os.close(fd)  # closing releases the flock; a killed holder releases it the same way
@@ -336,14 +329,7 @@ class BlobStore:
         new_fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + constants.OPERATION_TIMEOUT
         try:
-            while True:
-                try:
-                    fcntl.flock(new_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise RemoteUnavailable(f"blob {key[:16]}: timed out waiting for another process") from None
-                    time.sleep(_LOCK_POLL)
+            _flock_by(new_fd, fcntl.LOCK_SH, deadline, f"blob {key[:16]}: timed out waiting for another process")
         except BaseException:
             os.close(new_fd)
             raise
@@ -442,6 +428,18 @@ class BlobStore:
             for fd, _ in self._pins.values():
                 os.close(fd)
             self._pins.clear()
+
+
+def _flock_by(fd: int, operation: int, deadline: float, timeout_message: str) -> None:
+    """flock(fd, operation), polling so that the wait ends at `deadline` (monotonic) with EIO."""
+    while True:
+        try:
+            fcntl.flock(fd, operation | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                raise RemoteUnavailable(timeout_message) from None
+            time.sleep(_LOCK_POLL)
 
 
 def _fsync_dir(path: Path) -> None:
