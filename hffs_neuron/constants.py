@@ -53,3 +53,7 @@ CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 32 * 1024 * 1024)
 DOWNLOAD_CONCURRENCY = _env_int("HFFS_DOWNLOAD_CONCURRENCY", 8)
 # Objects below this size are fetched with one GET.
 PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
+
+# Resolve local-layer paths one component at a time even where openat2 exists (tests of the fallback;
+# a kernel or sandbox whose openat2 misbehaves). "1" forces the walk.
+NO_OPENAT2 = os.environ.get("HFFS_NO_OPENAT2", "") not in ("", "0")

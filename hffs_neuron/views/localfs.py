@@ -1,0 +1,345 @@
+"""Local-layer filesystem access that never follows a symlink the daemon did not create (issue 12 item 2).
+
+Clients of the mount can plant symlinks in the hub-cache backing directory and in NEFF local layers
+(e.g. replace `models--Evil--Repo` with a link to a root-only directory). Every path the views open
+there goes through a `LocalTree`: paths are resolved relative to an fd of the root, either in one
+`openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS)` call or, where the kernel or a
+seccomp filter refuses `openat2`, by walking one component at a time with `O_PATH|O_DIRECTORY|O_NOFOLLOW`
+directory fds. Mutations then act on the parent directory fd plus the final name with the `*at` call and
+no-follow flags, so swapping a directory for a symlink between checks and use cannot redirect them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import os
+import platform
+import stat
+
+from .. import constants
+
+log = logging.getLogger(__name__)
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+# openat2 came after the syscall tables were unified: one number on every architecture Linux added it to.
+_SYS_OPENAT2 = 437
+_SYS_RENAMEAT2 = {"x86_64": 316, "aarch64": 276}.get(platform.machine())
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_RESOLVE = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+_RENAME_NOREPLACE = 1
+
+# openat2 rejects flags it does not know (openat ignores them): pass on only these, as openat would use.
+_OPEN_FLAGS = (
+    os.O_ACCMODE
+    | os.O_CREAT
+    | os.O_EXCL
+    | os.O_NOCTTY
+    | os.O_TRUNC
+    | os.O_APPEND
+    | os.O_NONBLOCK
+    | os.O_DSYNC
+    | os.O_SYNC
+    | os.O_ASYNC
+    | os.O_DIRECT
+    | os.O_LARGEFILE
+    | os.O_DIRECTORY
+    | os.O_NOFOLLOW
+    | os.O_NOATIME
+    | os.O_CLOEXEC
+    | os.O_PATH
+    | os.O_TMPFILE
+)
+_DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_OPEN_HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+
+
+def _oserror(err: int, rel: str) -> OSError:
+    return OSError(err, os.strerror(err), rel)
+
+
+def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int:
+    creates = flags & os.O_CREAT or flags & os.O_TMPFILE == os.O_TMPFILE
+    # openat2 refuses a mode (EINVAL) unless the call can create, and any bit outside 0o7777.
+    how = _OpenHow(flags & _OPEN_FLAGS, mode & 0o7777 if creates else 0, _RESOLVE)
+    fd = _syscall(
+        ctypes.c_long(_SYS_OPENAT2), ctypes.c_long(dir_fd), os.fsencode(rel), ctypes.byref(how), _OPEN_HOW_SIZE
+    )
+    if fd < 0:
+        raise _oserror(ctypes.get_errno(), rel)
+    return fd
+
+
+def _renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
+    """renameat2(2): glibc's wrapper (2.28+), else the raw system call."""
+    wrapper = getattr(_libc, "renameat2", None)
+    if wrapper is not None:
+        call, head = wrapper, ()
+    elif _SYS_RENAMEAT2 is not None:
+        call, head = _syscall, (ctypes.c_long(_SYS_RENAMEAT2),)
+    else:
+        raise _oserror(errno.ENOSYS, new)
+    args = (ctypes.c_long(old_dir_fd), os.fsencode(old), ctypes.c_long(new_dir_fd), os.fsencode(new))
+    if call(*head, *args, ctypes.c_long(flags)) < 0:
+        raise _oserror(ctypes.get_errno(), new)
+
+
+# None: not probed yet. HFFS_NO_OPENAT2 forces the component walk (tests, kernels that misbehave).
+_OPENAT2: bool | None = False if constants.NO_OPENAT2 else None
+
+
+def _openat2_usable(root_fd: int) -> bool:
+    """Probe once per process; a racing second probe only repeats the same answer."""
+    global _OPENAT2
+    if _OPENAT2 is None:
+        try:
+            os.close(_openat2(root_fd, ".", _DIR_PATH, 0))
+            _OPENAT2 = True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter that predates openat2
+                raise
+            log.info("openat2 unavailable (%s): resolving local paths one component at a time", exc.strerror)
+            _OPENAT2 = False
+    return _OPENAT2
+
+
+def _check(rel: str) -> None:
+    if not isinstance(rel, str):
+        raise ValueError(f"local path must be a str, not {type(rel).__name__}")
+    if not rel:
+        return
+    if rel.startswith("/") or "\0" in rel or any(part in ("", ".", "..") for part in rel.split("/")):
+        raise ValueError(f"unsafe local path {rel!r}: relative, '/'-separated, no '.', '..' or empty parts")
+
+
+class LocalTree:
+    """Filesystem operations on paths relative to one root directory, never following a symlink in
+    any component (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS where the kernel
+    has it, else component-by-component O_NOFOLLOW|O_DIRECTORY walks with directory fds).
+    A symlink met on the way -> OSError(ELOOP) (or ENOTDIR where the kernel says so);
+    `rel` == "" means the root itself. `rel` is "/"-separated, never absolute, no "." / ".." parts
+    (ValueError otherwise: callers validate names first).
+
+    Thread-safe: the only state is the root fd, which `close()` releases (no call may be in flight then).
+    """
+
+    root: str
+
+    def __init__(self, root: str | os.PathLike, *, create_mode: int | None = 0o700) -> None:
+        self.root = os.path.abspath(os.fsdecode(root))
+        if create_mode is not None:
+            os.makedirs(self.root, mode=create_mode, exist_ok=True)
+        # The root itself is trusted (the user named it): following a symlink here is intended.
+        self._fd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            self._openat2 = _openat2_usable(self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    def __repr__(self) -> str:
+        return f"LocalTree({self.root!r})"
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    # -- resolution ---------------------------------------------------------------------------
+
+    def _dir(self, rel: str) -> int:
+        """O_PATH fd of directory `rel` (validated); the root's own fd for "" (see `_release`)."""
+        if not rel:
+            return self._fd
+        if self._openat2:
+            return _openat2(self._fd, rel, _DIR_PATH, 0)
+        fd = self._fd
+        try:
+            for part in rel.split("/"):
+                try:
+                    next_fd = os.open(part, _DIR_PATH, dir_fd=fd)
+                except NotADirectoryError:
+                    # O_PATH|O_NOFOLLOW opens a symlink itself, then O_DIRECTORY says ENOTDIR: report ELOOP
+                    # as openat2 does, so callers see one errno for "a symlink was in the way".
+                    if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
+                        raise _oserror(errno.ELOOP, rel) from None
+                    raise _oserror(errno.ENOTDIR, rel) from None
+                except OSError as exc:
+                    raise _oserror(exc.errno, rel) from None
+                self._release(fd)
+                fd = next_fd
+        except BaseException:
+            self._release(fd)
+            raise
+        return fd
+
+    def _release(self, fd: int) -> None:
+        if fd != self._fd:
+            os.close(fd)
+
+    def _parent(self, rel: str, root_errno: int) -> tuple[int, str]:
+        """(parent dir fd, final name); `root_errno` is what the kernel says for this call on "/"."""
+        _check(rel)
+        if not rel:
+            raise _oserror(root_errno, rel)
+        head, _, name = rel.rpartition("/")
+        return self._dir(head), name
+
+    def _root_path(self) -> str:
+        # The root fd's inode by a path, for calls that cannot take an O_PATH fd (chmod, chown, utime).
+        return f"/proc/self/fd/{self._fd}"
+
+    # -- queries ------------------------------------------------------------------------------
+
+    def lstat(self, rel: str) -> os.stat_result:
+        _check(rel)
+        if not rel:
+            return os.stat(self._fd)
+        fd, name = self._parent(rel, errno.EINVAL)
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            self._release(fd)
+
+    def exists(self, rel: str) -> bool:
+        """os.path.lexists semantics: False on any OSError (ENOENT, ELOOP, ENOTDIR, EACCES...)."""
+        try:
+            self.lstat(rel)
+        except OSError:
+            return False
+        return True
+
+    def open(self, rel: str, flags: int, mode: int = 0o600) -> int:
+        _check(rel)
+        flags = (flags & _OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
+        if self._openat2:
+            return _openat2(self._fd, rel or ".", flags, mode)
+        if not rel:
+            return os.open(".", flags, mode, dir_fd=self._fd)
+        fd, name = self._parent(rel, errno.EINVAL)
+        try:
+            return os.open(name, flags, mode, dir_fd=fd)
+        finally:
+            self._release(fd)
+
+    def listdir(self, rel: str) -> list[tuple[str, int]]:
+        fd = self.open(rel, os.O_RDONLY | os.O_DIRECTORY)
+        entries = []
+        try:
+            with os.scandir(fd) as it:  # scandir works on a duplicate; fd is still ours to close
+                for entry in it:
+                    try:
+                        entries.append((entry.name, entry.stat(follow_symlinks=False).st_mode))
+                    except FileNotFoundError:  # removed since readdir: not listed
+                        continue
+        finally:
+            os.close(fd)
+        return entries
+
+    def readlink(self, rel: str) -> str:
+        fd, name = self._parent(rel, errno.EINVAL)
+        try:
+            return os.readlink(name, dir_fd=fd)
+        finally:
+            self._release(fd)
+
+    def statvfs(self) -> os.statvfs_result:
+        return os.statvfs(self._fd)
+
+    # -- mutations ----------------------------------------------------------------------------
+
+    def mkdir(self, rel: str, mode: int) -> None:
+        fd, name = self._parent(rel, errno.EEXIST)
+        try:
+            os.mkdir(name, mode, dir_fd=fd)
+        finally:
+            self._release(fd)
+
+    def rmdir(self, rel: str) -> None:
+        fd, name = self._parent(rel, errno.EBUSY)
+        try:
+            os.rmdir(name, dir_fd=fd)
+        finally:
+            self._release(fd)
+
+    def unlink(self, rel: str) -> None:
+        fd, name = self._parent(rel, errno.EISDIR)
+        try:
+            os.unlink(name, dir_fd=fd)
+        finally:
+            self._release(fd)
+
+    def rename(self, old: str, new: str, *, noreplace: bool = False) -> None:
+        old_fd, old_name = self._parent(old, errno.EBUSY)
+        try:
+            new_fd, new_name = self._parent(new, errno.EBUSY)
+            try:
+                if noreplace:
+                    _renameat2(old_fd, old_name, new_fd, new_name, _RENAME_NOREPLACE)
+                else:
+                    os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
+            finally:
+                self._release(new_fd)
+        finally:
+            self._release(old_fd)
+
+    def symlink(self, target: str, rel: str) -> None:
+        fd, name = self._parent(rel, errno.EEXIST)
+        try:
+            os.symlink(target, name, dir_fd=fd)
+        finally:
+            self._release(fd)
+
+    def chmod(self, rel: str, mode: int) -> None:
+        # Linux has no lchmod: pin the inode with an O_PATH fd (a symlink is opened as itself), refuse
+        # symlinks, then chmod that very inode through its /proc magic link (as glibc's fchmodat does).
+        fd = self.open(rel, os.O_PATH)
+        try:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise _oserror(errno.EOPNOTSUPP, rel)
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+        finally:
+            os.close(fd)
+
+    def chown(self, rel: str, uid: int, gid: int) -> None:
+        _check(rel)
+        if not rel:
+            os.chown(self._root_path(), uid, gid)
+            return
+        fd, name = self._parent(rel, errno.EINVAL)
+        try:
+            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+        finally:
+            self._release(fd)
+
+    def utime(self, rel: str, ns: tuple[int, int] | None) -> None:
+        times = {} if ns is None else {"ns": ns}  # no ns: now, as utimensat(NULL)
+        _check(rel)
+        if not rel:
+            os.utime(self._root_path(), **times)
+            return
+        fd, name = self._parent(rel, errno.EINVAL)
+        try:
+            os.utime(name, dir_fd=fd, follow_symlinks=False, **times)
+        finally:
+            self._release(fd)
+
+    def truncate(self, rel: str, length: int) -> None:
+        # O_NONBLOCK: a FIFO planted under the name answers ENXIO instead of parking the caller.
+        fd = self.open(rel, os.O_WRONLY | os.O_NONBLOCK)
+        try:
+            os.ftruncate(fd, length)
+        finally:
+            os.close(fd)
