@@ -57,6 +57,9 @@ _OPEN_FLAGS = (
     | os.O_TMPFILE
 )
 _DIR_PATH = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# With openat2, RESOLVE_NO_SYMLINKS already refuses a trailing symlink (ELOOP); adding O_NOFOLLOW would
+# open the link itself (O_PATH) and turn that into ENOTDIR.
+_DIR_PATH_OPENAT2 = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 class _OpenHow(ctypes.Structure):
@@ -105,7 +108,7 @@ def _openat2_usable(root_fd: int) -> bool:
     global _OPENAT2
     if _OPENAT2 is None:
         try:
-            os.close(_openat2(root_fd, ".", _DIR_PATH, 0))
+            os.close(_openat2(root_fd, ".", _DIR_PATH_OPENAT2, 0))
             _OPENAT2 = True
         except OSError as exc:
             if exc.errno not in (errno.ENOSYS, errno.EPERM):  # EPERM: a seccomp filter that predates openat2
@@ -164,7 +167,7 @@ class LocalTree:
         if not rel:
             return self._fd
         if self._openat2:
-            return _openat2(self._fd, rel, _DIR_PATH, 0)
+            return _openat2(self._fd, rel, _DIR_PATH_OPENAT2, 0)
         fd = self._fd
         try:
             for part in rel.split("/"):
@@ -173,9 +176,7 @@ class LocalTree:
                 except NotADirectoryError:
                     # O_PATH|O_NOFOLLOW opens a symlink itself, then O_DIRECTORY says ENOTDIR: report ELOOP
                     # as openat2 does, so callers see one errno for "a symlink was in the way".
-                    if stat.S_ISLNK(os.stat(part, dir_fd=fd, follow_symlinks=False).st_mode):
-                        raise _oserror(errno.ELOOP, rel) from None
-                    raise _oserror(errno.ENOTDIR, rel) from None
+                    raise _oserror(errno.ELOOP if self._is_link(fd, part) else errno.ENOTDIR, rel) from None
                 except OSError as exc:
                     raise _oserror(exc.errno, rel) from None
                 self._release(fd)
@@ -184,6 +185,13 @@ class LocalTree:
             self._release(fd)
             raise
         return fd
+
+    @staticmethod
+    def _is_link(dir_fd: int, name: str) -> bool:
+        try:
+            return stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode)
+        except OSError:  # gone or replaced since: the ENOTDIR stands
+            return False
 
     def _release(self, fd: int) -> None:
         if fd != self._fd:
