@@ -349,6 +349,28 @@ def test_rename(tree):
     assert _errno(tree.rename, "nope", "b/q", noreplace=True) == errno.ENOENT
 
 
+def test_rename_noreplace_without_rename_flags(tree, monkeypatch):
+    """Filesystems with no renameat2 flags (NFS: EINVAL): files and links still move without replacing."""
+
+    def no_flags(*args):
+        raise OSError(errno.EINVAL, "no rename flags here")
+
+    monkeypatch.setattr(localfs, "_renameat2", no_flags)
+    tree.mkdir("a", 0o755)
+    tree.mkdir("b", 0o755)
+    _write(tree, "a/f", b"one")
+    _write(tree, "b/taken", b"old")
+    tree.symlink("/nowhere", "a/link")
+    assert _errno(tree.rename, "a/f", "b/taken", noreplace=True) == errno.EEXIST
+    assert _read(tree, "b/taken") == b"old" and _read(tree, "a/f") == b"one"
+    tree.rename("a/f", "b/f", noreplace=True)
+    tree.rename("a/link", "b/link", noreplace=True)
+    assert _read(tree, "b/f") == b"one" and tree.readlink("b/link") == "/nowhere"
+    assert sorted(name for name, _ in tree.listdir("a")) == []
+    assert tree.lstat("b/f").st_nlink == 1
+    assert _errno(tree.rename, "a", "c", noreplace=True) == errno.EINVAL  # a directory cannot move this way
+
+
 def test_swapping_a_directory_for_a_symlink_never_escapes(tree, outside):
     """Another thread keeps exchanging `d` with a symlink to the outside directory (atomically, with
     RENAME_EXCHANGE) while the tree creates, opens, renames and changes files under `d`."""

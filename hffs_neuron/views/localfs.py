@@ -85,17 +85,22 @@ def _openat2(dir_fd: int, rel: str, flags: int, mode: int) -> int:
     return fd
 
 
+_libc_renameat2 = getattr(_libc, "renameat2", None)  # glibc 2.28+
+if _libc_renameat2 is not None:
+    _libc_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+
+
 def _renameat2(old_dir_fd: int, old: str, new_dir_fd: int, new: str, flags: int) -> None:
-    """renameat2(2): glibc's wrapper (2.28+), else the raw system call."""
-    wrapper = getattr(_libc, "renameat2", None)
-    if wrapper is not None:
-        call, head = wrapper, ()
+    """renameat2(2): glibc's wrapper, else the raw system call."""
+    old_b, new_b = os.fsencode(old), os.fsencode(new)
+    if _libc_renameat2 is not None:
+        rc = _libc_renameat2(old_dir_fd, old_b, new_dir_fd, new_b, flags)
     elif _SYS_RENAMEAT2 is not None:
-        call, head = _syscall, (ctypes.c_long(_SYS_RENAMEAT2),)
+        fds = ctypes.c_long(old_dir_fd), ctypes.c_long(new_dir_fd)
+        rc = _syscall(ctypes.c_long(_SYS_RENAMEAT2), fds[0], old_b, fds[1], new_b, ctypes.c_long(flags))
     else:
         raise _oserror(errno.ENOSYS, new)
-    args = (ctypes.c_long(old_dir_fd), os.fsencode(old), ctypes.c_long(new_dir_fd), os.fsencode(new))
-    if call(*head, *args, ctypes.c_long(flags)) < 0:
+    if rc < 0:
         raise _oserror(ctypes.get_errno(), new)
 
 
@@ -295,13 +300,24 @@ class LocalTree:
             new_fd, new_name = self._parent(new, errno.EBUSY)
             try:
                 if noreplace:
-                    _renameat2(old_fd, old_name, new_fd, new_name, _RENAME_NOREPLACE)
+                    self._rename_noreplace(old_fd, old_name, new_fd, new_name)
                 else:
                     os.rename(old_name, new_name, src_dir_fd=old_fd, dst_dir_fd=new_fd)
             finally:
                 self._release(new_fd)
         finally:
             self._release(old_fd)
+
+    def _rename_noreplace(self, old_fd: int, old: str, new_fd: int, new: str) -> None:
+        try:
+            _renameat2(old_fd, old, new_fd, new, _RENAME_NOREPLACE)
+        except OSError as exc:
+            # NFS and some FUSE filesystems take no rename flags (EINVAL). A file or link can still move
+            # without replacing: link(2) never replaces, then drop the old name. Directories cannot.
+            if exc.errno != errno.EINVAL or stat.S_ISDIR(os.stat(old, dir_fd=old_fd, follow_symlinks=False).st_mode):
+                raise
+            os.link(old, new, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
+            os.unlink(old, dir_fd=old_fd)
 
     def symlink(self, target: str, rel: str) -> None:
         fd, name = self._parent(rel, errno.EEXIST)
