@@ -482,6 +482,39 @@ def test_no_fd_leaks_on_errors(tree, outside):
     assert len(os.listdir("/proc/self/fd")) == fds_before
 
 
+@pytest.mark.parametrize("err", [errno.ENOSYS, errno.EPERM])
+def test_openat2_refused_falls_back_to_the_walk(tmp_path, monkeypatch, outside, err):
+    """An old kernel (ENOSYS) or a seccomp filter that predates openat2 (EPERM): probed once, then walk."""
+    calls = []
+
+    def refused(*args):
+        calls.append(args)
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(localfs, "_OPENAT2", None)
+    monkeypatch.setattr(localfs, "_openat2", refused)
+    first = LocalTree(tmp_path / "one")
+    second = LocalTree(tmp_path / "two")
+    assert (first._openat2, second._openat2, len(calls)) == (False, False, 1)
+    first.symlink(str(outside), "link")
+    assert _errno(first.open, "link/x", os.O_WRONLY | os.O_CREAT) == errno.ELOOP
+    assert os.listdir(outside) == ["secret"]
+    first.close()
+    second.close()
+
+
+def test_openat2_probe_error_is_not_swallowed(tmp_path, monkeypatch):
+    def broken(*args):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(localfs, "_OPENAT2", None)
+    monkeypatch.setattr(localfs, "_openat2", broken)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    assert _errno(LocalTree, tmp_path / "r") == errno.EACCES
+    assert localfs._OPENAT2 is None
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 def test_env_knob_forces_the_walk(tmp_path):
     code = "from hffs_neuron.views.localfs import LocalTree; import sys; print(LocalTree(sys.argv[1])._openat2)"
     env = {**os.environ, "HFFS_NO_OPENAT2": "1"}

@@ -211,7 +211,7 @@ class LocalTree:
         return self._dir(head), name
 
     def _root_path(self) -> str:
-        # The root fd's inode by a path, for calls that cannot take an O_PATH fd (chmod, chown, utime).
+        # The root fd's inode by a path, for calls that cannot take an O_PATH fd (chown, utime).
         return f"/proc/self/fd/{self._fd}"
 
     # -- queries ------------------------------------------------------------------------------
