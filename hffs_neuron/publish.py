@@ -200,7 +200,7 @@ def push(state: dict, *, dry_run: bool = False, api: object | None = None) -> Pu
                 fds += opened
                 # huggingface_hub takes paths or bytes, not file objects: /proc/self/fd/N opens the very
                 # file checked above (no symlink is resolved again), and keeps large NEFFs out of memory.
-                additions += [(f"/proc/self/fd/{fd}", remote) for fd, (_, remote) in zip(opened, files)]
+                additions += [(f"/proc/self/fd/{fd}", remote) for fd, (_, remote) in zip(opened, files, strict=True)]
                 pushed.append((module, files))
             if additions:
                 logger.info("pushing %d files to %s", len(additions), bucket.bucket_id)
