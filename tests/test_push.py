@@ -262,3 +262,28 @@ def test_push_skips_held_deleted_locks_and_scratch_files(hub: HubEmulator, mount
         assert not any(".fuse_hidden" in k or "hffs-copyup" in k for k in skipped)
     finally:
         lock.close()
+
+
+def test_upload_opens_files_without_following_symlinks(tmp_path: Path) -> None:
+    """Between the plan and the upload a client may swap a file or a module directory for a symlink: the
+    upload's opens refuse it (ELOOP / ENOTDIR) instead of reading the link's target."""
+    from hffs_neuron.publish import _open_module_files
+
+    upper = tmp_path / "upper"
+    module = upper / VERSION / "MODULE_1"
+    module.mkdir(parents=True)
+    (module / "model.neff").write_bytes(b"neff")
+    (tmp_path / "secret").write_bytes(b"secret")
+    open_fds = len(os.listdir("/proc/self/fd"))
+    fds = _open_module_files(upper, f"{VERSION}/MODULE_1", ["model.neff"])
+    try:
+        assert Path(f"/proc/self/fd/{fds[0]}").read_bytes() == b"neff"  # what the upload reads
+    finally:
+        os.close(fds[0])
+    (module / "model.done").symlink_to(tmp_path / "secret")
+    with pytest.raises(OSError):
+        _open_module_files(upper, f"{VERSION}/MODULE_1", ["model.neff", "model.done"])
+    (upper / VERSION / "MODULE_2").symlink_to(module)
+    with pytest.raises(OSError):
+        _open_module_files(upper, f"{VERSION}/MODULE_2", ["model.neff"])
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # failed opens leave no fd behind
