@@ -1,7 +1,9 @@
-"""The mount daemon: `python -m hffs_neuron.daemon [--ready-fd N] CONFIG_JSON`.
+"""The mount daemon: `python -m hffs_neuron.daemon --config-fd N [--ready-fd N] MOUNTPOINT`.
 
 Started as a fresh process by `hffs_neuron.mount()` (or run in the foreground by `mountctl mount
---foreground`). `serve(config)` builds remote -> store -> view -> FUSE adapter (`MountRuntime`),
+--foreground`). Its configuration (JSON) arrives on a pipe, never on the command line, where every
+user could read it (private repo names); the mountpoint is there only to tell daemons apart in `ps`.
+`serve(config)` builds remote -> store -> view -> FUSE adapter (`MountRuntime`),
 reports `READY` or `ERROR <class> <message>` on the ready fd, records its runtime state every second
 and serves until unmounted or signalled.
 """
@@ -14,6 +16,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import resource
 import sys
 import threading
 import time
@@ -23,7 +26,14 @@ from typing import Any
 from .config import MountConfig, parse_repo_spec, parse_size
 from .errors import HffsError, MountError
 from .proc import pid_alive
-from .runtime import check_fuse_available, check_mountpoint, forget_state, read_state, write_state
+from .runtime import (
+    check_fuse_available,
+    check_mountpoint,
+    forget_state,
+    open_private_file,
+    read_state,
+    write_state,
+)
 
 # Named, not __name__: run with `python -m`, this module is "__main__".
 logger = logging.getLogger("hffs_neuron.daemon")
@@ -204,10 +214,12 @@ class MountRuntime:
 
 
 def configure_logging(config: MountConfig) -> None:
+    """Log to `config.log_file` (0600, never through a symlink: MountError) or to stderr."""
     handlers: list[logging.Handler] = []
     if config.log_file:
         Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(config.log_file))
+        stream = os.fdopen(open_private_file(config.log_file), "a", buffering=1, encoding="utf-8", errors="replace")
+        handlers.append(logging.StreamHandler(stream))
     else:
         handlers.append(logging.StreamHandler(sys.stderr))
     logging.basicConfig(
@@ -231,6 +243,26 @@ def tune_readahead(device: int, kb: int = READ_AHEAD_KB) -> None:
             f.write(str(kb))
     except OSError as exc:
         logger.debug("could not set %s: %s", path, exc)
+
+
+PR_SET_DUMPABLE = 4
+
+
+def disable_core_dumps() -> None:
+    """No core dump, and no same-user ptrace or /proc/<pid>/mem reads: the daemon holds the token and
+    bytes of private repos in memory (RLIMIT_CORE 0 and PR_SET_DUMPABLE 0)."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    try:
+        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_DUMPABLE, 0) failed: errno %d", ctypes.get_errno())
+    except (OSError, AttributeError):  # not glibc/Linux: the rlimit above still applies
+        logger.debug("prctl unavailable; only RLIMIT_CORE limits core dumps")
+
+
+def read_config(fd: int) -> MountConfig:
+    """The mount's configuration, as JSON written by `mount()` to the pipe `fd` (read to its end)."""
+    with os.fdopen(fd, "rb") as pipe:
+        return MountConfig.from_json(pipe.read().decode())
 
 
 def bound_malloc() -> None:
@@ -278,6 +310,7 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
     """Run a mount in this process until it is unmounted or the process gets SIGTERM/SIGINT."""
     from .fuse_ops import run_fuse
 
+    disable_core_dumps()
     bound_malloc()
     report = _ReadyPipe(ready_fd).send
 
@@ -329,11 +362,12 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hffs_neuron.daemon")
     parser.add_argument("--ready-fd", type=int, default=None)
-    parser.add_argument("config")
+    parser.add_argument("--config-fd", type=int, required=True)
+    parser.add_argument("mountpoint", help="informational: which mount this daemon serves")
     args = parser.parse_args(argv)
-    config = MountConfig.from_json(args.config)
-    configure_logging(config)
+    config = read_config(args.config_fd)
     try:
+        configure_logging(config)
         serve(config, ready_fd=args.ready_fd)
     except HffsError as exc:
         print(f"hffs daemon: {exc}", file=sys.stderr)

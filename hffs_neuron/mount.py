@@ -26,11 +26,13 @@ from .proc import pid_alive
 from .runtime import (
     check_fuse_available,
     check_mountpoint,
+    ensure_private_dir,
     forget_state,
     fuse_fstype,
     fusermount_unmount,
     lazy_unmount,
     mountpoint_status,
+    open_private_file,
     read_state,
     read_states,
     state_path,
@@ -91,18 +93,21 @@ def mount(
     check_mountpoint(config.mountpoint)
     if config.log_file is None:
         config.log_file = str(constants.RUNTIME_DIR / f"{state_path(config.mountpoint).stem}.log")
-    read_fd, write_fd = os.pipe()
     child_env = dict(os.environ if env is None else env)
     if token:
         child_env["HF_TOKEN"] = token  # never on the command line, where `ps` would show it
-    constants.RUNTIME_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private_dir(constants.RUNTIME_DIR)
     Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
     # The daemon's stdout/stderr (libfuse prints its errors there, Python its tracebacks) go to the log.
-    log_fd = os.open(config.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    log_fd = open_private_file(config.log_file)
+    read_fd, write_fd = os.pipe()
+    config_read, config_write = os.pipe()
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "hffs_neuron.daemon", "--ready-fd", str(write_fd), config.to_json()],
-            pass_fds=(write_fd,),
+            # The config travels on a pipe: on the command line every user could read it (`ps`).
+            [sys.executable, "-m", "hffs_neuron.daemon", "--ready-fd", str(write_fd)]
+            + ["--config-fd", str(config_read), config.mountpoint],
+            pass_fds=(write_fd, config_read),
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
@@ -111,10 +116,13 @@ def mount(
         )
     except BaseException:
         os.close(read_fd)
+        os.close(config_write)
         raise
     finally:
         os.close(write_fd)
+        os.close(config_read)
         os.close(log_fd)
+    _send_config(config_write, config)
     message = _read_ready(read_fd, process, ready_timeout, config.log_file)
     if message != "READY":
         _stop_daemon(process)
@@ -127,6 +135,15 @@ def mount(
             error_class = MountError
         raise error_class(text or detail or "the mount daemon exited before the mount was ready")
     return MountHandle(config.mountpoint, process.pid, process)
+
+
+def _send_config(fd: int, config: MountConfig) -> None:
+    """Write the daemon's configuration to its pipe and close it (the daemon reads to the end)."""
+    try:
+        with os.fdopen(fd, "wb") as pipe:
+            pipe.write(config.to_json().encode())
+    except BrokenPipeError:  # the daemon died before reading: _read_ready reports how
+        pass
 
 
 def _stop_daemon(process: subprocess.Popen) -> None:

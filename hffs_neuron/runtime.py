@@ -4,6 +4,8 @@
   counters) and read by `status`, `unmount`, `prefetch` and `push`. The directory is looked up on every
   call, never cached, so it can be redirected (tests patch `constants.RUNTIME_DIR`).
 - Mountpoint checks: is it usable, mounted, stale (dead daemon) or busy, and by whom; `fusermount`.
+- Private files: the runtime dir is owner-only (0700), state and log files 0600, and none of them is
+  ever reached through a symlink another user planted (`O_NOFOLLOW`).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 from pathlib import Path
 
@@ -26,6 +29,63 @@ logger = logging.getLogger(__name__)
 
 # fusermount only talks to the kernel, but a wedged FUSE connection must not hang the caller forever.
 FUSERMOUNT_TIMEOUT = 30.0
+
+
+# -- private files and directories ------------------------------------------------------------------
+def ensure_private_dir(path: Path) -> None:
+    """Create `path` owner-only (0700); an existing one must be ours and is tightened with a warning.
+
+    Never through a symlink: another user could point the path at a directory of their choosing.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        raise MountError(f"{path}: cannot use as a private directory: {_why(path, exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise MountError(f"{path}: owned by uid {st.st_uid}, not by you: refusing to use it")
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            logger.warning("%s: was mode %o, open to other users; tightening it to 0700", path, mode)
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
+
+
+def open_private_file(path: str | os.PathLike, flags: int = os.O_WRONLY | os.O_APPEND) -> int:
+    """Open (creating it 0600) a file only this user may read: a log or a state file.
+
+    A symlink at `path` is refused (`O_NOFOLLOW`), so a link another user planted never makes us write
+    to its target; an existing file must be ours and is tightened to 0600.
+    """
+    try:
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise MountError(f"{path}: cannot open: {_why(path, exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISCHR(st.st_mode):  # --log-file /dev/null: nothing stored, nothing to tighten
+            return fd
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid():
+            raise MountError(f"{path}: not a regular file of yours: refusing to write to it")
+        if stat.S_IMODE(st.st_mode) != 0o600:
+            os.fchmod(fd, 0o600)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _why(path: str | os.PathLike, exc: OSError) -> str:
+    if os.path.islink(path):
+        return "it is a symbolic link (never followed)"
+    return exc.strerror or str(exc)
 
 
 # -- runtime state files ------------------------------------------------------------------------
@@ -63,10 +123,9 @@ def read_state(mountpoint: str) -> dict | None:
 def write_state(mountpoint: str, data: dict) -> None:
     """Record `data` as the state of the mount at `mountpoint` (atomically: readers never see half)."""
     path = state_path(mountpoint)
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    ensure_private_dir(path.parent)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
+    with os.fdopen(open_private_file(tmp, os.O_WRONLY | os.O_TRUNC), "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
 

@@ -38,6 +38,8 @@ def _secrets(argv: list[str]) -> list[str]:
         elif arg.startswith(("--token=", "--token-file=")):
             value = arg.split("=", 1)[1]
         else:
+            # mount.hffs options (`-o a=b,Token=...`): any spelling of a token option.
+            found += [v for k, _, v in (o.partition("=") for o in arg.split(",")) if _is_token_key(k)]
             continue
         if arg.startswith("--token-file"):
             try:
@@ -72,8 +74,14 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--negative-ttl", default=str(constants.NEGATIVE_TTL), help="seconds 'not found' is trusted")
     p.add_argument("--endpoint", default=None, help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co)")
     tok = p.add_mutually_exclusive_group()
-    tok.add_argument("--token", default=None, help="Hub token (default: $HF_TOKEN or the saved token)")
-    tok.add_argument("--token-file", default=None, help="file holding the Hub token")
+    tok.add_argument(
+        "--token",
+        default=None,
+        help="Hub token, or - to read it from standard input (default: $HF_TOKEN or the saved token); "
+        "a literal value is hidden from the process list once mountctl starts, but --token-file, "
+        "--token - or HF_TOKEN are the safe ways",
+    )
+    tok.add_argument("--token-file", default=None, help="file holding the Hub token (the safe way)")
     p.add_argument("--foreground", action="store_true", help="stay attached instead of daemonizing")
     p.add_argument("--allow-other", action="store_true", help="let other users in (opt-in)")
     p.add_argument("--log-file", default=None, help="daemon log file (default: in the runtime dir)")
@@ -137,12 +145,39 @@ def _token(args: argparse.Namespace) -> str | None:
         if not token:
             raise UsageError(f"--token-file {args.token_file}: file is empty")
         return token
-    if getattr(args, "token", None) is not None and not args.token.strip():
+    token = getattr(args, "token", None)
+    if token == "-":
+        token = _read_token_from_stdin()
+    if token is not None and not token.strip():
         raise UsageError("--token is empty")
-    return getattr(args, "token", None)
+    return token.strip() if token else token
+
+
+def _read_token_from_stdin() -> str:
+    """`--token -`: the first line of standard input (a prompt without echo on a terminal)."""
+    if sys.stdin is None:
+        raise UsageError("--token -: no standard input")
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("Hub token: ")
+    return sys.stdin.readline().strip()
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    view, mountpoint, source, token, options = _mount_request(args)
+    if args.foreground:
+        return _mount_foreground(view, mountpoint, source, token, options)
+    handle = mount(view, mountpoint, source, token=token, **options)
+    print(f"mounted {view} view on {handle.mountpoint} (pid {handle.pid})")
+    return 0
+
+
+def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None, dict[str, Any]]:
+    """(view, mountpoint, source, token, MountConfig options) of a `mount` command, checked as far as
+    possible without mounting (FUSE present, sizes, durations, ids, token file, log level)."""
+    from hffs_neuron.config import MountConfig, validate_config
+
     check_fuse_available()
     options = {
         "cache_dir": os.path.abspath(args.cache_dir),
@@ -163,21 +198,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
         source = ""
         options.update(backing=os.path.abspath(args.backing) if args.backing else None, repos=args.repo)
     token = _token(args)
-    if args.foreground:
-        return _mount_foreground(args.view, args.mountpoint, source, token, options)
-    handle = mount(args.view, args.mountpoint, source, token=token, **options)
-    print(f"mounted {args.view} view on {handle.mountpoint} (pid {handle.pid})")
-    return 0
+    validate_config(MountConfig(view=args.view, mountpoint=os.path.abspath(args.mountpoint), source=source, **options))
+    return args.view, args.mountpoint, source, token, options
 
 
 def _mount_foreground(view: str, mountpoint: str, source: str, token: str | None, options: dict) -> int:
-    from hffs_neuron.config import MountConfig, validate_config
+    from hffs_neuron.config import MountConfig
     from hffs_neuron.daemon import configure_logging, serve
 
     if token:
         os.environ["HF_TOKEN"] = token
     config = MountConfig(view=view, mountpoint=os.path.abspath(mountpoint), source=source, **options)
-    validate_config(config)
     configure_logging(config)
     serve(config)
     return 0
@@ -279,8 +310,28 @@ COMMANDS = {
 }
 
 
+def _hide_token_from_process_title(argv: list[str]) -> None:
+    """Replace a literal `--token T` in this process's command line (`ps`, /proc/<pid>/cmdline) by `***`.
+
+    Other users could read it there for as long as mountctl runs (with --foreground: the whole mount).
+    The few milliseconds before this runs are why --token-file and HF_TOKEN are the safe ways.
+    """
+    secrets = [s for s in _secrets(argv) if s != "-"]
+    if not any(s in arg for arg in argv for s in secrets):
+        return
+    import setproctitle
+
+    title = " ".join(["mountctl", *argv])
+    for secret in secrets:
+        title = title.replace(secret, "***")
+    setproctitle.setproctitle(title)
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv is None:
+        argv = sys.argv[1:]
+        _hide_token_from_process_title(argv)
+    argv = list(argv)
     _Parser.argv = argv
     args = build_parser().parse_args(argv)
     # Library warnings (e.g. "recovering a stale mount") as one "mountctl: ..." line each.
@@ -310,63 +361,87 @@ _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metad
                   "endpoint", "token_file", "log_file", "log_level", "timeout"}  # fmt: skip
 
 
-def mount_helper_argv(argv: list[str]) -> list[str]:
-    """`mount.hffs SOURCE MOUNTPOINT [-o opt,key=value...] [-fnsv]` -> `mountctl mount ...` arguments.
+def _is_token_key(key: str) -> bool:
+    """`token`, `Token`, `hf_token`, `HF-TOKEN`, ...: an option carrying a token itself (not its file)."""
+    return key.strip().lower().replace("-", "_") in ("token", "hf_token")
+
+
+def mount_helper_argv(argv: list[str]) -> tuple[list[str], bool]:
+    """`mount.hffs SOURCE MOUNTPOINT [-sfnvw] [-N ns] [-o opt,key=value...] [-t type]` -> (`mountctl mount ...`
+    arguments, fake). `fake` (`-f`) means: check everything, mount nothing.
 
     SOURCE is `neff:<namespace>/<bucket>` (or a bare bucket id) or `hub-cache`. This is how mount(8)
     calls `/sbin/mount.hffs` for an fstab line such as
     `neff:my-org/neuron-cache /mnt/nc hffs cache_dir=/var/cache/hffs,token_file=/etc/hffs/token,_netdev 0 0`.
+    mount(8) always passes SOURCE and MOUNTPOINT first; they are handed on after a `--`, so a source
+    such as `neff:--token=...` can never be taken for an option.
     """
-    positional: list[str] = []
+    usage = "usage: mount.hffs neff:<namespace>/<bucket>|hub-cache MOUNTPOINT [-fnsvw] [-o options]"
+    if len(argv) < 2:
+        raise UsageError(usage)
+    (source, mountpoint), rest = argv[:2], argv[2:]
     options: list[str] = []
+    fake = False
     i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "-o" and i + 1 < len(argv):
-            options += [o for o in argv[i + 1].split(",") if o]
+    while i < len(rest):
+        arg = rest[i]
+        if arg in ("-o", "-t", "-N"):
+            if i + 1 >= len(rest):
+                raise UsageError(usage)
+            if arg == "-o":  # -t type / -N namespace: mount(8) passes them, we already know
+                options += [o for o in rest[i + 1].split(",") if o]
             i += 2
             continue
-        if arg.startswith("-o") and len(arg) > 2:
+        if arg.startswith("-o"):
             options += [o for o in arg[2:].split(",") if o]
-        elif arg in ("-t", "-N") and i + 1 < len(argv):
-            i += 1  # type / namespace: mount(8) passes them, we already know
-        elif arg.startswith("-"):
-            pass  # -f (fake), -n (no mtab), -s (sloppy), -v (verbose): nothing to do for a FUSE daemon
+        elif arg.startswith("-") and not arg.startswith("--") and set(arg[1:]) <= set("fnsvw"):
+            # -f fake; -n (no mtab), -s (sloppy), -v (verbose), -w (rw): nothing to do for a FUSE daemon
+            fake = fake or "f" in arg
         else:
-            positional.append(arg)
+            raise UsageError(usage)
         i += 1
-    if len(positional) != 2:
-        raise UsageError("usage: mount.hffs neff:<namespace>/<bucket>|hub-cache MOUNTPOINT [-o options]")
-    source, mountpoint = positional
-    if source.startswith("hub-cache"):
-        out = ["mount", "hub-cache", mountpoint]
-    else:
-        out = ["mount", "neff", source.removeprefix("neff:"), mountpoint]
+    out: list[str] = []
     for option in options:
-        key, has_value, value = option.partition("=")
-        key = key.replace("-", "_")
-        if key in _GENERIC_OPTIONS or key.startswith(("x-", "comment")):
+        raw_key, has_value, value = option.partition("=")
+        # x-systemd.*, x-gvfs-*, ...: userspace hints for other programs, before the `-` -> `_` rewrite.
+        if raw_key.startswith("x-"):
             continue
-        if key == "token":
-            raise UsageError("mount.hffs: a token in fstab is world-readable: use token_file=<path>")
+        key = raw_key.replace("-", "_")
+        if _is_token_key(key):
+            raise UsageError(f"mount.hffs: a token in fstab is world-readable ({raw_key}=***): use token_file=<path>")
+        if key in _GENERIC_OPTIONS or key == "comment":
+            continue
         if key in _FLAG_OPTIONS and not has_value:
             out.append(_FLAG_OPTIONS[key])
         elif key in _VALUE_OPTIONS and has_value:
             out += [f"--{key.replace('_', '-')}", value]
         else:
-            raise UsageError(f"mount.hffs: unknown option {option!r}")
-    return out
+            # The key only: a value may be a secret under a misspelt name.
+            shown = f"{raw_key}=..." if has_value else raw_key
+            raise UsageError(f"mount.hffs: unknown option {shown!r}")
+    if source.startswith("hub-cache"):
+        return ["mount", "hub-cache", *out, "--", mountpoint], fake
+    return ["mount", "neff", *out, "--", source.removeprefix("neff:"), mountpoint], fake
 
 
 def mount_helper(argv: list[str] | None = None) -> int:
     """Console script `mount.hffs`: the mount(8) helper protocol on top of `mountctl mount`."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        mapped = mount_helper_argv(argv)
+        mapped, fake = mount_helper_argv(argv)
     except HffsError as exc:
         _fail(str(exc), argv)
         return exc.exit_code
-    return main(mapped)
+    if not fake:
+        return main(mapped)
+    _Parser.argv = mapped
+    args = build_parser().parse_args(mapped)
+    try:
+        _mount_request(args)  # everything but the mount itself
+    except HffsError as exc:
+        _fail(str(exc), mapped)
+        return exc.exit_code
+    return 0
 
 
 if __name__ == "__main__":

@@ -584,3 +584,171 @@ def test_python_api_mirrors_the_cli(cli: Cli, bucket: dict, monkeypatch: pytest.
     assert "unmounted" in hffs_neuron.unmount(mp)
     assert hffs_neuron.status() == []
     assert hffs_neuron.cache_prune(cache, "0") == (len(data), 0)
+
+
+# -- hardening: tokens, config and logs out of other users' reach ------------------------------------
+def _cmdline(pid: int) -> bytes:
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
+# Processes started under this see each other's /proc/<pid>/fd only while dumpable: same uid, same
+# capabilities, and no CAP_SYS_PTRACE to override PR_SET_DUMPABLE 0.
+NO_PTRACE = ["setpriv", "--bounding-set", "-sys_ptrace", "--inh-caps", "-sys_ptrace"]
+
+
+def _ptrace_readable(pid: int) -> bool:
+    result = subprocess.run([*NO_PTRACE, "readlink", f"/proc/{pid}/fd/0"], capture_output=True, timeout=10)
+    return result.returncode == 0
+
+
+@pytest.mark.timeout(90)
+def test_literal_token_is_hidden_from_the_process_list(cli: Cli, bucket: dict, hub_token: str) -> None:
+    path, data = a_neff(bucket)
+    mp = cli.mountpoint()
+    proc = subprocess.Popen(
+        [MOUNTCTL, "mount", "neff", BUCKET, str(mp), "--foreground", "--token", hub_token],
+        env=cli.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for(lambda: os.path.ismount(mp) and cli.status(), what="the foreground mount")
+        assert (mp / path).read_bytes() == data
+        cmdline = _cmdline(proc.pid)
+        assert hub_token.encode() not in cmdline, cmdline  # what `ps` and every local user see
+        assert b"--token ***" in cmdline and str(mp).encode() in cmdline
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 0, err
+        assert hub_token not in out + err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.timeout(90)
+def test_token_from_standard_input(cli: Cli, hub: HubEmulator, hub_token: str) -> None:
+    hub.add_repo("HFFS-Test/Gated", {"config.json": b"{}"}, gated=True)
+    mp = cli.mountpoint()
+    args = [MOUNTCTL, "mount", "hub-cache", str(mp), "--repo", "HFFS-Test/Gated", "--token", "-"]
+    result = subprocess.run(args, input=hub_token + "\n", env=cli.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr  # a gated repo: the token from stdin was used
+    assert hub_token.encode() not in _cmdline(cli.state(mp)["pid"])
+    cli.ok("umount", str(mp))
+    result = subprocess.run(args, input="", env=cli.env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--token is empty" in result.stderr
+    assert "--token-file" in cli.ok("mount", "neff", "--help")  # the help names the safe ways
+
+
+@pytest.mark.timeout(90)
+def test_daemon_config_is_not_on_its_command_line(cli: Cli, hub: HubEmulator) -> None:
+    hub.add_repo("HFFS-Test/Secret-Project-X", {"config.json": b"{}"})
+    mp = cli.mountpoint()
+    cache = cli.tmp / "secret-cache-dir"
+    cli.ok("mount", "hub-cache", str(mp), "--repo", "HFFS-Test/Secret-Project-X", "--cache-dir", str(cache))
+    state = cli.state(mp)
+    cmdline = _cmdline(state["pid"])
+    assert b"Secret-Project-X" not in cmdline and str(cache).encode() not in cmdline, cmdline
+    assert str(mp).encode() in cmdline  # only the (public) mountpoint, to tell daemons apart
+    assert state["options"]["repos"] == ["HFFS-Test/Secret-Project-X"]  # the config did arrive
+    assert (mp / "models--HFFS-Test--Secret-Project-X" / "refs" / "main").exists()
+    cli.ok("umount", str(mp))
+
+
+@pytest.mark.timeout(120)
+def test_private_modes_and_no_core_dumps(cli: Cli, bucket: dict) -> None:
+    control = subprocess.Popen([*NO_PTRACE, "sleep", "60"], stdin=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: _cmdline(control.pid).startswith(b"sleep"), what="the control process")
+        if not _ptrace_readable(control.pid):
+            pytest.skip("setpriv cannot drop CAP_SYS_PTRACE here")
+        cli.runtime.mkdir(mode=0o755)
+        cli.runtime.chmod(0o755)  # as an older version left it: tightened, with a warning
+        mp, fg = cli.mountpoint(), cli.mountpoint()
+        out = cli.ok(*NO_PTRACE[1:], MOUNTCTL, "mount", "neff", BUCKET, str(mp), script=NO_PTRACE[0])
+        assert "mounted neff view" in out
+        pid = cli.state(mp)["pid"]
+        fg_log = cli.tmp / "logs" / "fg.log"
+        proc = subprocess.Popen(
+            [*NO_PTRACE, MOUNTCTL, "mount", "neff", BUCKET, str(fg), "--foreground", "--log-file", str(fg_log)],
+            env=cli.env,
+            stdin=subprocess.DEVNULL,
+        )
+        try:
+            wait_for(lambda: os.path.ismount(fg) and len(cli.status()) == 2, what="the foreground mount")
+            for daemon in (pid, proc.pid):
+                limits = Path(f"/proc/{daemon}/limits").read_text()
+                (core,) = [line for line in limits.splitlines() if line.startswith("Max core file size")]
+                assert core.split()[4:6] == ["0", "0"], core
+                assert not _ptrace_readable(daemon)  # PR_SET_DUMPABLE 0
+            mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+            assert mode(cli.runtime) == 0o700
+            states = list(cli.runtime.glob("*.json"))
+            assert len(states) == 2 and all(mode(s) == 0o600 for s in states)
+            assert mode(cli.state(mp)["log_file"]) == 0o600 and mode(fg_log) == 0o600
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=30)
+        cli.ok("umount", str(mp))
+    finally:
+        control.kill()
+        control.wait()
+
+
+@pytest.mark.parametrize("foreground", [False, True])
+@pytest.mark.timeout(60)
+def test_log_file_symlink_is_refused(cli: Cli, bucket: dict, foreground: bool) -> None:
+    victim = cli.tmp / "victim"
+    victim.write_text("precious\n")
+    link = cli.tmp / "planted.log"
+    link.symlink_to(victim)
+    mp = cli.mountpoint()
+    line = cli.fails(3, "mount", "neff", BUCKET, str(mp), "--log-file", str(link), *(["--foreground"] * foreground))
+    assert str(link) in line and "symbolic link" in line
+    assert victim.read_text() == "precious\n" and link.is_symlink()
+    assert_nothing_left(cli, mp)
+
+
+@pytest.mark.timeout(90)
+def test_mount_hffs_refuses_token_options_in_any_spelling(cli: Cli, bucket: dict) -> None:
+    mp = cli.mountpoint()
+    for key in ("token", "Token", "TOKEN", "hf_token", "HF-Token"):
+        line = cli.fails(2, f"neff:{BUCKET}", str(mp), "-o", f"ro,{key}={SECRET}", script=MOUNT_HFFS)
+        assert "token_file" in line and SECRET not in line, line
+    line = cli.fails(2, f"neff:{BUCKET}", str(mp), "-o", f"acess_tokn={SECRET}", script=MOUNT_HFFS)
+    assert "unknown option 'acess_tokn=...'" in line  # a misspelt key: its value is never shown
+    assert SECRET not in "".join(cli.outputs)
+    assert_nothing_left(cli, mp)
+
+
+@pytest.mark.timeout(90)
+def test_mount_hffs_x_options_fake_mode_and_option_like_sources(cli: Cli, bucket: dict) -> None:
+    from mountctl.cli import build_parser, mount_helper_argv
+
+    path, data = a_neff(bucket)
+    mp = cli.mountpoint()
+    cache = cli.tmp / "fstab-cache"
+    systemd = "x-systemd.automount,x-systemd.requires=network-online.target,x-gvfs-hide,comment=systemd.automount"
+    opts = f"{systemd},_netdev,cache_dir={cache}"
+    # -f: everything is checked, nothing is mounted.
+    assert cli.run(f"neff:{BUCKET}", str(mp), "-f", "-o", opts, script=MOUNT_HFFS).returncode == 0
+    assert cli.run(f"neff:{BUCKET}", str(mp), "-fnv", "-o", opts, script=MOUNT_HFFS).returncode == 0
+    assert not os.path.ismount(mp) and cli.status() == []
+    assert "bad size" in cli.fails(2, f"neff:{BUCKET}", str(mp), "-f", "-o", "cache_size=12X", script=MOUNT_HFFS)
+    # The same options for real: x- options are ignored, the mount works.
+    assert "mounted neff view" in cli.ok(f"neff:{BUCKET}", str(mp), "-o", opts, script=MOUNT_HFFS)
+    assert (mp / path).read_bytes() == data
+    cli.ok("umount", str(mp))
+
+    # A source that looks like an option stays a source: with this Python's argparse subparsers...
+    mapped, fake = mount_helper_argv([f"neff:--token={SECRET}", str(mp), "-o", "ro"])
+    args = build_parser().parse_args(mapped)
+    assert (args.bucket_id, args.token, args.read_only, fake) == (f"--token={SECRET}", None, True, False)
+    args = build_parser().parse_args(mount_helper_argv(["hub-cache", "--foreground"])[0])
+    assert (args.mountpoint, args.foreground) == ("--foreground", False)
+    # ... and end to end: a bad bucket id, never a token, and never printed.
+    line = cli.fails(2, f"neff:--token={SECRET}", str(mp), script=MOUNT_HFFS)
+    assert "invalid bucket id" in line and SECRET not in "".join(cli.outputs)
+    assert_nothing_left(cli, mp)

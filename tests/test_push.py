@@ -36,6 +36,7 @@ class FakeApi(HfApi):
         super().__init__(endpoint=hub.url, **kwargs)
         self.hub = hub
         self.calls: list[tuple[str, list[tuple[str, str]]]] = []
+        self.uploaded: dict[str, bytes] = {}  # destination -> bytes read from the source given
 
     def batch_bucket_files(self, bucket_id: str, *, add: Any = None, copy: Any = None, delete: Any = None, **_: Any):
         assert not copy and not delete  # push only ever adds
@@ -45,7 +46,8 @@ class FakeApi(HfApi):
         for src, dest in add:
             target = root / dest
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, target)
+            shutil.copyfile(src, target)  # reads the source the way hf_xet does: open(path)
+            self.uploaded[dest] = target.read_bytes()
 
 
 @pytest.fixture
@@ -136,8 +138,8 @@ def test_push_selects_complete_modules_and_is_idempotent(hub: HubEmulator, mount
     for dest in destinations:
         assert dest != "lock" and not dest.endswith(".lock") and not dest.endswith("model.log")
     # The bytes uploaded are the bytes the mount shows.
-    for src, dest in added:
-        assert Path(src).read_bytes() == (mp / dest).read_bytes()
+    for dest in destinations:
+        assert api.uploaded[dest] == (mp / dest).read_bytes()
 
     again = push(state, api=api)
     assert len(api.calls) == 1  # nothing new: no upload call at all
@@ -187,3 +189,101 @@ def test_mountctl_push_dry_run(hub: HubEmulator, mount_neff: MountFn, runtime_en
         assert f"skipped {modules[kind]}:" in result.stdout
     before = set(hub.bucket_dir(bucket["bucket_id"]).rglob("*"))
     assert not any(modules["complete"] in str(p) for p in before)  # dry run published nothing
+
+
+def _layer_upper(mp: Path) -> Path:
+    return Path(_state_of(mp)["layer_dir"]) / "upper"
+
+
+def test_push_publishes_regular_files_only(
+    hub: HubEmulator, mount_neff: MountFn, tmp_path: Path, runtime_env: dict[str, str]
+) -> None:
+    """A client plants symlinks (to a root-only file, to a directory) in a complete module and in place of
+    a module: push never follows them, uploads only regular files and says why each was skipped."""
+    bucket = build_neff_bucket(hub)
+    mp = mount_neff(bucket["bucket_id"])
+    secret = tmp_path / "root-only"
+    secret.write_bytes(b"root's secret")
+    secret.chmod(0o600)
+    module = _write_module(mp, "MODULE_77777777777777777777+12121212", {"model.neff": b"neff7", "model.done": b""})
+    os.symlink(secret, mp / module / "wrapped_neff.hlo")  # through the mount, as a client would
+    os.symlink("/etc", mp / module / "extra")
+    # A whole "module" that is a symlink to a directory holding a complete module elsewhere.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in ("model.neff", "model.done"):
+        (elsewhere / name).write_bytes(b"not from this cache")
+    os.symlink(elsewhere, _layer_upper(mp) / VERSION / "MODULE_88888888888888888888+34343434")
+    # A module whose model.neff is only a symlink is not complete.
+    fake = _write_module(mp, "MODULE_99999999999999999999+56565656", {"model.done": b""})
+    os.symlink(secret, mp / fake / "model.neff")
+    assert os.path.islink(_layer_upper(mp) / module / "wrapped_neff.hlo")  # the layer keeps it a symlink
+
+    mountctl = Path(sys.executable).parent / "mountctl"
+    result = subprocess.run(
+        [str(mountctl), "push", str(mp), "--dry-run"], capture_output=True, text=True, env=runtime_env, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"would push {module} (2 files)" in result.stdout
+    assert f"skipped {module}/wrapped_neff.hlo: a symlink (never followed)" in result.stdout
+    assert f"skipped {module}/extra: a symlink (never followed)" in result.stdout
+    assert f"skipped {VERSION}/MODULE_88888888888888888888+34343434: a symlink (never followed)" in result.stdout
+    assert f"skipped {fake}: incomplete" in result.stdout
+
+    api = FakeApi(hub)
+    push(_state_of(mp), api=api)
+    assert sorted(api.uploaded) == [f"{module}/model.done", f"{module}/model.neff"]
+    assert not any(data == secret.read_bytes() for data in api.uploaded.values())
+    published = [p for p in hub.bucket_dir(bucket["bucket_id"]).rglob("*") if p.is_file()]
+    assert not any(b"root's secret" in p.read_bytes() or b"not from this cache" in p.read_bytes() for p in published)
+
+
+def test_push_skips_held_deleted_locks_and_scratch_files(hub: HubEmulator, mount_neff: MountFn) -> None:
+    """A compiler's lock deleted while still held becomes `.fuse_hidden*`: the module is still in progress.
+    Copy-up temp files are never published."""
+    bucket = build_neff_bucket(hub)
+    mp = mount_neff(bucket["bucket_id"])
+    files = {"model.neff": b"neff", "model.done": b"", "model.hlo_module.pb.lock": b""}
+    held = _write_module(mp, "MODULE_12121212121212121212+aaaa0000", files)
+    lock = open(mp / held / "model.hlo_module.pb.lock", "rb")  # noqa: SIM115 - held across the push
+    try:
+        os.unlink(mp / held / "model.hlo_module.pb.lock")  # libfuse hides it instead: the holder keeps it
+        hidden = [n for n in os.listdir(_layer_upper(mp) / held) if n.startswith(".fuse_hidden")]
+        done = _write_module(mp, "MODULE_34343434343434343434+bbbb0000", {"model.neff": b"n2", "model.done": b""})
+        # A leftover copy-up temp next to its target, as a crash would leave it.
+        (_layer_upper(mp) / done / "model.neff.hffs-copyup.123.456").write_bytes(b"partial")
+
+        plan = push(_state_of(mp), dry_run=True, api=FakeApi(hub))
+        skipped = dict(plan.skipped)
+        if hidden:  # (a mount with hard_remove drops the name instead: nothing is left to see)
+            assert "in progress" in skipped[held], plan
+        (files_of_done,) = [f for m, f in plan.upload if m == done]
+        assert sorted(Path(local).name for local, _ in files_of_done) == ["model.done", "model.neff"]
+        assert not any(".fuse_hidden" in k or "hffs-copyup" in k for k in skipped)
+    finally:
+        lock.close()
+
+
+def test_upload_opens_files_without_following_symlinks(tmp_path: Path) -> None:
+    """Between the plan and the upload a client may swap a file or a module directory for a symlink: the
+    upload's opens refuse it (ELOOP / ENOTDIR) instead of reading the link's target."""
+    from hffs_neuron.publish import _open_module_files
+
+    upper = tmp_path / "upper"
+    module = upper / VERSION / "MODULE_1"
+    module.mkdir(parents=True)
+    (module / "model.neff").write_bytes(b"neff")
+    (tmp_path / "secret").write_bytes(b"secret")
+    open_fds = len(os.listdir("/proc/self/fd"))
+    fds = _open_module_files(upper, f"{VERSION}/MODULE_1", ["model.neff"])
+    try:
+        assert Path(f"/proc/self/fd/{fds[0]}").read_bytes() == b"neff"  # what the upload reads
+    finally:
+        os.close(fds[0])
+    (module / "model.done").symlink_to(tmp_path / "secret")
+    with pytest.raises(OSError):
+        _open_module_files(upper, f"{VERSION}/MODULE_1", ["model.neff", "model.done"])
+    (upper / VERSION / "MODULE_2").symlink_to(module)
+    with pytest.raises(OSError):
+        _open_module_files(upper, f"{VERSION}/MODULE_2", ["model.neff"])
+    assert len(os.listdir("/proc/self/fd")) == open_fds  # failed opens leave no fd behind
