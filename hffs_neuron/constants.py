@@ -53,3 +53,6 @@ CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 32 * 1024 * 1024)
 DOWNLOAD_CONCURRENCY = _env_int("HFFS_DOWNLOAD_CONCURRENCY", 8)
 # Objects below this size are fetched with one GET.
 PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
+
+# Where `--metrics-addr` serves Prometheus metrics by default (HOST:PORT); empty: off.
+METRICS_ADDR = os.environ.get("HFFS_METRICS_ADDR", "")

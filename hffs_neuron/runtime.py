@@ -1,7 +1,8 @@
 """Runtime bookkeeping shared by the daemon and the API: state files and mountpoint checks.
 
 - State files: one JSON file per mount in `constants.RUNTIME_DIR`, written by the daemon (pid, options,
-  counters) and read by `status`, `unmount`, `prefetch` and `push`. The directory is looked up on every
+  counters) and read by `status`, `unmount`, `prefetch` and `push`; beside it the mount's control
+  socket (`socket_path`), where the live daemon answers `status`. The directory is looked up on every
   call, never cached, so it can be redirected (tests patch `constants.RUNTIME_DIR`).
 - Mountpoint checks: is it usable, mounted, stale (dead daemon) or busy, and by whom; `fusermount`.
 """
@@ -32,6 +33,11 @@ FUSERMOUNT_TIMEOUT = 30.0
 def state_path(mountpoint: str) -> Path:
     digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:16]
     return constants.RUNTIME_DIR / f"{digest}.json"
+
+
+def socket_path(mountpoint: str) -> Path:
+    """The control socket of the mount at `mountpoint` (see `telemetry.StatusServer`)."""
+    return state_path(mountpoint).with_suffix(".sock")
 
 
 def _load_state(path: Path) -> dict | None:
@@ -72,10 +78,11 @@ def write_state(mountpoint: str, data: dict) -> None:
 
 
 def forget_state(mountpoint: str) -> None:
-    try:
-        state_path(mountpoint).unlink()
-    except FileNotFoundError:
-        pass
+    for path in (state_path(mountpoint), socket_path(mountpoint)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # -- mountpoint checks --------------------------------------------------------------------------
