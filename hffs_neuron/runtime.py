@@ -2,7 +2,7 @@
 
 - State files: one JSON file per mount in `constants.RUNTIME_DIR`, written by the daemon (pid, options,
   counters) and read by `status`, `unmount`, `prefetch` and `push`; beside it the mount's control
-  socket (`socket_path`), where the live daemon answers `status`. The directory is looked up on every
+  socket (`socket_path`, under `sockets/`), where the live daemon answers `status`. The directory is looked up on every
   call, never cached, so it can be redirected (tests patch `constants.RUNTIME_DIR`).
 - Mountpoint checks: is it usable, mounted, stale (dead daemon) or busy, and by whom; `fusermount`.
 """
@@ -36,8 +36,9 @@ def state_path(mountpoint: str) -> Path:
 
 
 def socket_path(mountpoint: str) -> Path:
-    """The control socket of the mount at `mountpoint` (see `telemetry.StatusServer`)."""
-    return state_path(mountpoint).with_suffix(".sock")
+    """The control socket of the mount at `mountpoint` (see `telemetry.StatusServer`), in a 0700
+    directory of its own: the runtime dir itself may be any directory the user chose."""
+    return constants.RUNTIME_DIR / "sockets" / f"{state_path(mountpoint).stem}.sock"
 
 
 def _load_state(path: Path) -> dict | None:

@@ -124,6 +124,7 @@ class StatusServer:
         self._answer = answer
         self._stop = threading.Event()
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(path.parent, 0o700)  # a directory of sockets only: nobody else has business in it
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             with _address(path) as address:
