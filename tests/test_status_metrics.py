@@ -20,7 +20,6 @@ import pytest
 from conftest import Mounts
 from prometheus_client.parser import text_string_to_metric_families
 
-from hffs_neuron import constants
 from hffs_neuron.errors import MountError, UsageError
 from hffs_neuron.runtime import read_state, socket_path
 from hffs_neuron.testing.hub_emulator import HubEmulator
@@ -189,7 +188,7 @@ def test_metrics_endpoint_after_real_reads(
 
 
 def test_metrics_addr_is_off_by_default_and_refused_when_bad_or_taken(
-    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str], monkeypatch: pytest.MonkeyPatch
+    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str]
 ) -> None:
     mp = Path(mounts("neff", BUCKET, metrics_addr="127.0.0.1:0").mountpoint)
     taken = status_json(runtime_env, mp)["metrics_addr"]
@@ -201,4 +200,16 @@ def test_metrics_addr_is_off_by_default_and_refused_when_bad_or_taken(
         status_json(runtime_env, Path(mounts("neff", BUCKET, name="plain", cache="cache3").mountpoint))["metrics_addr"]
         is None
     )
-    assert constants.METRICS_ADDR == os.environ.get("HFFS_METRICS_ADDR", "")
+
+
+def test_metrics_addr_three_ways() -> None:
+    """CLI flag, fstab option (mount.hffs) and environment default (HFFS_METRICS_ADDR)."""
+    from mountctl.cli import build_parser, mount_helper_argv
+
+    argv = mount_helper_argv(["neff:org/cache", "/mnt/nc", "-o", "metrics_addr=127.0.0.1:9100,_netdev"])
+    assert argv[-2:] == ["--metrics-addr", "127.0.0.1:9100"]
+    assert build_parser().parse_args(argv).metrics_addr == "127.0.0.1:9100"
+    env = dict(os.environ, HFFS_METRICS_ADDR="0.0.0.0:9200")
+    code = "from mountctl.cli import build_parser as b; print(b().parse_args(['mount', 'hub-cache', 'm']).metrics_addr)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0.0.0.0:9200"
