@@ -64,6 +64,7 @@ class MountConfig:
     log_level: str = "INFO"
     timeout: float = constants.OPERATION_TIMEOUT
     max_threads: int = 64
+    metrics_addr: str | None = constants.METRICS_ADDR or None  # HOST:PORT serving /metrics; None: off
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -71,6 +72,15 @@ class MountConfig:
     @classmethod
     def from_json(cls, text: str) -> MountConfig:
         return cls(**json.loads(text))
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """`127.0.0.1:9100`, `0.0.0.0:9100`, `[::1]:9100` -> (host, port); port 0 picks a free one."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise UsageError(f"bad address {text!r}: use HOST:PORT, e.g. 127.0.0.1:9100")
+    return host, int(port)
 
 
 def parse_repo_spec(spec: str) -> tuple[str, str, str]:
@@ -95,6 +105,8 @@ def validate_config(config: MountConfig) -> None:
     for spec in config.repos:
         parse_repo_spec(spec)
     parse_size(config.cache_size)
+    if config.metrics_addr:
+        parse_host_port(config.metrics_addr)
     if config.backing and not os.path.isdir(config.backing):
         raise UsageError(f"--backing {config.backing}: not a directory")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):

@@ -57,3 +57,6 @@ PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
 # Resolve local-layer paths one component at a time even where openat2 exists (tests of the fallback;
 # a kernel or sandbox whose openat2 misbehaves). "1" forces the walk.
 NO_OPENAT2 = os.environ.get("HFFS_NO_OPENAT2", "") not in ("", "0")
+
+# Where `--metrics-addr` serves Prometheus metrics by default (HOST:PORT); empty: off.
+METRICS_ADDR = os.environ.get("HFFS_METRICS_ADDR", "")

@@ -23,7 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import MountConfig, parse_repo_spec, parse_size
+from . import telemetry
+from .config import MountConfig, parse_host_port, parse_repo_spec, parse_size
 from .errors import HffsError, MountError
 from .proc import pid_alive
 from .runtime import (
@@ -32,6 +33,7 @@ from .runtime import (
     forget_state,
     open_private_file,
     read_state,
+    socket_path,
     write_state,
 )
 
@@ -65,6 +67,10 @@ class MountRuntime:
         self._stop = threading.Event()
         self._reporter: threading.Thread | None = None
         self.device: int | None = None  # st_dev of the live mount, to notice a lazy detach
+        self.telemetry = telemetry.Telemetry()
+        self.metrics: telemetry.Metrics | None = None
+        self.status_server: telemetry.StatusServer | None = None
+        self._start_telemetry()
 
     def _build_view_failing_fast(self, cache_dir: Path):
         """Build the view (resolving the bucket or pinned repos) with a short deadline and few retries.
@@ -149,13 +155,21 @@ class MountRuntime:
         self._reporter = threading.Thread(target=self._report_loop, name="hffs-stats", daemon=True)
         self._reporter.start()
 
-    def stats(self) -> dict:
+    def stats(self, live: bool = False) -> dict:
+        """This mount's status: DESIGN.md's `mountctl status --json` schema, plus what `push` reads.
+
+        `live` (an answer on the control socket) adds the cache's disk use, a directory scan that the
+        once-a-second state file goes without (`mountctl status` measures it for a saved state).
+        """
         s = self.store.stats
-        return {
+        tallies = telemetry.tallies()
+        status = {
             "pid": os.getpid(),
             "view": self.config.view,
             "source": self.config.source or "hub",
             "mountpoint": os.path.realpath(self.config.mountpoint),
+            "alive": True,
+            "uptime_s": round(time.time() - self.started, 1),
             "endpoint": self.http.endpoint,
             "started": self.started,
             "updated": time.time(),
@@ -163,6 +177,11 @@ class MountRuntime:
             "cache_dir": self.config.cache_dir,
             "layer_dir": getattr(self.view, "state_dir", None) or getattr(self.view, "local_root", None),
             "options": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("mountpoint",)},
+            "cache": {
+                "dir": self.config.cache_dir,
+                "used_bytes": self.store.usage() if live else None,
+                "limit_bytes": self.store.max_size,
+            },
             "counters": {
                 "hits": s.hits,
                 "misses": s.misses,
@@ -170,9 +189,33 @@ class MountRuntime:
                 "bytes_fetched": s.bytes_fetched,
                 "evictions": s.evictions,
                 "http_requests": self.http.requests_sent,
+                "errors": tallies["errors"],
+                "http_status": tallies["http_status"],
             },
+            # Every transfer is an HTTP one until the Xet path exists; it will count its own.
+            "transfers": {"http": {"count": s.fetches, "bytes": s.bytes_fetched}, "xet": {"count": 0, "bytes": 0}},
             "in_flight": [dataclasses.asdict(p) for p in self.store.in_flight()],
+            "metrics_addr": self.metrics.address if self.metrics else None,
         }
+        status.update(self.telemetry.sections())
+        return status
+
+    def _start_telemetry(self) -> None:
+        """The control socket `mountctl status` asks, and /metrics if `--metrics-addr` is set."""
+        if self.config.metrics_addr:
+            host, port = parse_host_port(self.config.metrics_addr)
+            try:
+                self.metrics = telemetry.Metrics(host, port, lambda: self.stats(live=True))
+            except OSError as exc:
+                raise MountError(f"--metrics-addr {self.config.metrics_addr}: {exc.strerror or exc}") from exc
+            self.ops._call = self.metrics.timed(self.ops._call)  # type: ignore[method-assign]
+        self.status_server = telemetry.StatusServer(socket_path(self.config.mountpoint), lambda: self.stats(live=True))
+
+    def _stop_telemetry(self) -> None:
+        if self.status_server is not None:
+            self.status_server.close()
+        if self.metrics is not None:
+            self.metrics.close()
 
     def attached(self) -> bool:
         """Is this daemon's mount still the one at the mountpoint (not lazily detached, not replaced)?"""
@@ -202,6 +245,7 @@ class MountRuntime:
 
     def close(self) -> None:
         self._stop.set()
+        self._stop_telemetry()
         if self._reporter is not None:
             # A write in progress would otherwise land after the state file is forgotten below,
             # leaving a record of a mount that is gone.

@@ -43,6 +43,12 @@ class IntegrityError(HffsError):
     errno = _errno.EIO
 
 
+class CacheFull(HffsError):
+    """No room on the cache disk for a blob, even after evicting every blob not in use."""
+
+    errno = _errno.ENOSPC
+
+
 class UnsafeName(HffsError):
     """A remote name that would escape the mount or cannot be a file name (`..`, `/`, NUL...)."""
 

@@ -16,6 +16,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would otherwise p
 import mfusepy  # noqa: E402
 
 from .errors import HffsError  # noqa: E402
+from .telemetry import count_error  # noqa: E402
 from .views.merged import FileHandle, MergedView, errno_of  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -119,12 +120,12 @@ class FuseOperations(mfusepy.Operations):
         except HffsError as exc:
             if exc.errno != errno.ENOENT:
                 logger.warning("%s%r: %s", fn.__name__, args, exc)
-            raise mfusepy.FuseOSError(exc.errno) from None
+            raise mfusepy.FuseOSError(count_error(exc.errno)) from None
         except OSError as exc:
-            raise mfusepy.FuseOSError(errno_of(exc)) from None
+            raise mfusepy.FuseOSError(count_error(errno_of(exc))) from None
         except Exception:
             logger.exception("%s%r failed", fn.__name__, args)
-            raise mfusepy.FuseOSError(errno.EIO) from None
+            raise mfusepy.FuseOSError(count_error(errno.EIO)) from None
 
     def _register(self, handle: FileHandle, fi: Any) -> int:
         with self._lock:

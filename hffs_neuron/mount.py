@@ -35,9 +35,11 @@ from .runtime import (
     open_private_file,
     read_state,
     read_states,
+    socket_path,
     state_path,
     users_of,
 )
+from .telemetry import query_status
 
 logger = logging.getLogger(__name__)
 
@@ -272,10 +274,11 @@ def _busy_or_fail(mountpoint: str, stderr: str, force: bool, pid: int) -> str:
 
 # -- status, prefetch and cache: the rest of the API the CLI prints --------------------------------
 def status(mountpoint: str | os.PathLike | None = None) -> list[dict]:
-    """Runtime state of every recorded mount (or the one at `mountpoint`), plus derived fields.
+    """Status of every recorded mount (or the one at `mountpoint`), in DESIGN.md's schema.
 
-    Each dict holds the daemon's own record (pid, view, source, mountpoint, counters, in_flight, ...)
-    and `alive`, `health` ("running", "dead", "not mounted"), `mounted`, `uptime` (s), `cache_used` (B).
+    A running daemon answers on its control socket with figures of this moment (`live`: true); a dead
+    or silent one is shown from its last saved state (`live`: false, and `alive`: false if dead).
+    Derived fields: `health` ("running", "dead", "not mounted"), `mounted`, `uptime`, `cache_used`.
     """
     states = read_states()
     if mountpoint is not None:
@@ -283,19 +286,29 @@ def status(mountpoint: str | os.PathLike | None = None) -> list[dict]:
         states = [s for s in states if s.get("mountpoint") == wanted]
         if not states:
             raise MountError(f"{mountpoint}: no hffs mount recorded here (see mountctl status)")
-    for state in states:
-        try:
-            where = mountpoint_status(state.get("mountpoint", ""))
-        except OSError:
-            where = "unknown"
-        state["mounted"] = where == "mounted"
-        if not state["alive"] or where == "stale":
-            state["health"] = "dead"
-        else:
-            state["health"] = "running" if state["mounted"] else "not mounted"
-        state["uptime"] = round(time.time() - state.get("started", time.time()), 1)
-        state["cache_used"] = cache_usage(state.get("cache_dir") or "/nonexistent")[0]
-    return states
+    return [_current(state) for state in states]
+
+
+def _current(saved: dict) -> dict:
+    """The live status for a saved state if its daemon answers, else the saved one; derived fields added."""
+    live = query_status(socket_path(saved.get("mountpoint", ""))) if saved["alive"] else None
+    state = live if live is not None and live.get("pid") == saved.get("pid") else saved
+    state["live"] = state is live
+    try:
+        where = mountpoint_status(state.get("mountpoint", ""))
+    except OSError:
+        where = "unknown"
+    state["mounted"] = where == "mounted"
+    if not state["alive"] or where == "stale":
+        state["health"] = "dead"
+    else:
+        state["health"] = "running" if state["mounted"] else "not mounted"
+    state["uptime"] = state["uptime_s"] = round(time.time() - state.get("started", time.time()), 1)
+    cache = state.setdefault("cache", {"dir": state.get("cache_dir"), "used_bytes": None, "limit_bytes": None})
+    if cache.get("used_bytes") is None:
+        cache["used_bytes"] = cache_usage(state.get("cache_dir") or "/nonexistent")[0]
+    state["cache_used"] = cache["used_bytes"]
+    return state
 
 
 def mount_state_of(path: str | os.PathLike) -> dict | None:

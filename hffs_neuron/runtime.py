@@ -1,7 +1,8 @@
 """Runtime bookkeeping shared by the daemon and the API: state files and mountpoint checks.
 
 - State files: one JSON file per mount in `constants.RUNTIME_DIR`, written by the daemon (pid, options,
-  counters) and read by `status`, `unmount`, `prefetch` and `push`. The directory is looked up on every
+  counters) and read by `status`, `unmount`, `prefetch` and `push`; beside it the mount's control
+  socket (`socket_path`, under `sockets/`), where the live daemon answers `status`. The directory is looked up on every
   call, never cached, so it can be redirected (tests patch `constants.RUNTIME_DIR`).
 - Mountpoint checks: is it usable, mounted, stale (dead daemon) or busy, and by whom; `fusermount`.
 - Private files: the runtime dir is owner-only (0700), state and log files 0600, and none of them is
@@ -94,6 +95,12 @@ def state_path(mountpoint: str) -> Path:
     return constants.RUNTIME_DIR / f"{digest}.json"
 
 
+def socket_path(mountpoint: str) -> Path:
+    """The control socket of the mount at `mountpoint` (see `telemetry.StatusServer`), in a 0700
+    directory of its own: the runtime dir itself may be any directory the user chose."""
+    return constants.RUNTIME_DIR / "sockets" / f"{state_path(mountpoint).stem}.sock"
+
+
 def _load_state(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -131,10 +138,11 @@ def write_state(mountpoint: str, data: dict) -> None:
 
 
 def forget_state(mountpoint: str) -> None:
-    try:
-        state_path(mountpoint).unlink()
-    except FileNotFoundError:
-        pass
+    for path in (state_path(mountpoint), socket_path(mountpoint)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
 
 
 # -- mountpoint checks --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,12 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-file", default=None, help="daemon log file (default: in the runtime dir)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--timeout", default=str(constants.OPERATION_TIMEOUT), help="network deadline, seconds")
+    p.add_argument(
+        "--metrics-addr",
+        default=constants.METRICS_ADDR or None,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="show mounts, cache use, counters and in-flight fetches")
     s.add_argument("mountpoint", nargs="?")
     s.add_argument("--json", action="store_true", help='machine-readable: {"mounts": [...]}')
+    s.add_argument("--watch", action="store_true", help="refresh in place until interrupted (Ctrl-C)")
+    s.add_argument("--interval", default="1", help="seconds between refreshes with --watch")
+    s.add_argument("--check", action="store_true", help="exit 3 unless every mount shown is running (probes)")
 
     pf = sub.add_parser("prefetch", help="warm files or whole directories of a mount")
     pf.add_argument("paths", nargs="+")
@@ -189,6 +199,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
         "log_file": os.path.abspath(args.log_file) if args.log_file else None,
         "log_level": args.log_level,
         "timeout": parse_duration(args.timeout),
+        "metrics_addr": args.metrics_addr,
     }
     parse_size(args.cache_size)
     if args.view == "neff":
@@ -227,29 +238,68 @@ def _human(n: float) -> str:
     return str(n)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    states = status(args.mountpoint)
-    if args.json:
-        print(json.dumps({"mounts": states}, indent=1))
-        return 0
+def _render_status(states: list[dict], as_json: bool) -> str:
+    if as_json:
+        return json.dumps({"mounts": states}, indent=1)
     if not states:
-        print("no hffs mounts")
-        return 0
+        return "no hffs mounts"
+    lines = []
     for s in states:
         health = {"dead": "DEAD daemon: run mountctl umount --force"}.get(s["health"], s["health"])
+        saved = "" if s.get("live") or not s["alive"] else ", daemon not answering: saved figures"
         c = s.get("counters", {})
-        print(f"{s['mountpoint']}: {s['view']} view of {s['source']} ({health}, pid {s['pid']}, up {s['uptime']}s)")
-        print(f"  cache {s.get('cache_dir')}: {_human(s['cache_used'])} used")
-        print(
+        cache = s.get("cache", {})
+        limit = f" of {_human(cache['limit_bytes'])}" if cache.get("limit_bytes") else ""
+        lines += [
+            f"{s['mountpoint']}: {s['view']} view of {s['source']} "
+            f"({health}, pid {s['pid']}, up {s['uptime']}s{saved})",
+            f"  cache {s.get('cache_dir')}: {_human(s['cache_used'])} used{limit}",
             f"  hits {c.get('hits', 0)}  misses {c.get('misses', 0)}  fetches {c.get('fetches', 0)}  "
-            f"fetched {_human(c.get('bytes_fetched', 0))}  http requests {c.get('http_requests', 0)}"
-        )
+            f"fetched {_human(c.get('bytes_fetched', 0))}  evictions {c.get('evictions', 0)}  "
+            f"http requests {c.get('http_requests', 0)}"
+            + "".join(f"  {k} {v}" for k, v in sorted(c.get("http_status", {}).items())),
+        ]
+        if c.get("errors"):
+            lines.append("  errors " + "  ".join(f"{k} {v}" for k, v in sorted(c["errors"].items())))
+        ra = s.get("read_ahead", {})
+        if any(ra.values()):
+            lines.append(f"  read-ahead queued {ra['queued']}  running {ra['in_flight']}  done {ra['done']}")
+        pub = s.get("publish", {})
+        if pub.get("mode", "off") != "off":
+            lines.append(
+                f"  publish ({pub['mode']}): published {pub['published']}  pending {pub['pending']}  "
+                f"failed {len(pub['failed'])}"
+            )
+        for lock in s.get("stale_locks", []):
+            lines.append(f"  stale lock {lock['path']} (pid {lock['pid']}, {lock['age_s']:.0f}s old)")
         for f in s.get("in_flight", []):
             pct = 100 * f["done"] / f["total"] if f["total"] else 100
-            print(f"  fetching {f['name']}: {_human(f['done'])} / {_human(f['total'])} ({pct:.0f}%)")
+            lines.append(f"  fetching {f['name']}: {_human(f['done'])} / {_human(f['total'])} ({pct:.0f}%)")
+        if s.get("metrics_addr"):
+            lines.append(f"  metrics http://{s['metrics_addr']}/metrics")
         if s.get("log_file"):
-            print(f"  log {s['log_file']}")
-    return 0
+            lines.append(f"  log {s['log_file']}")
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    if not args.watch:
+        states = status(args.mountpoint)
+        print(_render_status(states, args.json))
+        if args.check and (not states or any(s["health"] != "running" for s in states)):
+            raise MountError("not running: " + (", ".join(s["mountpoint"] for s in states) or "no hffs mounts"))
+        return 0
+    interval = parse_duration(args.interval)
+    # On a terminal: home the cursor and clear, like top; in a pipe or file, one frame after another.
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    try:
+        while True:
+            frame = _render_status(status(args.mountpoint), args.json)
+            sys.stdout.write(f"{clear}{frame}\n" if clear else f"{frame}\n\n")
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return 0
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
@@ -358,7 +408,7 @@ _GENERIC_OPTIONS = {
 _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other": "--allow-other",
                  "show_model_area": "--show-model-area", "foreground": "--foreground"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
-                  "endpoint", "token_file", "log_file", "log_level", "timeout"}  # fmt: skip
+                  "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr"}  # fmt: skip
 
 
 def _is_token_key(key: str) -> bool:

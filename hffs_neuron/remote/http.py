@@ -21,6 +21,7 @@ from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_stat
 
 from .. import __version__, constants
 from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable
+from ..telemetry import timed_send
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class HubHttp:
         with self._lock:
             self.requests_sent += 1
         request = self._client.build_request(method, url, headers=headers, timeout=timeout, **kwargs)
-        response = self._client.send(request, stream=stream)
+        response = timed_send(self._client.send, request, stream=stream)
         if response.status_code in _RETRY_STATUS:
             retry_after = _retry_after_seconds(response)
             response.close()

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import constants
-from ..errors import HffsError, IntegrityError, RemoteUnavailable
+from ..errors import CacheFull, HffsError, IntegrityError, RemoteUnavailable
 from ..proc import pid_alive
 from ..remote.base import Digest, Remote, RemoteEntry
 
@@ -184,6 +184,7 @@ class BlobStore:
             if self._is_complete(path, entry.size):
                 self._touch(path)
                 return path
+            self._make_room(entry)
             for attempt in range(_VERIFY_ATTEMPTS):
                 try:
                     self._download(key, remote, entry, deadline)
@@ -193,8 +194,38 @@ class BlobStore:
                     if attempt + 1 == _VERIFY_ATTEMPTS or time.monotonic() >= deadline:
                         raise
                     logger.warning("%s; fetching it again", exc)
+                except Exception as exc:
+                    # However the transfer path reported it (ENOSPC from a write, or wrapped by a range
+                    # thread), a disk that filled up meanwhile is ENOSPC for the reader, not EIO.
+                    full = isinstance(exc, RemoteUnavailable) and self._free_bytes() < entry.size
+                    if full or getattr(exc, "errno", None) == errno.ENOSPC:
+                        raise self._no_room(entry) from exc
+                    raise
         self.evict_if_needed()
         return path
+
+    # -- disk room (the cache disk may be smaller than the size limit, or shared) ---------------------
+    def _free_bytes(self) -> int:
+        st = os.statvfs(self.root / "tmp")
+        return st.f_bavail * st.f_frsize
+
+    def _make_room(self, entry: RemoteEntry) -> None:
+        """Before a transfer: evict blobs not in use (least recently used first) until `entry` fits on
+        the disk; raise CacheFull (ENOSPC) if it cannot fit."""
+        if self._free_bytes() >= entry.size:
+            return
+        for path, _ in sorted(self.blobs(), key=lambda item: item[1].st_mtime):
+            if self._try_evict(path) and self._free_bytes() >= entry.size:
+                return
+        raise self._no_room(entry)
+
+    def _no_room(self, entry: RemoteEntry) -> CacheFull:
+        error = CacheFull(
+            f"{entry.path}: no room in the cache directory {self.root}: needs {entry.size} bytes, "
+            f"{self._free_bytes()} free (blobs in use are never evicted)"
+        )
+        logger.error("%s", error)
+        return error
 
     @contextmanager
     def _exclusive(self, key: str, deadline: float, name: str) -> Iterator[None]:

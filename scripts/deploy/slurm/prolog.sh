@@ -1,0 +1,36 @@
+#!/bin/bash
+# Slurm Prolog (slurm.conf: Prolog=/opt/hffs/scripts/deploy/slurm/prolog.sh, PrologFlags=Alloc): make sure
+# this node's hffs-neuron mounts are up before the job's processes start. Runs as root on every node of
+# the allocation. Idempotent and serialized (several jobs may start on one node at once): a running
+# mount is left alone, a dead daemon's stale mount is recovered, a missing one is mounted.
+# A mount that cannot come up fails the prolog (Slurm requeues the job and drains the node): a job must
+# never write its compile cache into the bare mountpoint directory.
+set -euo pipefail
+[ -r /etc/default/hffs-neuron ] && . /etc/default/hffs-neuron
+
+MOUNTCTL=${HFFS_MOUNTCTL:-mountctl}
+NEFF_BUCKET=${HFFS_NEFF_BUCKET:-}
+NEFF_MOUNT=${HFFS_NEFF_MOUNT:-/mnt/hffs/neuron-cache}
+HUB_MOUNT=${HFFS_HUB_MOUNT:-/mnt/hffs/hub}
+CACHE_DIR=${HFFS_CACHE_DIR:-/var/cache/hffs}
+CACHE_SIZE=${HFFS_CACHE_SIZE:-200G}
+TOKEN_FILE=${HFFS_TOKEN_FILE:-/etc/hffs/token}
+LOCK_FILE=${HFFS_LOCK_FILE:-/run/lock/hffs-slurm.lock}
+export HFFS_RUNTIME_DIR=${HFFS_RUNTIME_DIR:-/run/hffs}
+
+token=()
+[ -r "$TOKEN_FILE" ] && token=(--token-file "$TOKEN_FILE")
+
+exec 9>"$LOCK_FILE"
+flock -w 300 9
+
+if [ -n "$NEFF_BUCKET" ] && ! "$MOUNTCTL" status "$NEFF_MOUNT" --json --check >/dev/null 2>&1; then
+    mkdir -p "$NEFF_MOUNT"
+    "$MOUNTCTL" umount --force "$NEFF_MOUNT" >/dev/null 2>&1 || true  # a dead daemon's leftovers
+    "$MOUNTCTL" mount neff "$NEFF_BUCKET" "$NEFF_MOUNT" --allow-other --cache-dir "$CACHE_DIR" --cache-size "$CACHE_SIZE" "${token[@]}"
+fi
+if [ -n "$HUB_MOUNT" ] && ! "$MOUNTCTL" status "$HUB_MOUNT" --json --check >/dev/null 2>&1; then
+    mkdir -p "$HUB_MOUNT"
+    "$MOUNTCTL" umount --force "$HUB_MOUNT" >/dev/null 2>&1 || true
+    "$MOUNTCTL" mount hub-cache "$HUB_MOUNT" --allow-other --cache-dir "$CACHE_DIR" --cache-size "$CACHE_SIZE" "${token[@]}"
+fi

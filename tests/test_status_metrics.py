@@ -1,0 +1,215 @@
+"""Operating a mount: live `mountctl status` over the control socket, its fallback for a dead daemon,
+`--watch`, `--check`, and the Prometheus endpoint (`--metrics-addr`), scraped over HTTP and parsed with
+prometheus_client's own parser after real reads through real mounts.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from conftest import Mounts
+from prometheus_client.parser import text_string_to_metric_families
+
+from hffs_neuron.errors import MountError, UsageError
+from hffs_neuron.runtime import read_state, socket_path
+from hffs_neuron.testing.hub_emulator import HubEmulator
+
+pytestmark = pytest.mark.timeout(120)
+
+MOUNTCTL = str(Path(sys.executable).parent / "mountctl")
+BUCKET = "ops-team/neuron-cache"
+MODULE = "neuronxcc-2.21.18209.0+043b1bf7/MODULE_1111111111111111+abcdef01"
+
+
+@pytest.fixture
+def files(hub: HubEmulator) -> dict[str, bytes]:
+    data = {
+        f"{MODULE}/model.neff": os.urandom(3 * 1024 * 1024 + 17),
+        f"{MODULE}/model.done": b"",
+        f"{MODULE}/compile_flags.json": b'["--target=trn1"]',
+    }
+    hub.add_bucket(BUCKET, data)
+    return data
+
+
+def mountctl(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MOUNTCTL, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def status_json(env: dict[str, str], mountpoint: Path) -> dict:
+    result = mountctl(env, "status", str(mountpoint), "--json")
+    assert result.returncode == 0, result.stderr
+    (state,) = json.loads(result.stdout)["mounts"]
+    return state
+
+
+def test_status_is_live_right_after_a_read(
+    hub: HubEmulator, files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str], hub_token: str
+) -> None:
+    mp = Path(mounts("neff", BUCKET, token=hub_token).mountpoint)
+    neff = files[f"{MODULE}/model.neff"]
+    before = status_json(runtime_env, mp)
+    assert before["live"] and before["counters"]["fetches"] == 0
+
+    assert (mp / MODULE / "model.neff").read_bytes() == neff
+    state = status_json(runtime_env, mp)  # at once: no waiting for a state file to be rewritten
+    c = state["counters"]
+    assert (c["fetches"], c["bytes_fetched"], c["misses"], c["hits"]) == (1, len(neff), 1, 0)
+    assert state["transfers"] == {"http": {"count": 1, "bytes": len(neff)}, "xet": {"count": 0, "bytes": 0}}
+    assert state["cache"]["used_bytes"] >= len(neff) and state["cache"]["limit_bytes"] == 50 * 1024**3
+    assert state["cache"]["dir"] == state["cache_dir"]
+    assert c["http_requests"] >= 1 and c["http_status"].get("2xx", 0) >= 1
+    # The whole DESIGN.md schema, with neutral values for parts other subsystems fill in.
+    assert (state["view"], state["source"], state["mountpoint"]) == ("neff", BUCKET, str(mp))
+    assert state["alive"] is True and state["pid"] > 0 and state["uptime_s"] >= 0
+    assert state["in_flight"] == []
+    assert state["read_ahead"] == {"queued": 0, "in_flight": 0, "done": 0}
+    assert state["publish"] == {"mode": "off", "published": 0, "pending": 0, "failed": []}
+    assert state["follow"] in ("events", "probe", "ttl") and state["stale_locks"] == []
+
+    assert (mp / MODULE / "model.neff").read_bytes() == neff  # page cache: may not even reach the daemon
+    with pytest.raises(FileNotFoundError):
+        os.stat(mp / MODULE / "model.log")
+    c = status_json(runtime_env, mp)["counters"]
+    assert c["fetches"] == 1 and c["errors"].get("ENOENT", 0) >= 1
+
+    # The socket is the owner's only, and nothing it says carries the token.
+    sock = socket_path(str(mp))
+    assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(sock.parent).st_mode) == 0o700
+    text = mountctl(runtime_env, "status").stdout + mountctl(runtime_env, "status", "--json").stdout
+    assert hub_token not in text
+    assert "misses 1  fetches 1  fetched 3.0 MiB" in text, text
+
+
+def test_dead_daemon_shows_its_last_saved_state(
+    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    handle = mounts("neff", BUCKET)
+    mp = Path(handle.mountpoint)
+    (mp / MODULE / "model.neff").read_bytes()
+    deadline = time.monotonic() + 10  # the daemon saves its state once a second
+    while (read_state(str(mp)) or {}).get("counters", {}).get("fetches") != 1:
+        assert time.monotonic() < deadline, "the state file never recorded the fetch"
+        time.sleep(0.1)
+    os.kill(handle.pid, signal.SIGKILL)
+    handle.process.wait(timeout=10)
+
+    state = status_json(runtime_env, mp)
+    assert (state["alive"], state["live"], state["health"]) == (False, False, "dead")
+    assert state["counters"]["fetches"] == 1 and state["cache"]["used_bytes"] >= len(files[f"{MODULE}/model.neff"])
+    text = mountctl(runtime_env, "status", str(mp)).stdout
+    assert "DEAD daemon" in text and "fetches 1" in text
+    check = mountctl(runtime_env, "status", str(mp), "--check")
+    assert check.returncode == 3 and "not running" in check.stderr
+
+
+def test_watch_refreshes_until_interrupted_and_check_passes(
+    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    mp = Path(mounts("neff", BUCKET).mountpoint)
+    assert mountctl(runtime_env, "status", str(mp), "--json", "--check").returncode == 0
+    watch = subprocess.Popen(
+        [MOUNTCTL, "status", "--watch", "--interval", "0.2"],
+        env=runtime_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(2.0)
+        watch.send_signal(signal.SIGINT)
+        out, err = watch.communicate(timeout=30)
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+    assert watch.returncode == 0, err
+    assert out.count(f"{mp}: neff view of {BUCKET}") >= 2
+
+
+# -- Prometheus ----------------------------------------------------------------------------------------
+def scrape(address: str) -> dict[str, dict[tuple, float]]:
+    """{sample name: {sorted label items: value}} from /metrics, parsed by prometheus_client."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, dict[tuple, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_endpoint_after_real_reads(
+    hub: HubEmulator, files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str], hub_token: str
+) -> None:
+    mp = Path(mounts("neff", BUCKET, token=hub_token, metrics_addr="127.0.0.1:0").mountpoint)
+    address = status_json(runtime_env, mp)["metrics_addr"]
+    assert address.startswith("127.0.0.1:") and not address.endswith(":0")
+    neff = files[f"{MODULE}/model.neff"]
+    assert (mp / MODULE / "model.neff").read_bytes() == neff
+    assert (mp / MODULE / "compile_flags.json").read_bytes() == files[f"{MODULE}/compile_flags.json"]
+    for _ in range(3):
+        with pytest.raises(FileNotFoundError):
+            os.stat(mp / MODULE / "model.log")
+
+    m = scrape(address)
+    assert m["hffs_cache_misses_total"][()] == 2 and m["hffs_cache_hits_total"][()] == 0
+    assert m["hffs_transfers_total"][(("path", "http"),)] == 2
+    assert m["hffs_transfer_bytes_total"][(("path", "http"),)] == len(neff) + len(files[f"{MODULE}/compile_flags.json"])
+    assert m["hffs_transfers_total"][(("path", "xet"),)] == 0
+    assert m["hffs_errors_total"][(("errno", "ENOENT"),)] >= 1
+    assert m["hffs_upstream_responses_total"][(("status_class", "2xx"),)] >= 2
+    assert m["hffs_cache_used_bytes"][()] >= len(neff)
+    assert m["hffs_fetches_in_flight"][()] == 0 and m["hffs_stale_locks"][()] == 0
+    assert m["hffs_fuse_operation_seconds_count"][(("operation", "open"),)] >= 2
+    assert m["hffs_upstream_request_seconds_count"][(("status_class", "2xx"),)] >= 2
+    # Labels come from small fixed sets: no file names, no token.
+    labels: dict[str, set[str]] = {}
+    for samples in m.values():
+        for key in samples:
+            for name, value in key:
+                labels.setdefault(name, set()).add(value)
+    assert set(labels) <= {"path", "errno", "status_class", "operation", "le"}
+    assert labels["path"] <= {"http", "xet"} and labels["errno"] <= set(errno.errorcode.values())
+    assert labels["status_class"] <= {"2xx", "3xx", "4xx", "5xx", "error"}
+    assert all(op.isidentifier() and "model" not in op for op in labels["operation"])
+    assert not any(hub_token in value for values in labels.values() for value in values)
+
+
+def test_metrics_addr_is_off_by_default_and_refused_when_bad_or_taken(
+    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    mp = Path(mounts("neff", BUCKET, metrics_addr="127.0.0.1:0").mountpoint)
+    taken = status_json(runtime_env, mp)["metrics_addr"]
+    with pytest.raises(UsageError, match="HOST:PORT"):
+        mounts("neff", BUCKET, name="bad", metrics_addr="localhost")
+    with pytest.raises(MountError, match="--metrics-addr"):
+        mounts("neff", BUCKET, name="taken", cache="cache2", metrics_addr=taken)
+    assert (
+        status_json(runtime_env, Path(mounts("neff", BUCKET, name="plain", cache="cache3").mountpoint))["metrics_addr"]
+        is None
+    )
+
+
+def test_metrics_addr_three_ways() -> None:
+    """CLI flag, fstab option (mount.hffs) and environment default (HFFS_METRICS_ADDR)."""
+    from mountctl.cli import build_parser, mount_helper_argv
+
+    argv = mount_helper_argv(["neff:org/cache", "/mnt/nc", "-o", "metrics_addr=127.0.0.1:9100,_netdev"])
+    assert argv[-2:] == ["--metrics-addr", "127.0.0.1:9100"]
+    assert build_parser().parse_args(argv).metrics_addr == "127.0.0.1:9100"
+    env = dict(os.environ, HFFS_METRICS_ADDR="0.0.0.0:9200")
+    code = "from mountctl.cli import build_parser as b; print(b().parse_args(['mount', 'hub-cache', 'm']).metrics_addr)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "0.0.0.0:9200"
