@@ -53,3 +53,7 @@ CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 32 * 1024 * 1024)
 DOWNLOAD_CONCURRENCY = _env_int("HFFS_DOWNLOAD_CONCURRENCY", 8)
 # Objects below this size are fetched with one GET.
 PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
+
+# With --allow-other: the group (name or gid) that may read gated or private repos' content besides
+# the mount's owner. Unset: the owner only.
+GROUP = os.environ.get("HFFS_GROUP") or None

@@ -16,6 +16,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would otherwise p
 import mfusepy  # noqa: E402
 
 from .errors import HffsError  # noqa: E402
+from .views.creators import Caller  # noqa: E402
 from .views.merged import FileHandle, MergedView, errno_of  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,12 @@ _libc.malloc.argtypes = [ctypes.c_size_t]
 
 def _relative(path: str) -> str:
     return path.strip("/")
+
+
+def _caller() -> Caller:
+    """Who made the current request (pid 0: a process in another pid namespace)."""
+    uid, gid, pid = mfusepy.fuse_get_context()
+    return Caller(uid, gid, pid)
 
 
 class FuseOperations(mfusepy.Operations):
@@ -165,11 +172,11 @@ class FuseOperations(mfusepy.Operations):
 
     # -- files ----------------------------------------------------------------------------------
     def open(self, path: str, fi: Any) -> int:
-        handle = self._call(self.view.open, _relative(path), fi.flags)
+        handle = self._call(self.view.open, _relative(path), fi.flags, _caller())
         return self._register(handle, fi)
 
     def create(self, path: str, mode: int, fi: Any) -> int:
-        handle = self._call(self.view.create, _relative(path), fi.flags, mode)
+        handle = self._call(self.view.create, _relative(path), fi.flags, mode, _caller())
         return self._register(handle, fi)
 
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: Any) -> int:
@@ -208,7 +215,7 @@ class FuseOperations(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno_of(exc)) from None
 
     def truncate(self, path: str, length: int, fh: Any = None) -> int:
-        self._call(self.view.truncate, _relative(path), length)
+        self._call(self.view.truncate, _relative(path), length, _caller())
         return 0
 
     def flush(self, path: str, fh: Any) -> int:
@@ -233,36 +240,36 @@ class FuseOperations(mfusepy.Operations):
 
     # -- namespace ------------------------------------------------------------------------------
     def mkdir(self, path: str, mode: int) -> int:
-        self._call(self.view.mkdir, _relative(path), mode)
+        self._call(self.view.mkdir, _relative(path), mode, _caller())
         return 0
 
     def rmdir(self, path: str) -> int:
-        self._call(self.view.rmdir, _relative(path))
+        self._call(self.view.rmdir, _relative(path), _caller())
         return 0
 
     def unlink(self, path: str) -> int:
-        self._call(self.view.unlink, _relative(path))
+        self._call(self.view.unlink, _relative(path), _caller())
         return 0
 
     def rename(self, old: str, new: str) -> int:
-        self._call(self.view.rename, _relative(old), _relative(new))
+        self._call(self.view.rename, _relative(old), _relative(new), _caller())
         return 0
 
     def symlink(self, target: str, source: str) -> int:
         # mfusepy's naming: `target` is the new link's path, `source` what it points to.
-        self._call(self.view.symlink, _relative(target), source)
+        self._call(self.view.symlink, _relative(target), source, _caller())
         return 0
 
     def chmod(self, path: str, mode: int, fh: Any = None) -> int:
-        self._call(self.view.chmod, _relative(path), mode)
+        self._call(self.view.chmod, _relative(path), mode, _caller())
         return 0
 
     def chown(self, path: str, uid: int, gid: int, fh: Any = None) -> int:
-        self._call(self.view.chown, _relative(path), uid, gid)
+        self._call(self.view.chown, _relative(path), uid, gid, _caller())
         return 0
 
     def utimens(self, path: str, times: tuple[int, int] | None = None, fh: Any = None) -> int:
-        self._call(self.view.utimens, _relative(path), times)
+        self._call(self.view.utimens, _relative(path), times, _caller())
         return 0
 
 
@@ -293,7 +300,13 @@ class _CachingFUSE(mfusepy.FUSE):
 
 
 def run_fuse(ops: FuseOperations, mountpoint: str, *, foreground: bool = True, **options: Any) -> None:
-    """Mount and serve until unmounted (blocks). `options` become libfuse `-o` options."""
+    """Mount and serve until unmounted (blocks). `options` become libfuse `-o` options.
+
+    Always with `default_permissions` (the kernel checks the modes and owners the views report: the
+    multi-user model in DESIGN.md) and `hard_remove` (unlinking an open file unlinks it; libfuse would
+    otherwise rename it to `.fuse_hidden*`, which for a remote file meant a full copy-up).
+    """
+    options.update(default_permissions=True, hard_remove=True)
     options.setdefault("fsname", "hffs")
     options.setdefault("subtype", "hffs")
     options.setdefault("max_read", MAX_READ)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
 from dataclasses import dataclass, field
 
@@ -30,13 +31,20 @@ from ..remote.http import HubHttp
 from ..remote.hub import HubRepo
 from ..store.blobstore import BlobStore
 from ..store.metacache import MetadataCache
+from .creators import Caller
+from .localfs import LocalTree
 from .merged import FileHandle, MergedView, VNode, fs_error
 
 logger = logging.getLogger(__name__)
 
 _FOLDER = re.compile(r"^(models|datasets)--(.+)$", re.IGNORECASE)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_REPO_DIRS = ("blobs", "refs", "snapshots", "trees")
+# `.no_exist` is always there so that every user's huggingface_hub can record a missing file in it.
+_REPO_DIRS = ("blobs", "refs", "snapshots", "trees", ".no_exist")
+# The private directory of copy-up temp files, in the backing (renames stay on one filesystem); never shown.
+_TMP_DIR = ".hffs-tmp"
+# The longest ref file a client may install (a commit id; a little slack for odd writers).
+_MAX_REF_BYTES = 256
 
 
 def repo_folder(repo_type: str, repo_id: str) -> str:
@@ -82,12 +90,21 @@ class HubCacheView(MergedView):
         store: BlobStore,
         meta: MetadataCache,
         backing_dir: str | os.PathLike,
+        state_dir: str | os.PathLike,
         *,
         pinned: list[tuple[str, str, str]] = (),
         read_only: bool = False,
         revision_ttl: float | None = None,
+        group_gid: int | None = None,
     ):
-        super().__init__(backing_dir, read_only=read_only)
+        super().__init__(
+            LocalTree(backing_dir),
+            upper="",
+            tmp=_TMP_DIR,
+            state=LocalTree(state_dir),
+            read_only=read_only,
+            group_gid=group_gid,
+        )
         self.http = http
         self.store = store
         self.meta = meta
@@ -99,8 +116,11 @@ class HubCacheView(MergedView):
             self.pin_repo(repo_type, repo_id, revision)
 
     # -- repos ----------------------------------------------------------------------------------
+    def _repo_key(self, repo_type: str, repo_id: str, revision: str) -> tuple:
+        return (self.http.endpoint, self.http.token_fingerprint, "repo", repo_type, repo_id.lower(), revision)
+
     def _hub_repo(self, repo_type: str, repo_id: str, revision: str) -> HubRepo:
-        key = (self.http.endpoint, self.http.token_fingerprint, "repo", repo_type, repo_id.lower(), revision)
+        key = self._repo_key(repo_type, repo_id, revision)
         ttl = constants.PINNED_TTL if _COMMIT.match(revision) else self.revision_ttl
         return self.meta.get(key, lambda: HubRepo(self.http, repo_type, repo_id, revision), ttl=ttl)
 
@@ -157,10 +177,7 @@ class HubCacheView(MergedView):
         if parsed is None:
             return folder
         lowered = folder.lower()
-        try:
-            variants = sorted(n for n in os.listdir(self.local_root) if n.lower() == lowered)
-        except FileNotFoundError:
-            variants = []
+        variants = sorted(n for n, _mode in self.local.listdir("") if n.lower() == lowered)
         if variants:
             return variants[0]
         with self._lock:
@@ -172,15 +189,13 @@ class HubCacheView(MergedView):
                 state = None  # offline or failing Hub: keep the caller's casing
         return repo_folder(state.repo_type, state.repo_id) if state else folder
 
-    def local_path(self, path: str) -> str:
-        if not path:
-            return self.local_root
+    def layer_path(self, path: str) -> str:
         parts = path.split("/")
         if parse_repo_folder(parts[0]):
             parts[0] = self.canonical_folder(parts[0])
         elif parts[0] == ".locks" and len(parts) > 1 and parse_repo_folder(parts[1]):
             parts[1] = self.canonical_folder(parts[1])
-        return os.path.join(self.local_root, *parts)
+        return "/".join(parts)
 
     def display_name(self, parent: str, local_name: str) -> str:
         if not parent and parse_repo_folder(local_name):
@@ -308,3 +323,112 @@ class HubCacheView(MergedView):
             fd, unpin = self.store.open_blob(name, repo, entry)
             return FileHandle(fd=fd, keep_cache=True, on_release=unpin)
         raise fs_error(errno.ENOENT)
+
+    # -- shared-host rules (DESIGN.md "Multi-user model") ---------------------------------------
+    def check_write(self, path: str, caller: Caller | None) -> None:
+        """Other users write only where huggingface_hub must: lock files, `.no_exist` markers and refs
+        (a ref only as a rename that names the Hub's commit, see `rename`). Snapshots and blobs come
+        from the Hub: nobody else adds to them."""
+        super().check_write(path, caller)
+        if self.is_owner(caller):
+            return
+        parts = path.split("/")
+        if parts[0] == ".locks" and len(parts) > 2:
+            return
+        if parse_repo_folder(parts[0]) and len(parts) > 2 and parts[1] in (".no_exist", "refs"):
+            return
+        raise fs_error(errno.EACCES)
+
+    def policy_mode(self, path: str, is_dir: bool) -> int | None:
+        if not is_dir:
+            return None
+        parts = path.split("/")
+        if parts[0] == ".locks" or (len(parts) >= 2 and parse_repo_folder(parts[0]) and parts[1] == ".no_exist"):
+            return 0o1777  # like /tmp: everyone creates, only the creator (or owner) removes
+        return None
+
+    def adjust_attrs(self, path: str, attrs: dict) -> None:
+        super().adjust_attrs(path, attrs)
+        if "/" not in path and parse_repo_folder(path) and self._is_restricted(path):
+            self.restrict(attrs)
+        elif _in_refs(f"{path}/x") and stat.S_ISDIR(attrs["st_mode"]):
+            # Shown writable by all, not sticky, and kept 0755 on disk: a user's ref rename must be
+            # able to replace the owner's ref; `rename` and `unlink` decide who may do what here.
+            attrs["st_mode"] = stat.S_IFDIR | 0o777
+
+    def _is_restricted(self, folder: str) -> bool:
+        """A gated or private repo: its files are for the owner (and --group) only."""
+        try:
+            state = self._repo_state(folder)
+        except HffsError:
+            return False  # the Hub cannot say (offline): local content keeps the backing's own modes
+        if state is None:
+            return False
+        with self._lock:
+            repos = list(state.commits.values())
+        return any(repo.gated or repo.private for repo in repos)
+
+    def _caller_owns(self, path: str, caller: Caller) -> bool:
+        try:
+            return self.local.lstat(self._rel(path)).st_uid == caller.uid
+        except FileNotFoundError:
+            return False
+
+    def unlink(self, path: str, caller: Caller | None = None) -> None:
+        if not self.is_owner(caller) and _in_refs(path) and not self._caller_owns(path, caller):
+            raise fs_error(errno.EPERM)  # refs/ is not sticky (see policy_mode): the rule is ours
+        super().unlink(path, caller)
+
+    def rename(self, old: str, new: str, caller: Caller | None = None) -> None:
+        if self.is_owner(caller) or not (_in_refs(old) or _in_refs(new)):
+            super().rename(old, new, caller)
+            return
+        self.check_write(old, caller)
+        self.check_write(new, caller)
+        if not (_in_refs(old) and _in_refs(new)) or not self._caller_owns(old, caller):
+            raise fs_error(errno.EPERM)
+        self._install_ref(old, new)
+
+    def _install_ref(self, source: str, ref: str) -> None:
+        """Another user's `refs/<rev>` update: accepted only when it names the commit the Hub reports
+        for <rev>. The owner's own copy of that commit is installed (the user's file, which the user
+        could still write to, is only read), then the user's file is removed."""
+        fd = self.local.open(self._rel(source), os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            claimed = f.read(_MAX_REF_BYTES + 1).decode(errors="replace")
+        parts = ref.split("/")
+        state = self._repo_state(parts[0])
+        revision = "/".join(parts[2:])
+        if state is None or not _COMMIT.match(claimed) or claimed != self._hub_commit(state, revision, claimed):
+            logger.warning("refused a ref update from another user: %s -> %r", ref, claimed[:64])
+            raise fs_error(errno.EACCES)
+        tmp = self._tmp_name()
+        out = self.local.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        with os.fdopen(out, "wb") as f:
+            os.fchmod(out, 0o644)
+            f.write(claimed.encode())
+        self._ensure_local_parent(ref)
+        with self._locks.hold(source, ref):
+            self.local.rename(tmp, self._rel(ref))
+            self.local.unlink(self._rel(source))
+            self.creators.forget(source)
+            self.creators.forget(ref)
+        with self._lock:
+            state.refs[revision] = claimed
+
+    def _hub_commit(self, state: RepoState, revision: str, claimed: str) -> str | None:
+        """The Hub's commit for `revision`, re-asked once when the cached answer differs from `claimed`
+        (the branch may have moved within the metadata TTL)."""
+        try:
+            commit = self._hub_repo(state.repo_type, state.repo_id, revision).commit
+            if commit != claimed:
+                self.meta.invalidate(lambda key: key == self._repo_key(state.repo_type, state.repo_id, revision))
+                commit = self._hub_repo(state.repo_type, state.repo_id, revision).commit
+        except RemoteNotFound:
+            return None
+        return commit
+
+
+def _in_refs(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) > 2 and parts[1] == "refs" and parse_repo_folder(parts[0]) is not None
