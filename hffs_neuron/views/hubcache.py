@@ -98,7 +98,7 @@ class HubCacheView(MergedView):
         group_gid: int | None = None,
     ):
         super().__init__(
-            LocalTree(backing_dir),
+            LocalTree(backing_dir, create_mode=0o755),  # its mode is the mount root's: others may enter
             upper="",
             tmp=_TMP_DIR,
             state=LocalTree(state_dir),
