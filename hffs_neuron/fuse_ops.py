@@ -17,7 +17,7 @@ import mfusepy  # noqa: E402
 
 from .errors import HffsError  # noqa: E402
 from .views.creators import Caller  # noqa: E402
-from .views.merged import FileHandle, MergedView, errno_of  # noqa: E402
+from .views.merged import FileHandle, MergedView, errno_of, local_attrs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +56,9 @@ _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc.argtypes = [ctypes.c_size_t]
 
 
-def _relative(path: str) -> str:
+def _relative(path: str | None) -> str:
+    if path is None:  # an open file unlinked meanwhile (hard_remove): only its handle is left
+        raise mfusepy.FuseOSError(errno.ENOENT)
     return path.strip("/")
 
 
@@ -150,7 +152,12 @@ class FuseOperations(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno.EBADF) from None
 
     # -- metadata -------------------------------------------------------------------------------
-    def getattr(self, path: str, fh: Any = None) -> dict:
+    def getattr(self, path: str | None, fh: Any = None) -> dict:
+        if path is None and fh is not None:  # fstat of an open file already unlinked (hard_remove)
+            handle = self._handle(fh)
+            if handle.fd >= 0:
+                return local_attrs(os.fstat(handle.fd))
+            return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 0, "st_size": len(handle.data or b"")}
         return self._call(self.view.getattr, _relative(path))
 
     def opendir(self, path: str) -> int:
@@ -214,8 +221,12 @@ class FuseOperations(mfusepy.Operations):
         except OSError as exc:
             raise mfusepy.FuseOSError(errno_of(exc)) from None
 
-    def truncate(self, path: str, length: int, fh: Any = None) -> int:
-        self._call(self.view.truncate, _relative(path), length, _caller())
+    def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
+        handle = self._handle(fh) if fh is not None else None
+        if handle is not None and handle.fd >= 0:  # ftruncate: the kernel checked the handle is writable
+            self._call(os.ftruncate, handle.fd, length)
+        else:
+            self._call(self.view.truncate, _relative(path), length, _caller())
         return 0
 
     def flush(self, path: str, fh: Any) -> int:
@@ -281,6 +292,15 @@ class _CachingFUSE(mfusepy.FUSE):
     libfuse's high-level API forwards these flags only from 3.16.1 on; with older libfuse (Debian 12
     ships 3.14) every `ls` is answered by the daemon.
     """
+
+    def read_buf(self, path: bytes | None, bufpp: Any, size: int, offset: int, fip: Any) -> int:
+        # mfusepy decodes the path unconditionally; with hard_remove it is NULL for unlinked open files.
+        return self.operations.read_buf("", bufpp, size, offset, fip.contents)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        # mfusepy drops the file handle of an ftruncate (and the path is NULL once the file is unlinked).
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.truncate(decoded, length, fip.contents if fip else None)
 
     def readdir_fuse_3(self, path: bytes, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         """Fill entries straight from (name, mode) pairs: mfusepy's generic loop costs several
