@@ -333,7 +333,7 @@ class HubCacheView(MergedView):
         if self.is_owner(caller):
             return
         parts = path.split("/")
-        if parts[0] == ".locks" and len(parts) > 2:
+        if parts[0] == ".locks" and len(parts) > 1:
             return
         if parse_repo_folder(parts[0]) and len(parts) > 2 and parts[1] in (".no_exist", "refs"):
             return
@@ -393,7 +393,8 @@ class HubCacheView(MergedView):
         """Another user's `refs/<rev>` update: accepted only when it names the commit the Hub reports
         for <rev>. The owner's own copy of that commit is installed (the user's file, which the user
         could still write to, is only read), then the user's file is removed."""
-        fd = self.local.open(self._rel(source), os.O_RDONLY)
+        source_rel, ref_rel = self._rel(source), self._rel(ref)
+        fd = self.local.open(source_rel, os.O_RDONLY)
         with os.fdopen(fd, "rb") as f:
             claimed = f.read(_MAX_REF_BYTES + 1).decode(errors="replace")
         parts = ref.split("/")
@@ -402,17 +403,21 @@ class HubCacheView(MergedView):
         if state is None or not _COMMIT.match(claimed) or claimed != self._hub_commit(state, revision, claimed):
             logger.warning("refused a ref update from another user: %s -> %r", ref, claimed[:64])
             raise fs_error(errno.EACCES)
-        tmp = self._tmp_name()
-        out = self.local.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        with os.fdopen(out, "wb") as f:
-            os.fchmod(out, 0o644)
-            f.write(claimed.encode())
         self._ensure_local_parent(ref)
-        with self._locks.hold(source, ref):
-            self.local.rename(tmp, self._rel(ref))
-            self.local.unlink(self._rel(source))
-            self.creators.forget(source)
-            self.creators.forget(ref)
+        tmp = self._tmp_name()
+        try:
+            out = self.local.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(out, "wb") as f:
+                os.fchmod(out, 0o644)
+                f.write(claimed.encode())
+            with self._locks.hold(source, ref):
+                self.local.rename(tmp, ref_rel)
+                self.local.unlink(source_rel)
+                self.creators.forget(self._key(source_rel))
+                self.creators.forget(self._key(ref_rel))
+        finally:
+            if self.local.exists(tmp):
+                self.local.unlink(tmp)
         with self._lock:
             state.refs[revision] = claimed
 

@@ -127,7 +127,8 @@ class MergedView:
         self._tmp_count = itertools.count()
         if upper and not local.exists(upper):
             local.mkdir(upper, 0o755)
-        self._prepare_tmp()
+        if not read_only:
+            self._prepare_tmp()
         self._state = state
         self.creators = CreatorLog(state)
 
@@ -249,11 +250,16 @@ class MergedView:
 
     # -- lookups --------------------------------------------------------------------------------
     def getattr(self, path: str) -> dict:
-        st = self._lstat(self._rel(path))
+        rel = self._rel(path)
+        st = self._lstat(rel)
         if st is not None:
             attrs = local_attrs(st)
             if stat.S_ISDIR(st.st_mode):  # may merge virtual children: changes with them too
                 attrs["st_mtime"] = max(attrs["st_mtime"], self.generation_ns)
+            if not _CAN_CHOWN and (creator := self.creators.get(self._key(rel))) is not None:
+                # A daemon that cannot chown still shows each entry as its creator's, so that the
+                # kernel lets creators (and only them) change and remove what they made.
+                attrs["st_uid"] = creator.uid
         else:
             node = self._vnode(path)
             if node is None:
@@ -388,16 +394,20 @@ class MergedView:
         except BaseException:
             os.close(fd)
             raise
-        self._created(path, caller, opaque=False)
+        self._created(path, rel, caller, opaque=False)
         return fd
 
     def _new_mode(self, path: str, mode: int, *, is_dir: bool) -> int:
         forced = self.policy_mode(path, is_dir)
         return forced if forced is not None else mode & _ALLOWED_BITS
 
-    def _created(self, path: str, caller: Caller | None, *, opaque: bool) -> None:
+    def _key(self, rel: str) -> str:
+        """The creator record's key for a tree path: the path in the layer (canonical casing)."""
+        return rel[len(self.upper) + 1 :] if self.upper else rel
+
+    def _created(self, path: str, rel: str, caller: Caller | None, *, opaque: bool) -> None:
         """Bookkeeping for a new local entry: its creator, and no whiteout over it any more."""
-        self.creators.record(path, caller or Caller(self.uid, self.gid, os.getpid()))
+        self.creators.record(self._key(rel), caller or Caller(self.uid, self.gid, os.getpid()))
         self.unhide(path, opaque=opaque)
 
     def _ensure_local_parent(self, path: str) -> None:
@@ -474,7 +484,7 @@ class MergedView:
             self.local.chmod(rel, self._new_mode(path, mode, is_dir=True))
             if caller is not None and _CAN_CHOWN:
                 self.local.chown(rel, caller.uid, caller.gid)
-            self._created(path, caller, opaque=node is not None)  # hidden before: recreate empty
+            self._created(path, rel, caller, opaque=node is not None)  # hidden before: recreate empty
 
     def symlink(self, path: str, target: str, caller: Caller | None = None) -> None:
         self.check_write(path, caller)
@@ -487,7 +497,7 @@ class MergedView:
             self.local.symlink(target, rel)  # stored verbatim; the daemon never follows it
             if caller is not None and _CAN_CHOWN:
                 self.local.chown(rel, caller.uid, caller.gid)
-            self._created(path, caller, opaque=False)
+            self._created(path, rel, caller, opaque=False)
 
     def _check_hideable(self, node: VNode | None) -> None:
         if node is not None and not self.hides_virtual:
@@ -507,7 +517,7 @@ class MergedView:
             self._check_hideable(node)
             if st is not None:
                 self.local.unlink(rel)
-                self.creators.forget(path)
+                self.creators.forget(self._key(rel))
             if node is not None:
                 self.hide(path)
 
@@ -527,7 +537,7 @@ class MergedView:
             self._check_hideable(node)
             if st is not None:
                 self.local.rmdir(rel)  # ENOTEMPTY if a local entry appeared meanwhile
-                self.creators.forget(path)
+                self.creators.forget(self._key(rel))
             if node is not None:
                 self.hide(path)
 
@@ -570,7 +580,7 @@ class MergedView:
         self._ensure_local_parent(new)
         with self._locks.hold(old, new):
             self.local.rename(old_rel, new_rel)
-            self.creators.move(old, new)
+            self.creators.move(self._key(old_rel), self._key(new_rel))
             if src_node is not None:
                 self.hide(old)
             self.unhide(new, opaque=dst_node is not None and dst_node.kind == "dir")

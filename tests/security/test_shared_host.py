@@ -39,15 +39,18 @@ class OtherUser:
     gid: int
     home: Path  # writable by the user: its HF_HOME
 
-    def run(self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 60):
-        """Run `argv` as this user; returns the CompletedProcess (text)."""
+    def run(
+        self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 60, groups: tuple[int, ...] = ()
+    ):
+        """Run `argv` as this user (with supplementary `groups`); returns the CompletedProcess (text)."""
         base = dict(os.environ if env is None else env, HOME=str(self.home), HF_HOME=str(self.home / "hf"))
         base.pop("HF_TOKEN", None)  # the other user has no token of its own
-        wrapped = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--clear-groups", *argv]
+        extra = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+        wrapped = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", extra, *argv]
         return subprocess.run(wrapped, env=base, capture_output=True, text=True, timeout=timeout)
 
-    def python(self, script: str, *args: str, env: dict[str, str] | None = None, timeout: float = 60):
-        return self.run([sys.executable, "-c", script, *args], env=env, timeout=timeout)
+    def python(self, script: str, *args: str, env: dict[str, str] | None = None, groups: tuple[int, ...] = ()):
+        return self.run([sys.executable, "-c", script, *args], env=env, groups=groups)
 
 
 @pytest.fixture(scope="session")
@@ -105,9 +108,9 @@ except OSError as exc:
 """
 
 
-def _as(user: OtherUser, op: str, *args: object) -> str:
+def _as(user: OtherUser, op: str, *args: object, groups: tuple[int, ...] = ()) -> str:
     """errno name (or "ok") of `os.<op>(*args)` (or read/write/replace) run as `user`."""
-    result = user.python(PROBE, op, json.dumps([str(a) if isinstance(a, Path) else a for a in args]))
+    result = user.python(PROBE, op, json.dumps([str(a) if isinstance(a, Path) else a for a in args]), groups=groups)
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])[0]
 
@@ -303,3 +306,30 @@ def test_symlinks_planted_in_a_shared_backing_are_never_followed(
         assert (secret_dir / "secret.txt").read_text() == "root only"
     finally:
         shutil.rmtree(secret_dir, ignore_errors=True)
+
+
+def test_group_reads_gated_content(hub: HubEmulator, shared_mounts: Mounts, other_user: OtherUser, hub_token: str):
+    """--group: members read gated repos' files, other users still cannot."""
+    group = f"hffs-sec-g{secrets.token_hex(3)}"
+    subprocess.run(["groupadd", group], check=True, timeout=30)
+    try:
+        gid = int(subprocess.run(["getent", "group", group], capture_output=True, text=True).stdout.split(":")[2])
+        weights = os.urandom(16 * 1024)
+        commit = hub.add_repo("Org/Gated", {"model.safetensors": weights}, gated=True)
+        mp = Path(shared_mounts("hub-cache", allow_other=True, token=hub_token, group=group).mountpoint)
+        target = mp / "models--Org--Gated" / "snapshots" / commit / "model.safetensors"
+        assert os.stat(mp / "models--Org--Gated").st_gid == gid
+        assert _as(other_user, "read", target, groups=(gid,)) == "ok"
+        assert _as(other_user, "read", target) == "EACCES"
+    finally:
+        subprocess.run(["groupdel", group], check=False, timeout=30)
+
+
+def test_group_is_a_mount_option_three_ways() -> None:
+    from mountctl.cli import build_parser, mount_helper_argv
+
+    argv = mount_helper_argv(["hub-cache", "/mnt/x", "-o", "group=ml,allow_other"])
+    assert argv[argv.index("--group") + 1] == "ml" and "--allow-other" in argv
+    assert mount_helper_argv(["hub-cache", "/mnt/x", "-o", "group"]) == ["mount", "hub-cache", "/mnt/x"]  # mount(8)'s
+    args = build_parser().parse_args(["mount", "hub-cache", "/mnt/x", "--allow-other", "--group", "ml"])
+    assert args.group == "ml"
