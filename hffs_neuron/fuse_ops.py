@@ -30,6 +30,7 @@ _FUSE_BUF_IS_FD = 1 << 1
 _FUSE_BUF_FD_SEEK = 1 << 2
 _FUSE_CAP_SPLICE_WRITE = 1 << 7
 _FUSE_CAP_SPLICE_MOVE = 1 << 8
+_RENAME_NOREPLACE = 1
 
 
 class _FuseBuf(ctypes.Structure):
@@ -120,9 +121,9 @@ class FuseOperations(mfusepy.Operations):
             handle.release()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except mfusepy.FuseOSError:
             raise
         except HffsError as exc:
@@ -262,8 +263,11 @@ class FuseOperations(mfusepy.Operations):
         self._call(self.view.unlink, _relative(path), _caller())
         return 0
 
-    def rename(self, old: str, new: str) -> int:
-        self._call(self.view.rename, _relative(old), _relative(new), _caller())
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        if flags & ~_RENAME_NOREPLACE:  # RENAME_EXCHANGE / WHITEOUT: callers fall back to plain renames
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        noreplace = bool(flags & _RENAME_NOREPLACE)
+        self._call(self.view.rename, _relative(old), _relative(new), _caller(), noreplace=noreplace)
         return 0
 
     def symlink(self, target: str, source: str) -> int:
@@ -292,6 +296,12 @@ class _CachingFUSE(mfusepy.FUSE):
     libfuse's high-level API forwards these flags only from 3.16.1 on; with older libfuse (Debian 12
     ships 3.14) every `ls` is answered by the daemon.
     """
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        # mfusepy drops the flags: a `mv -n` (RENAME_NOREPLACE) would silently replace the target.
+        return self.operations.rename(
+            old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
+        )
 
     def read_buf(self, path: bytes | None, bufpp: Any, size: int, offset: int, fip: Any) -> int:
         # mfusepy decodes the path unconditionally; with hard_remove it is NULL for unlinked open files.

@@ -5,6 +5,7 @@ unlinked, copy-up temp files are never visible, and no operation waits behind an
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import subprocess
@@ -183,3 +184,26 @@ def test_an_unrelated_mkdir_does_not_wait_for_a_copy_up(hub: HubEmulator, mounts
     assert writer.is_alive()  # the compiler's creates were served while the download was still running
     writer.join(timeout=60)
     assert slow.stat().st_size > 0
+
+
+def test_rename_noreplace_never_replaces(hub: HubEmulator, mounts: Mounts) -> None:
+    """renameat2(RENAME_NOREPLACE) (`mv -n`, `mv --exchange` fallbacks) is honoured, on merged names too."""
+    bucket = build_neff_bucket(hub)
+    mp = Path(mounts("neff", bucket["bucket_id"]).mountpoint)
+    module = mp / bucket["complete"][0]
+    (module / "new").write_bytes(b"new")
+    for target in ("model.neff", "compile_flags.json"):  # remote-only names
+        assert _errno_of(lambda t=target: _renameat2(module / "new", module / t, 1)) == errno.EEXIST
+    (module / "other").write_bytes(b"other")  # a local name
+    assert _errno_of(lambda: _renameat2(module / "new", module / "other", 1)) == errno.EEXIST
+    assert (module / "new").read_bytes() == b"new" and (module / "other").read_bytes() == b"other"
+    _renameat2(module / "new", module / "fresh", 1)
+    assert (module / "fresh").read_bytes() == b"new"
+    assert _errno_of(lambda: _renameat2(module / "fresh", module / "other", 2)) == errno.EINVAL  # EXCHANGE
+
+
+def _renameat2(old: Path, new: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.renameat2(-100, os.fsencode(old), -100, os.fsencode(new), flags) != 0:  # AT_FDCWD
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))

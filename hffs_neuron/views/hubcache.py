@@ -379,14 +379,16 @@ class HubCacheView(MergedView):
             raise fs_error(errno.EPERM)  # refs/ is not sticky (see policy_mode): the rule is ours
         super().unlink(path, caller)
 
-    def rename(self, old: str, new: str, caller: Caller | None = None) -> None:
+    def rename(self, old: str, new: str, caller: Caller | None = None, *, noreplace: bool = False) -> None:
         if self.is_owner(caller) or not (_in_refs(old) or _in_refs(new)):
-            super().rename(old, new, caller)
+            super().rename(old, new, caller, noreplace=noreplace)
             return
         self.check_write(old, caller)
         self.check_write(new, caller)
         if not (_in_refs(old) and _in_refs(new)) or not self._caller_owns(old, caller):
             raise fs_error(errno.EPERM)
+        if noreplace and (self._lstat(self._rel(new)) is not None or self._vnode(new) is not None):
+            raise fs_error(errno.EEXIST)
         self._install_ref(old, new)
 
     def _install_ref(self, source: str, ref: str) -> None:

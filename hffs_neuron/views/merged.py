@@ -541,7 +541,8 @@ class MergedView:
             if node is not None:
                 self.hide(path)
 
-    def rename(self, old: str, new: str, caller: Caller | None = None) -> None:
+    def rename(self, old: str, new: str, caller: Caller | None = None, *, noreplace: bool = False) -> None:
+        """rename(2); `noreplace`: renameat2's RENAME_NOREPLACE (EEXIST if `new` exists in the merged view)."""
         self.check_write(old, caller)
         self.check_write(new, caller)
         if new == old:
@@ -562,6 +563,8 @@ class MergedView:
             raise fs_error(errno.EXDEV)
         dst_st = self._lstat(new_rel)
         dst_node = None if self.is_hidden(new) else new_raw
+        if noreplace and (dst_st is not None or dst_node is not None):
+            raise fs_error(errno.EEXIST)
         if dst_st is not None:
             dst_is_dir = stat.S_ISDIR(dst_st.st_mode)
         else:
@@ -579,7 +582,7 @@ class MergedView:
             self._ensure_local_dir(old)  # an empty remote directory: a local one stands in for it
         self._ensure_local_parent(new)
         with self._locks.hold(old, new):
-            self.local.rename(old_rel, new_rel)
+            self.local.rename(old_rel, new_rel, noreplace=noreplace)
             self.creators.move(self._key(old_rel), self._key(new_rel))
             if src_node is not None:
                 self.hide(old)
