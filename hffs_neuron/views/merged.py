@@ -365,7 +365,7 @@ class MergedView:
             if not writing:
                 return self.virtual_open(path, node)
             # O_TRUNC discards the content: copy up an empty file instead of fetching the old bytes.
-            self._copy_up(path, node, content=not flags & os.O_TRUNC)
+            self._copy_up(path, node, caller, content=not flags & os.O_TRUNC)
         return FileHandle(fd=self.local.open(rel, flags & ~(os.O_CREAT | os.O_EXCL)))
 
     def create(self, path: str, flags: int, mode: int, caller: Caller | None = None) -> FileHandle:
@@ -405,9 +405,12 @@ class MergedView:
         """The creator record's key for a tree path: the path in the layer (canonical casing)."""
         return rel[len(self.upper) + 1 :] if self.upper else rel
 
+    def _record(self, rel: str, caller: Caller | None) -> None:
+        self.creators.record(self._key(rel), caller or Caller(self.uid, self.gid, os.getpid()))
+
     def _created(self, path: str, rel: str, caller: Caller | None, *, opaque: bool) -> None:
         """Bookkeeping for a new local entry: its creator, and no whiteout over it any more."""
-        self.creators.record(self._key(rel), caller or Caller(self.uid, self.gid, os.getpid()))
+        self._record(rel, caller)
         self.unhide(path, opaque=opaque)
 
     def _ensure_local_parent(self, path: str) -> None:
@@ -436,7 +439,7 @@ class MergedView:
             return  # another thread mirrored it first
         self.local.chmod(rel, self._new_mode(path, 0o755, is_dir=True))
 
-    def _copy_up(self, path: str, node: VNode, content: bool = True) -> None:
+    def _copy_up(self, path: str, node: VNode, caller: Caller | None, content: bool = True) -> None:
         """Make a local copy of a virtual file before it is modified (or refuse); `content=False`: empty.
 
         The bytes are fetched and written to a private temp file with no lock held, then renamed into
@@ -465,7 +468,9 @@ class MergedView:
                 try:
                     self.local.rename(tmp, rel, noreplace=True)
                 except FileExistsError:
-                    pass  # copied up (or created) by someone else meanwhile
+                    return  # copied up (or created) by someone else meanwhile
+                # The copy is the owner's file (its bytes are the Hub's); who asked for it is recorded.
+                self._record(rel, caller)
         finally:
             handle.release()
             if self.local.exists(tmp):
@@ -577,7 +582,7 @@ class MergedView:
         elif (dst_st is not None or dst_node is not None) and src_is_dir:
             raise fs_error(errno.ENOTDIR)
         if src_st is None and not src_is_dir:
-            self._copy_up(old, src_node)
+            self._copy_up(old, src_node, caller)
         elif src_st is None:
             self._ensure_local_dir(old)  # an empty remote directory: a local one stands in for it
         self._ensure_local_parent(new)
@@ -598,7 +603,7 @@ class MergedView:
             if node.kind == "dir":
                 self._ensure_local_dir(path)
             else:
-                self._copy_up(path, node)
+                self._copy_up(path, node, caller)
         return rel
 
     def truncate(self, path: str, length: int, caller: Caller | None = None) -> None:

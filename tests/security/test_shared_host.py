@@ -26,6 +26,8 @@ from conftest import Mounts
 
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
+from hffs_neuron.views.creators import CreatorLog
+from hffs_neuron.views.localfs import LocalTree
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -155,6 +157,12 @@ def test_compiler_pattern_works_for_another_user(
     assert stat.S_IMODE(os.stat(mp / "lock").st_mode) == 0o666
     # The owner's compiler writes into a module the other user created.
     (mp / VERSION / "MODULE_other+22222222" / "model.log").write_bytes(b"owner")
+    # The layer state records each entry's creator: uid, pid and that pid's start time.
+    (layer,) = (shared_mounts.tmp_path / "cache" / "neff-layers").iterdir()
+    records = CreatorLog(LocalTree(layer))
+    theirs = records.get(f"{VERSION}/MODULE_other+22222222/model.neff")
+    assert theirs is not None and theirs.uid == other_user.uid and theirs.pid > 0 and theirs.start > 0
+    assert records.get(f"{VERSION}/MODULE_other+22222222/model.log").uid == os.getuid()
 
 
 def test_neff_attacks_by_another_user_fail(
