@@ -374,12 +374,12 @@ class MergedView:
         node = self.virtual_lookup(path)  # remote lookups before any lock
         self._ensure_local_parent(path)
         with self._locks.hold(path):
-            if self._lstat(rel) is None:
-                if node is None or self.is_hidden(path):
-                    fd = self._create_local(path, rel, flags, mode, caller)
-                    return FileHandle(fd=fd)
-                if flags & os.O_EXCL:
-                    raise fs_error(errno.EEXIST)
+            if self._lstat(rel) is None and (node is None or self.is_hidden(path)):
+                try:
+                    return FileHandle(fd=self._create_local(path, rel, flags, mode, caller))
+                except FileExistsError:  # written into the backing directly, just now
+                    if flags & os.O_EXCL:
+                        raise
             elif flags & os.O_EXCL:
                 raise fs_error(errno.EEXIST)
         # An existing entry: open it (a virtual one is copied up first, without holding the lock).
