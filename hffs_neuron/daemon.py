@@ -125,6 +125,7 @@ class MountRuntime:
             read_only=config.read_only,
             revision_ttl=config.metadata_ttl,
             group_gid=self.group_gid,
+            shared=config.allow_other,
         )
         for spec in pinned:
             self._check_download_access(view, *spec)

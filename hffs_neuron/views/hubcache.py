@@ -96,6 +96,7 @@ class HubCacheView(MergedView):
         read_only: bool = False,
         revision_ttl: float | None = None,
         group_gid: int | None = None,
+        shared: bool = False,
     ):
         super().__init__(
             LocalTree(backing_dir, create_mode=0o755),  # its mode is the mount root's: others may enter
@@ -109,6 +110,7 @@ class HubCacheView(MergedView):
         self.store = store
         self.meta = meta
         self.revision_ttl = revision_ttl
+        self.shared = shared  # --allow-other: other users' access to gated/private repos is checked
         self._repos: dict[tuple[str, str], RepoState] = {}  # (type, id.lower()) -> state
         self._lock = threading.Lock()
         self._tree_json: dict[str, bytes] = {}
@@ -349,7 +351,7 @@ class HubCacheView(MergedView):
 
     def adjust_attrs(self, path: str, attrs: dict) -> None:
         super().adjust_attrs(path, attrs)
-        if "/" not in path and parse_repo_folder(path) and self._is_restricted(path):
+        if self.shared and "/" not in path and parse_repo_folder(path) and self._is_restricted(path):
             self.restrict(attrs)
         elif _in_refs(f"{path}/x") and stat.S_ISDIR(attrs["st_mode"]):
             # Shown writable by all, not sticky, and kept 0755 on disk: a user's ref rename must be
@@ -357,13 +359,14 @@ class HubCacheView(MergedView):
             attrs["st_mode"] = stat.S_IFDIR | 0o777
 
     def _is_restricted(self, folder: str) -> bool:
-        """A gated or private repo: its files are for the owner (and --group) only."""
+        """A gated or private repo: its files are for the owner (and --group) only. So is a folder the
+        Hub cannot vouch for: unreachable, or not found (a private repo this token cannot see)."""
         try:
             state = self._repo_state(folder)
         except HffsError:
-            return False  # the Hub cannot say (offline): local content keeps the backing's own modes
+            return True
         if state is None:
-            return False
+            return True
         with self._lock:
             repos = list(state.commits.values())
         return any(repo.gated or repo.private for repo in repos)

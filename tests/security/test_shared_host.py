@@ -246,7 +246,14 @@ def test_hub_cache_attacks_by_another_user_fail(
     weights = os.urandom(32 * 1024)
     gated_commit = hub.add_repo("Org/Gated", {"config.json": "{}", "model.safetensors": weights}, gated=True)
     commit = hub.add_repo("Org/Public", {"config.json": "{}"})
-    mp = Path(shared_mounts("hub-cache", allow_other=True, token=hub_token).mountpoint)
+    backing = shared_mounts.tmp_path / "backing"
+    hidden = backing / "models--Someone--Private" / "blobs" / "weights"  # a repo this token cannot see
+    hidden.parent.mkdir(parents=True)
+    hidden.write_bytes(b"downloaded earlier with another token")
+    mp = Path(shared_mounts("hub-cache", allow_other=True, token=hub_token, backing=str(backing)).mountpoint)
+    # A folder the Hub cannot vouch for is the owner's only.
+    assert (mp / "models--Someone--Private" / "blobs" / "weights").read_bytes() == hidden.read_bytes()
+    assert _as(other_user, "read", mp / "models--Someone--Private" / "blobs" / "weights") == "EACCES"
 
     # Gated weights: the owner reads them; the other user cannot even enter the repo folder.
     gated = mp / "models--Org--Gated"
