@@ -19,8 +19,9 @@ from .localfs import LocalTree
 
 logger = logging.getLogger(__name__)
 
-# Compact at start when the log holds this many more lines than live records.
-_COMPACT_SLACK = 1000
+# Compact when the log holds this many more lines than twice the live records (at start, and while
+# running: lock files created and removed all day must not grow it without bound).
+_COMPACT_SLACK = 10_000
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,15 @@ class CreatorLog:
         self._name = name
         self._lock = threading.Lock()
         self._records: dict[str, Creator] = {}
-        lines = self._load()
-        if lines > len(self._records) + _COMPACT_SLACK or lines == 0:
+        self._lines = self._load()
+        self._fd = -1
+        if self._lines == 0 or self._too_long():
             self._compact()
-        self._fd = tree.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        else:
+            self._fd = tree.open(name, os.O_WRONLY | os.O_APPEND, 0o600)
+
+    def _too_long(self) -> bool:
+        return self._lines > 2 * len(self._records) + _COMPACT_SLACK
 
     def _load(self) -> int:
         try:
@@ -76,17 +82,25 @@ class CreatorLog:
         return lines
 
     def _compact(self) -> None:
+        """Rewrite the log as one line per live record (the caller holds the lock, or is __init__)."""
         tmp = f"{self._name}.tmp"
         fd = self._tree.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
             for path, c in self._records.items():
                 f.write(json.dumps(["+", path, c.uid, c.pid, c.start]) + "\n")
         self._tree.rename(tmp, self._name)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = self._tree.open(self._name, os.O_WRONLY | os.O_APPEND, 0o600)
+        self._lines = len(self._records)
 
     def _append(self, *items: list) -> None:
         data = "".join(json.dumps(item) + "\n" for item in items).encode()
         try:
             os.write(self._fd, data)
+            self._lines += len(items)
+            if self._too_long():
+                self._compact()
         except OSError as exc:  # a full disk must not fail the client's create
             logger.warning("could not record a creator: %s", exc)
 
