@@ -353,7 +353,7 @@ class HubCacheView(MergedView):
         super().adjust_attrs(path, attrs)
         if self.shared and "/" not in path and parse_repo_folder(path) and self._is_restricted(path):
             self.restrict(attrs)
-        elif _in_refs(f"{path}/x") and stat.S_ISDIR(attrs["st_mode"]):
+        elif stat.S_ISDIR(attrs["st_mode"]) and _in_refs(path, or_itself=True):
             # Shown writable by all, not sticky, and kept 0755 on disk: a user's ref rename must be
             # able to replace the owner's ref; `rename` and `unlink` decide who may do what here.
             attrs["st_mode"] = stat.S_IFDIR | 0o777
@@ -439,6 +439,8 @@ class HubCacheView(MergedView):
         return commit
 
 
-def _in_refs(path: str) -> bool:
+def _in_refs(path: str, *, or_itself: bool = False) -> bool:
+    """Is `path` below a repo folder's `refs/` (`or_itself`: or `refs/` itself)?"""
     parts = path.split("/")
-    return len(parts) > 2 and parts[1] == "refs" and parse_repo_folder(parts[0]) is not None
+    deep_enough = len(parts) >= 2 if or_itself else len(parts) > 2
+    return deep_enough and parts[1] == "refs" and parse_repo_folder(parts[0]) is not None
