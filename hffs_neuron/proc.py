@@ -43,11 +43,15 @@ def pid_start_time(pid: int) -> int:
     """
     if pid <= 0:
         return 0
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+    try:  # raw reads: this runs on every create of a local entry
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
     except OSError:
         return 0
-    fields = stat.rpartition(")")[2].split()  # fields 3.. (the command name may contain spaces)
+    fields = stat.rpartition(b")")[2].split()  # fields 3.. (the command name may contain spaces)
     try:
         return int(fields[22 - 3])
     except (IndexError, ValueError):

@@ -14,6 +14,8 @@ import os
 import threading
 from dataclasses import dataclass
 
+from cachetools import TTLCache
+
 from ..proc import pid_start_time
 from .localfs import LocalTree
 
@@ -41,7 +43,16 @@ class Creator:
 
     @classmethod
     def of(cls, caller: Caller) -> Creator:
-        return cls(caller.uid, caller.pid, pid_start_time(caller.pid))
+        start = _START_TIMES.get(caller.pid)
+        if start is None:
+            start = _START_TIMES[caller.pid] = pid_start_time(caller.pid)
+        return cls(caller.uid, caller.pid, start)
+
+
+# A compiler process creates several files in a row: its start time is read once. Entries live one
+# second: a pid is reused only after the kernel has cycled through the whole pid space. Not
+# thread-safe: used under CreatorLog's lock.
+_START_TIMES: TTLCache = TTLCache(maxsize=1024, ttl=1.0)
 
 
 class CreatorLog:
@@ -109,8 +120,8 @@ class CreatorLog:
             return self._records.get(path)
 
     def record(self, path: str, caller: Caller) -> None:
-        creator = Creator.of(caller)
         with self._lock:
+            creator = Creator.of(caller)
             self._records[path] = creator
             self._append(["+", path, creator.uid, creator.pid, creator.start])
 
