@@ -22,6 +22,7 @@ import os
 import re
 import stat
 import threading
+import time
 from dataclasses import dataclass, field
 
 from .. import constants
@@ -45,6 +46,8 @@ _REPO_DIRS = ("blobs", "refs", "snapshots", "trees", ".no_exist")
 _TMP_DIR = ".hffs-tmp"
 # The longest ref file a client may install (a commit id; a little slack for odd writers).
 _MAX_REF_BYTES = 256
+# A directory listing is reused only if the directory's mtime is older than the listing by this much.
+_MTIME_TRUST_NS = 2_000_000_000
 
 
 def repo_folder(repo_type: str, repo_id: str) -> str:
@@ -114,6 +117,7 @@ class HubCacheView(MergedView):
         self._repos: dict[tuple[str, str], RepoState] = {}  # (type, id.lower()) -> state
         self._lock = threading.Lock()
         self._tree_json: dict[str, bytes] = {}
+        self._folders_memo: tuple[tuple[int, int], int, dict[str, str]] | None = None
         for repo_type, repo_id, revision in pinned:
             self.pin_repo(repo_type, repo_id, revision)
 
@@ -178,10 +182,9 @@ class HubCacheView(MergedView):
         parsed = parse_repo_folder(folder)
         if parsed is None:
             return folder
-        lowered = folder.lower()
-        variants = sorted(n for n, _mode in self.local.listdir("") if n.lower() == lowered)
-        if variants:
-            return variants[0]
+        found = self._backing_folders().get(folder.lower())
+        if found is not None:
+            return found
         with self._lock:
             state = self._repos.get((parsed[0], parsed[1].lower()))
         if state is None:
@@ -190,6 +193,26 @@ class HubCacheView(MergedView):
             except HffsError:
                 state = None  # offline or failing Hub: keep the caller's casing
         return repo_folder(state.repo_type, state.repo_id) if state else folder
+
+    def _backing_folders(self) -> dict[str, str]:
+        """Lower-cased name -> the backing's casing (sorted first) of each top-level entry.
+
+        Every path below a repo folder is canonicalized: the listing is reused while the backing
+        root's mtime stays put, and trusted only once that mtime is older than the listing by more
+        than a timestamp tick could hide (coarse or skewed file-system clocks)."""
+        st = self.local.lstat("")
+        stamp = (st.st_mtime_ns, st.st_ino)
+        with self._lock:
+            memo = self._folders_memo
+        if memo is not None and memo[0] == stamp and memo[1] - st.st_mtime_ns > _MTIME_TRUST_NS:
+            return memo[2]
+        listed_at = time.time_ns()
+        folders: dict[str, str] = {}
+        for name, _mode in sorted(self.local.listdir("")):
+            folders.setdefault(name.lower(), name)
+        with self._lock:
+            self._folders_memo = (stamp, listed_at, folders)
+        return folders
 
     def layer_path(self, path: str) -> str:
         parts = path.split("/")
