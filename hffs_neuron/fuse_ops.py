@@ -171,10 +171,6 @@ class FuseOperations(mfusepy.Operations):
     def readlink(self, path: str) -> str:
         return self._call(self.view.readlink, _relative(path))
 
-    def access(self, path: str, amode: int) -> int:
-        self._call(self.view.access, _relative(path), amode)
-        return 0
-
     def statfs(self, path: str) -> dict:
         return self._call(self.view.statfs)
 

@@ -335,17 +335,6 @@ class MergedView:
             raise fs_error(errno.EINVAL)
         return node.target
 
-    def access(self, path: str, mode: int) -> None:
-        st = self._lstat(self._rel(path))
-        if st is None:
-            node = self._vnode(path)
-            if node is None:
-                raise fs_error(errno.ENOENT)
-            if mode & os.W_OK and node.kind != "dir" and (self.read_only or not self.can_copy_up(path, node)):
-                raise fs_error(errno.EROFS)
-        elif mode & os.W_OK and self.read_only:
-            raise fs_error(errno.EROFS)
-
     def statfs(self) -> dict:
         sv = self.local.statvfs()
         return {key: getattr(sv, key) for key in _STATVFS_KEYS}
