@@ -60,6 +60,7 @@ class MountConfig:
     negative_ttl: float = constants.NEGATIVE_TTL
     endpoint: str | None = None
     allow_other: bool = False
+    group: str | None = constants.GROUP  # with allow_other: this group may read gated/private content
     log_file: str | None = None
     log_level: str = "INFO"
     timeout: float = constants.OPERATION_TIMEOUT

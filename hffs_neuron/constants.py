@@ -60,3 +60,7 @@ NO_OPENAT2 = os.environ.get("HFFS_NO_OPENAT2", "") not in ("", "0")
 
 # Where `--metrics-addr` serves Prometheus metrics by default (HOST:PORT); empty: off.
 METRICS_ADDR = os.environ.get("HFFS_METRICS_ADDR", "")
+
+# With --allow-other: the group (name or gid) that may read gated or private repos' content besides
+# the mount's owner. Unset: the owner only.
+GROUP = os.environ.get("HFFS_GROUP") or None

@@ -13,23 +13,26 @@ from __future__ import annotations
 import argparse
 import ctypes
 import dataclasses
+import grp
 import hashlib
 import logging
 import os
 import resource
+import stat
 import sys
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from . import telemetry
+from . import constants, telemetry
 from .config import MountConfig, parse_host_port, parse_repo_spec, parse_size
-from .errors import HffsError, MountError
-from .proc import pid_alive
+from .errors import HffsError, MountError, UsageError
+from .proc import HOST, pid_alive
 from .runtime import (
     check_fuse_available,
     check_mountpoint,
+    ensure_private_dir,
     forget_state,
     open_private_file,
     read_state,
@@ -56,8 +59,10 @@ class MountRuntime:
 
         self.config = config
         self.started = time.time()
+        self.group_gid = resolve_group(config.group)
         cache_dir = Path(config.cache_dir)
-        cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for owned in (cache_dir, cache_dir / "blobs-store", cache_dir / "neff-layers", constants.RUNTIME_DIR):
+            ensure_private_dir(owned)
         self.http = HubHttp(config.endpoint, operation_timeout=config.timeout)
         self.store = BlobStore(cache_dir / "blobs-store", max_size=parse_size(config.cache_size))
         self.meta = MetadataCache(ttl=config.metadata_ttl, negative_ttl=config.negative_ttl)
@@ -104,7 +109,10 @@ class MountRuntime:
             from .views.neff import NeffView
 
             bucket = Bucket(self.http, config.source, config.prefix)
-            key = hashlib.sha256(f"{self.http.endpoint}|{bucket.bucket_id}|{bucket.prefix}".encode()).hexdigest()[:16]
+            # Layers are per host (DESIGN.md "Several hosts"): a cache dir on a cluster filesystem
+            # gives each host its own.
+            layer = f"{self.http.endpoint}|{bucket.bucket_id}|{bucket.prefix}|{HOST}"
+            key = hashlib.sha256(layer.encode()).hexdigest()[:16]
             return NeffView(
                 bucket,
                 self.store,
@@ -113,19 +121,27 @@ class MountRuntime:
                 read_only=config.read_only,
                 show_model_area=config.show_model_area,
                 listing_ttl=config.metadata_ttl,
+                private=bucket.private,
+                group_gid=self.group_gid,
             )
         from .views.hubcache import HubCacheView
 
+        if config.backing:
+            warn_if_shared(config.backing)
         backing = config.backing or str(cache_dir / "hub-cache-backing")
+        state_key = hashlib.sha256(f"{os.path.realpath(backing)}|{HOST}".encode()).hexdigest()[:16]
         pinned = [parse_repo_spec(spec) for spec in config.repos]
         view = HubCacheView(
             self.http,
             self.store,
             self.meta,
             backing,
+            cache_dir / "hub-cache-state" / state_key,
             pinned=pinned,
             read_only=config.read_only,
             revision_ttl=config.metadata_ttl,
+            group_gid=self.group_gid,
+            shared=config.allow_other,
         )
         for spec in pinned:
             self._check_download_access(view, *spec)
@@ -253,8 +269,33 @@ class MountRuntime:
         state = read_state(self.config.mountpoint)
         if state is not None and state.get("pid") == os.getpid():
             forget_state(self.config.mountpoint)
+        self.view.close()
         self.store.close()
         self.http.close()
+
+
+def warn_if_shared(backing: str) -> None:
+    """A user's --backing is never chmodded (group-shared caches are common); say what it allows."""
+    mode = stat.S_IMODE(os.stat(backing).st_mode)
+    if mode & 0o077:
+        logger.warning(
+            "--backing %s is accessible to other users (mode %04o): they can read and change it directly, "
+            "bypassing the mount's rules (the daemon never follows symlinks planted there)",
+            backing,
+            mode,
+        )
+
+
+def resolve_group(group: str | None) -> int | None:
+    """--group NAME or GID -> gid (None: no group)."""
+    if not group:
+        return None
+    if group.isdigit():
+        return int(group)
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise UsageError(f"--group {group}: no such group") from None
 
 
 def configure_logging(config: MountConfig) -> None:

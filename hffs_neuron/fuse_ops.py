@@ -17,7 +17,8 @@ import mfusepy  # noqa: E402
 
 from .errors import HffsError  # noqa: E402
 from .telemetry import count_error  # noqa: E402
-from .views.merged import FileHandle, MergedView, errno_of  # noqa: E402
+from .views.creators import Caller  # noqa: E402
+from .views.merged import FileHandle, MergedView, errno_of, local_attrs  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ _FUSE_BUF_IS_FD = 1 << 1
 _FUSE_BUF_FD_SEEK = 1 << 2
 _FUSE_CAP_SPLICE_WRITE = 1 << 7
 _FUSE_CAP_SPLICE_MOVE = 1 << 8
+_RENAME_NOREPLACE = 1
 
 
 class _FuseBuf(ctypes.Structure):
@@ -56,8 +58,16 @@ _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc.argtypes = [ctypes.c_size_t]
 
 
-def _relative(path: str) -> str:
+def _relative(path: str | None) -> str:
+    if path is None:  # an open file unlinked meanwhile (hard_remove): only its handle is left
+        raise mfusepy.FuseOSError(errno.ENOENT)
     return path.strip("/")
+
+
+def _caller() -> Caller:
+    """Who made the current request (pid 0: a process in another pid namespace)."""
+    uid, gid, pid = mfusepy.fuse_get_context()
+    return Caller(uid, gid, pid)
 
 
 class FuseOperations(mfusepy.Operations):
@@ -112,9 +122,9 @@ class FuseOperations(mfusepy.Operations):
             handle.release()
 
     # -- helpers --------------------------------------------------------------------------------
-    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         try:
-            return fn(*args)
+            return fn(*args, **kwargs)
         except mfusepy.FuseOSError:
             raise
         except HffsError as exc:
@@ -144,7 +154,12 @@ class FuseOperations(mfusepy.Operations):
             raise mfusepy.FuseOSError(errno.EBADF) from None
 
     # -- metadata -------------------------------------------------------------------------------
-    def getattr(self, path: str, fh: Any = None) -> dict:
+    def getattr(self, path: str | None, fh: Any = None) -> dict:
+        if path is None and fh is not None:  # fstat of an open file already unlinked (hard_remove)
+            handle = self._handle(fh)
+            if handle.fd >= 0:
+                return local_attrs(os.fstat(handle.fd))
+            return {"st_mode": stat.S_IFREG | 0o444, "st_nlink": 0, "st_size": len(handle.data or b"")}
         return self._call(self.view.getattr, _relative(path))
 
     def opendir(self, path: str) -> int:
@@ -157,20 +172,16 @@ class FuseOperations(mfusepy.Operations):
     def readlink(self, path: str) -> str:
         return self._call(self.view.readlink, _relative(path))
 
-    def access(self, path: str, amode: int) -> int:
-        self._call(self.view.access, _relative(path), amode)
-        return 0
-
     def statfs(self, path: str) -> dict:
         return self._call(self.view.statfs)
 
     # -- files ----------------------------------------------------------------------------------
     def open(self, path: str, fi: Any) -> int:
-        handle = self._call(self.view.open, _relative(path), fi.flags)
+        handle = self._call(self.view.open, _relative(path), fi.flags, _caller())
         return self._register(handle, fi)
 
     def create(self, path: str, mode: int, fi: Any) -> int:
-        handle = self._call(self.view.create, _relative(path), fi.flags, mode)
+        handle = self._call(self.view.create, _relative(path), fi.flags, mode, _caller())
         return self._register(handle, fi)
 
     def read_buf(self, path: str, bufpp: Any, size: int, offset: int, fh: Any) -> int:
@@ -208,8 +219,12 @@ class FuseOperations(mfusepy.Operations):
         except OSError as exc:
             raise mfusepy.FuseOSError(errno_of(exc)) from None
 
-    def truncate(self, path: str, length: int, fh: Any = None) -> int:
-        self._call(self.view.truncate, _relative(path), length)
+    def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
+        handle = self._handle(fh) if fh is not None else None
+        if handle is not None and handle.fd >= 0:  # ftruncate: the kernel checked the handle is writable
+            self._call(os.ftruncate, handle.fd, length)
+        else:
+            self._call(self.view.truncate, _relative(path), length, _caller())
         return 0
 
     def flush(self, path: str, fh: Any) -> int:
@@ -234,36 +249,39 @@ class FuseOperations(mfusepy.Operations):
 
     # -- namespace ------------------------------------------------------------------------------
     def mkdir(self, path: str, mode: int) -> int:
-        self._call(self.view.mkdir, _relative(path), mode)
+        self._call(self.view.mkdir, _relative(path), mode, _caller())
         return 0
 
     def rmdir(self, path: str) -> int:
-        self._call(self.view.rmdir, _relative(path))
+        self._call(self.view.rmdir, _relative(path), _caller())
         return 0
 
     def unlink(self, path: str) -> int:
-        self._call(self.view.unlink, _relative(path))
+        self._call(self.view.unlink, _relative(path), _caller())
         return 0
 
-    def rename(self, old: str, new: str) -> int:
-        self._call(self.view.rename, _relative(old), _relative(new))
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
+        if flags & ~_RENAME_NOREPLACE:  # RENAME_EXCHANGE / WHITEOUT: callers fall back to plain renames
+            raise mfusepy.FuseOSError(errno.EINVAL)
+        noreplace = bool(flags & _RENAME_NOREPLACE)
+        self._call(self.view.rename, _relative(old), _relative(new), _caller(), noreplace=noreplace)
         return 0
 
     def symlink(self, target: str, source: str) -> int:
         # mfusepy's naming: `target` is the new link's path, `source` what it points to.
-        self._call(self.view.symlink, _relative(target), source)
+        self._call(self.view.symlink, _relative(target), source, _caller())
         return 0
 
     def chmod(self, path: str, mode: int, fh: Any = None) -> int:
-        self._call(self.view.chmod, _relative(path), mode)
+        self._call(self.view.chmod, _relative(path), mode, _caller())
         return 0
 
     def chown(self, path: str, uid: int, gid: int, fh: Any = None) -> int:
-        self._call(self.view.chown, _relative(path), uid, gid)
+        self._call(self.view.chown, _relative(path), uid, gid, _caller())
         return 0
 
     def utimens(self, path: str, times: tuple[int, int] | None = None, fh: Any = None) -> int:
-        self._call(self.view.utimens, _relative(path), times)
+        self._call(self.view.utimens, _relative(path), times, _caller())
         return 0
 
 
@@ -275,6 +293,21 @@ class _CachingFUSE(mfusepy.FUSE):
     libfuse's high-level API forwards these flags only from 3.16.1 on; with older libfuse (Debian 12
     ships 3.14) every `ls` is answered by the daemon.
     """
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        # mfusepy drops the flags: a `mv -n` (RENAME_NOREPLACE) would silently replace the target.
+        return self.operations.rename(
+            old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
+        )
+
+    def read_buf(self, path: bytes | None, bufpp: Any, size: int, offset: int, fip: Any) -> int:
+        # mfusepy decodes the path unconditionally; with hard_remove it is NULL for unlinked open files.
+        return self.operations.read_buf("", bufpp, size, offset, fip.contents)
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        # mfusepy drops the file handle of an ftruncate (and the path is NULL once the file is unlinked).
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.truncate(decoded, length, fip.contents if fip else None)
 
     def readdir_fuse_3(self, path: bytes, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         """Fill entries straight from (name, mode) pairs: mfusepy's generic loop costs several
@@ -294,7 +327,13 @@ class _CachingFUSE(mfusepy.FUSE):
 
 
 def run_fuse(ops: FuseOperations, mountpoint: str, *, foreground: bool = True, **options: Any) -> None:
-    """Mount and serve until unmounted (blocks). `options` become libfuse `-o` options."""
+    """Mount and serve until unmounted (blocks). `options` become libfuse `-o` options.
+
+    Always with `default_permissions` (the kernel checks the modes and owners the views report: the
+    multi-user model in DESIGN.md) and `hard_remove` (unlinking an open file unlinks it; libfuse would
+    otherwise rename it to `.fuse_hidden*`, which for a remote file meant a full copy-up).
+    """
+    options.update(default_permissions=True, hard_remove=True)
     options.setdefault("fsname", "hffs")
     options.setdefault("subtype", "hffs")
     options.setdefault("max_read", MAX_READ)

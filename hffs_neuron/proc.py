@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -27,3 +28,31 @@ def pid_alive(pid: int) -> bool:
         return True
     # The state field follows the command name, which is in parentheses and may itself contain ")".
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+#: This host's name: temp files and NEFF layers carry it, so hosts sharing a cache directory (a cluster
+#: filesystem) never clean up or reuse each other's.
+HOST = socket.gethostname() or "localhost"
+
+
+def pid_start_time(pid: int) -> int:
+    """The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22); 0 if unknown.
+
+    With the pid it identifies a process across pid reuse. Pid 0 (a caller in another pid namespace)
+    is unknown.
+    """
+    if pid <= 0:
+        return 0
+    try:  # raw reads: this runs on every create of a local entry
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            stat = os.read(fd, 4096)
+        finally:
+            os.close(fd)
+    except OSError:
+        return 0
+    fields = stat.rpartition(b")")[2].split()  # fields 3.. (the command name may contain spaces)
+    try:
+        return int(fields[22 - 3])
+    except (IndexError, ValueError):
+        return 0

@@ -240,10 +240,10 @@ class Metrics:
         children: dict[str, Any] = {}  # operation -> its histogram child: no label lookup per call
         histogram = self.fuse_latency
 
-        def timed_call(fn: Callable[..., Any], *args: Any) -> R:
+        def timed_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> R:
             started = time.perf_counter()
             try:
-                return call(fn, *args)
+                return call(fn, *args, **kwargs)
             finally:
                 name = fn.__name__
                 child = children.get(name)

@@ -85,6 +85,9 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
     tok.add_argument("--token-file", default=None, help="file holding the Hub token (the safe way)")
     p.add_argument("--foreground", action="store_true", help="stay attached instead of daemonizing")
     p.add_argument("--allow-other", action="store_true", help="let other users in (opt-in)")
+    p.add_argument(
+        "--group", default=constants.GROUP, help="with --allow-other: this group may also read gated/private content"
+    )
     p.add_argument("--log-file", default=None, help="daemon log file (default: in the runtime dir)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--timeout", default=str(constants.OPERATION_TIMEOUT), help="network deadline, seconds")
@@ -196,6 +199,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
         "negative_ttl": parse_duration(args.negative_ttl),
         "endpoint": args.endpoint,
         "allow_other": args.allow_other,
+        "group": args.group,
         "log_file": os.path.abspath(args.log_file) if args.log_file else None,
         "log_level": args.log_level,
         "timeout": parse_duration(args.timeout),
@@ -408,7 +412,7 @@ _GENERIC_OPTIONS = {
 _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other": "--allow-other",
                  "show_model_area": "--show-model-area", "foreground": "--foreground"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
-                  "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr"}  # fmt: skip
+                  "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group"}  # fmt: skip
 
 
 def _is_token_key(key: str) -> bool:
@@ -459,7 +463,8 @@ def mount_helper_argv(argv: list[str]) -> tuple[list[str], bool]:
         key = raw_key.replace("-", "_")
         if _is_token_key(key):
             raise UsageError(f"mount.hffs: a token in fstab is world-readable ({raw_key}=***): use token_file=<path>")
-        if key in _GENERIC_OPTIONS or key == "comment":
+        # `group=NAME` is ours (--group); a bare `group` is mount(8)'s.
+        if (key in _GENERIC_OPTIONS and not (has_value and key in _VALUE_OPTIONS)) or key == "comment":
             continue
         if key in _FLAG_OPTIONS and not has_value:
             out.append(_FLAG_OPTIONS[key])

@@ -48,6 +48,7 @@ class Bucket:
         self.prefix = prefix
         info = http.get_json(f"api/buckets/{bucket_id}", what=f"bucket {bucket_id}")
         self.bucket_id = info.get("id", bucket_id)
+        self.private = bool(info.get("private"))
         self.cache_namespace = f"{http.endpoint}|{http.token_fingerprint}|bucket|{self.bucket_id}|{prefix}"
 
     def _full(self, path: str) -> str:

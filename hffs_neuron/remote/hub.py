@@ -45,6 +45,7 @@ class HubRepo:
         self.repo_id: str = info["id"]  # the Hub's canonical casing
         self.commit: str = info["sha"]
         self.gated = bool(info.get("gated"))  # metadata is public, files need a token with access
+        self.private = bool(info.get("private"))
         self.revision = revision
         self.cache_namespace = f"{http.endpoint}|{http.token_fingerprint}|{repo_type}|{self.repo_id}|{self.commit}"
         self._tree: dict[str, RemoteEntry] | None = None

@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import re
+import stat
 import threading
+import time
 from dataclasses import dataclass, field
 
 from .. import constants
@@ -30,13 +32,22 @@ from ..remote.http import HubHttp
 from ..remote.hub import HubRepo
 from ..store.blobstore import BlobStore
 from ..store.metacache import MetadataCache
+from .creators import Caller
+from .localfs import LocalTree
 from .merged import FileHandle, MergedView, VNode, fs_error
 
 logger = logging.getLogger(__name__)
 
 _FOLDER = re.compile(r"^(models|datasets)--(.+)$", re.IGNORECASE)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_REPO_DIRS = ("blobs", "refs", "snapshots", "trees")
+# `.no_exist` is always there so that every user's huggingface_hub can record a missing file in it.
+_REPO_DIRS = ("blobs", "refs", "snapshots", "trees", ".no_exist")
+# The private directory of copy-up temp files, in the backing (renames stay on one filesystem); never shown.
+_TMP_DIR = ".hffs-tmp"
+# The longest ref file a client may install (a commit id; a little slack for odd writers).
+_MAX_REF_BYTES = 256
+# A directory listing is reused only if the directory's mtime is older than the listing by this much.
+_MTIME_TRUST_NS = 2_000_000_000
 
 
 def repo_folder(repo_type: str, repo_id: str) -> str:
@@ -82,25 +93,40 @@ class HubCacheView(MergedView):
         store: BlobStore,
         meta: MetadataCache,
         backing_dir: str | os.PathLike,
+        state_dir: str | os.PathLike,
         *,
         pinned: list[tuple[str, str, str]] = (),
         read_only: bool = False,
         revision_ttl: float | None = None,
+        group_gid: int | None = None,
+        shared: bool = False,
     ):
-        super().__init__(backing_dir, read_only=read_only)
+        super().__init__(
+            LocalTree(backing_dir, create_mode=0o755),  # its mode is the mount root's: others may enter
+            upper="",
+            tmp=_TMP_DIR,
+            state=LocalTree(state_dir),
+            read_only=read_only,
+            group_gid=group_gid,
+        )
         self.http = http
         self.store = store
         self.meta = meta
         self.revision_ttl = revision_ttl
+        self.shared = shared  # --allow-other: other users' access to gated/private repos is checked
         self._repos: dict[tuple[str, str], RepoState] = {}  # (type, id.lower()) -> state
         self._lock = threading.Lock()
         self._tree_json: dict[str, bytes] = {}
+        self._folders_memo: tuple[tuple[int, int], int, dict[str, str]] | None = None
         for repo_type, repo_id, revision in pinned:
             self.pin_repo(repo_type, repo_id, revision)
 
     # -- repos ----------------------------------------------------------------------------------
+    def _repo_key(self, repo_type: str, repo_id: str, revision: str) -> tuple:
+        return (self.http.endpoint, self.http.token_fingerprint, "repo", repo_type, repo_id.lower(), revision)
+
     def _hub_repo(self, repo_type: str, repo_id: str, revision: str) -> HubRepo:
-        key = (self.http.endpoint, self.http.token_fingerprint, "repo", repo_type, repo_id.lower(), revision)
+        key = self._repo_key(repo_type, repo_id, revision)
         ttl = constants.PINNED_TTL if _COMMIT.match(revision) else self.revision_ttl
         return self.meta.get(key, lambda: HubRepo(self.http, repo_type, repo_id, revision), ttl=ttl)
 
@@ -156,13 +182,9 @@ class HubCacheView(MergedView):
         parsed = parse_repo_folder(folder)
         if parsed is None:
             return folder
-        lowered = folder.lower()
-        try:
-            variants = sorted(n for n in os.listdir(self.local_root) if n.lower() == lowered)
-        except FileNotFoundError:
-            variants = []
-        if variants:
-            return variants[0]
+        found = self._backing_folders().get(folder.lower())
+        if found is not None:
+            return found
         with self._lock:
             state = self._repos.get((parsed[0], parsed[1].lower()))
         if state is None:
@@ -172,15 +194,33 @@ class HubCacheView(MergedView):
                 state = None  # offline or failing Hub: keep the caller's casing
         return repo_folder(state.repo_type, state.repo_id) if state else folder
 
-    def local_path(self, path: str) -> str:
-        if not path:
-            return self.local_root
+    def _backing_folders(self) -> dict[str, str]:
+        """Lower-cased name -> the backing's casing (sorted first) of each top-level entry.
+
+        Every path below a repo folder is canonicalized: the listing is reused while the backing
+        root's mtime stays put, and trusted only once that mtime is older than the listing by more
+        than a timestamp tick could hide (coarse or skewed file-system clocks)."""
+        st = self.local.lstat("")
+        stamp = (st.st_mtime_ns, st.st_ino)
+        with self._lock:
+            memo = self._folders_memo
+        if memo is not None and memo[0] == stamp and memo[1] - st.st_mtime_ns > _MTIME_TRUST_NS:
+            return memo[2]
+        listed_at = time.time_ns()
+        folders: dict[str, str] = {}
+        for name, _mode in sorted(self.local.listdir("")):
+            folders.setdefault(name.lower(), name)
+        with self._lock:
+            self._folders_memo = (stamp, listed_at, folders)
+        return folders
+
+    def layer_path(self, path: str) -> str:
         parts = path.split("/")
         if parse_repo_folder(parts[0]):
             parts[0] = self.canonical_folder(parts[0])
         elif parts[0] == ".locks" and len(parts) > 1 and parse_repo_folder(parts[1]):
             parts[1] = self.canonical_folder(parts[1])
-        return os.path.join(self.local_root, *parts)
+        return "/".join(parts)
 
     def display_name(self, parent: str, local_name: str) -> str:
         if not parent and parse_repo_folder(local_name):
@@ -308,3 +348,122 @@ class HubCacheView(MergedView):
             fd, unpin = self.store.open_blob(name, repo, entry)
             return FileHandle(fd=fd, keep_cache=True, on_release=unpin)
         raise fs_error(errno.ENOENT)
+
+    # -- shared-host rules (DESIGN.md "Multi-user model") ---------------------------------------
+    def check_write(self, path: str, caller: Caller | None) -> None:
+        """Other users write only where huggingface_hub must: lock files, `.no_exist` markers and refs
+        (a ref only as a rename that names the Hub's commit, see `rename`). Snapshots and blobs come
+        from the Hub: nobody else adds to them."""
+        super().check_write(path, caller)
+        if self.is_owner(caller):
+            return
+        parts = path.split("/")
+        if parts[0] == ".locks" and len(parts) > 1:
+            return
+        if parse_repo_folder(parts[0]) and len(parts) > 2 and parts[1] in (".no_exist", "refs"):
+            return
+        raise fs_error(errno.EACCES)
+
+    def policy_mode(self, path: str, is_dir: bool) -> int | None:
+        if not is_dir:
+            return None
+        parts = path.split("/")
+        if parts[0] == ".locks" or (len(parts) >= 2 and parse_repo_folder(parts[0]) and parts[1] == ".no_exist"):
+            return 0o1777  # like /tmp: everyone creates, only the creator (or owner) removes
+        return None
+
+    def adjust_attrs(self, path: str, attrs: dict) -> None:
+        super().adjust_attrs(path, attrs)
+        if self.shared and "/" not in path and parse_repo_folder(path) and self._is_restricted(path):
+            self.restrict(attrs)
+        elif stat.S_ISDIR(attrs["st_mode"]) and _in_refs(path, or_itself=True):
+            # Shown writable by all, not sticky, and kept 0755 on disk: a user's ref rename must be
+            # able to replace the owner's ref; `rename` and `unlink` decide who may do what here.
+            attrs["st_mode"] = stat.S_IFDIR | 0o777
+
+    def _is_restricted(self, folder: str) -> bool:
+        """A gated or private repo: its files are for the owner (and --group) only. So is a folder the
+        Hub cannot vouch for: unreachable, or not found (a private repo this token cannot see)."""
+        try:
+            state = self._repo_state(folder)
+        except HffsError:
+            return True
+        if state is None:
+            return True
+        with self._lock:
+            repos = list(state.commits.values())
+        return any(repo.gated or repo.private for repo in repos)
+
+    def _caller_owns(self, path: str, caller: Caller) -> bool:
+        try:
+            return self.local.lstat(self._rel(path)).st_uid == caller.uid
+        except FileNotFoundError:
+            return False
+
+    def unlink(self, path: str, caller: Caller | None = None) -> None:
+        if not self.is_owner(caller) and _in_refs(path) and not self._caller_owns(path, caller):
+            raise fs_error(errno.EPERM)  # refs/ is not sticky (see policy_mode): the rule is ours
+        super().unlink(path, caller)
+
+    def rename(self, old: str, new: str, caller: Caller | None = None, *, noreplace: bool = False) -> None:
+        if self.is_owner(caller) or not (_in_refs(old) or _in_refs(new)):
+            super().rename(old, new, caller, noreplace=noreplace)
+            return
+        self.check_write(old, caller)
+        self.check_write(new, caller)
+        if not (_in_refs(old) and _in_refs(new)) or not self._caller_owns(old, caller):
+            raise fs_error(errno.EPERM)
+        if noreplace and (self._lstat(self._rel(new)) is not None or self._vnode(new) is not None):
+            raise fs_error(errno.EEXIST)
+        self._install_ref(old, new)
+
+    def _install_ref(self, source: str, ref: str) -> None:
+        """Another user's `refs/<rev>` update: accepted only when it names the commit the Hub reports
+        for <rev>. The owner's own copy of that commit is installed (the user's file, which the user
+        could still write to, is only read), then the user's file is removed."""
+        source_rel, ref_rel = self._rel(source), self._rel(ref)
+        fd = self.local.open(source_rel, os.O_RDONLY)
+        with os.fdopen(fd, "rb") as f:
+            claimed = f.read(_MAX_REF_BYTES + 1).decode(errors="replace")
+        parts = ref.split("/")
+        state = self._repo_state(parts[0])
+        revision = "/".join(parts[2:])
+        if state is None or not _COMMIT.match(claimed) or claimed != self._hub_commit(state, revision, claimed):
+            logger.warning("refused a ref update from another user: %s -> %r", ref, claimed[:64])
+            raise fs_error(errno.EACCES)
+        self._ensure_local_parent(ref)
+        tmp = self._tmp_name()
+        try:
+            out = self.local.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            with os.fdopen(out, "wb") as f:
+                os.fchmod(out, 0o644)
+                f.write(claimed.encode())
+            with self._locks.hold(source, ref):
+                self.local.rename(tmp, ref_rel)
+                self.local.unlink(source_rel)
+                self.creators.forget(self._key(source_rel))
+                self.creators.forget(self._key(ref_rel))
+        finally:
+            if self.local.exists(tmp):
+                self.local.unlink(tmp)
+        with self._lock:
+            state.refs[revision] = claimed
+
+    def _hub_commit(self, state: RepoState, revision: str, claimed: str) -> str | None:
+        """The Hub's commit for `revision`, re-asked once when the cached answer differs from `claimed`
+        (the branch may have moved within the metadata TTL)."""
+        try:
+            commit = self._hub_repo(state.repo_type, state.repo_id, revision).commit
+            if commit != claimed:
+                self.meta.invalidate(lambda key: key == self._repo_key(state.repo_type, state.repo_id, revision))
+                commit = self._hub_repo(state.repo_type, state.repo_id, revision).commit
+        except RemoteNotFound:
+            return None
+        return commit
+
+
+def _in_refs(path: str, *, or_itself: bool = False) -> bool:
+    """Is `path` below a repo folder's `refs/` (`or_itself`: or `refs/` itself)?"""
+    parts = path.split("/")
+    deep_enough = len(parts) >= 2 if or_itself else len(parts) > 2
+    return deep_enough and parts[1] == "refs" and parse_repo_folder(parts[0]) is not None

@@ -9,16 +9,22 @@ No FUSE here: views are plain objects, testable without a kernel mount; `fuse_op
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import itertools
 import logging
 import os
+import posixpath
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ..errors import HffsError
+from ..proc import HOST, pid_alive
+from .creators import Caller, CreatorLog
+from .localfs import LocalTree
 
 logger = logging.getLogger(__name__)
 
@@ -57,23 +63,80 @@ class FileHandle:
 
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+# Permission bits a client may set: setuid/setgid are never stored (a root daemon would keep them).
+_ALLOWED_BITS = 0o1777
+# Temp files older than this are removed at start whoever wrote them (a host that is gone).
+_TMP_MAX_AGE = 24 * 3600
+
+
+class _PathLocks:
+    """A fixed array of locks, one picked per path: namespace changes of one path are serialized while
+    unrelated paths (almost always another stripe) proceed. Bounded, unlike a lock per path."""
+
+    def __init__(self, stripes: int = 64):
+        self._locks = [threading.Lock() for _ in range(stripes)]
+
+    @contextlib.contextmanager
+    def hold(self, *paths: str) -> Iterator[None]:
+        # Taken in index order: two renames in opposite directions cannot deadlock.
+        indices = sorted({hash(p) % len(self._locks) for p in paths})
+        for i in indices:
+            self._locks[i].acquire()
+        try:
+            yield
+        finally:
+            for i in reversed(indices):
+                self._locks[i].release()
 
 
 class MergedView:
-    """Filesystem semantics over a local layer (`local_root`) and a virtual tree from a subclass."""
+    """Filesystem semantics over a local layer and a virtual tree from a subclass.
 
-    def __init__(self, local_root: str | os.PathLike, *, read_only: bool = False):
-        self.local_root = os.fspath(local_root)
-        os.makedirs(self.local_root, mode=0o755, exist_ok=True)
+    `local` is the directory tree the layer lives in (all access through `LocalTree`: no symlink is
+    ever followed); the layer is `upper` inside it ("" = the tree's root) and copy-up temp files go to
+    `tmp`, a private directory of the same tree outside the visible layer. `state` holds the creator
+    record. Every operation that changes something takes the caller (uid, gid, pid); None is the
+    mount's owner (the daemon itself).
+    """
+
+    # Whether deleted virtual entries can be hidden (whiteouts); otherwise deleting them is EROFS.
+    hides_virtual = False
+
+    def __init__(
+        self,
+        local: LocalTree,
+        *,
+        upper: str,
+        tmp: str,
+        state: LocalTree,
+        read_only: bool = False,
+        group_gid: int | None = None,
+    ):
+        self.local = local
+        self.upper = upper
+        self.tmp = tmp
         self.read_only = read_only
         self.uid = os.getuid()
-        self.gid = os.getgid()
+        self.group_gid = group_gid
+        self.gid = os.getgid() if group_gid is None else group_gid
         self.started_ns = time.time_ns()
         # Bumped whenever the virtual tree may have changed (a listing reloaded, a repo resolved).
         # Directory mtimes follow it, so the kernel drops its cached readdir results.
         self.generation_ns = self.started_ns
-        # Serializes namespace changes (create/rename/unlink...) against merged lookups of the same tree.
-        self._ns_lock = threading.RLock()
+        self._locks = _PathLocks()
+        self._tmp_count = itertools.count()
+        if upper and not local.exists(upper):
+            local.mkdir(upper, 0o755)
+        if not read_only:
+            self._prepare_tmp()
+        self._state = state
+        self.creators = CreatorLog(state)
+
+    def close(self) -> None:
+        self.creators.close()
+        self.local.close()
+        if self._state is not self.local:
+            self._state.close()
 
     # -- to be provided by subclasses -----------------------------------------------------------
     def virtual_lookup(self, path: str) -> VNode | None:
@@ -89,9 +152,19 @@ class MergedView:
         """May this virtual file be copied into the local layer to be modified? (Otherwise EROFS.)"""
         return False
 
-    def local_path(self, path: str) -> str:
-        """Where `path` lives in the local layer (subclasses may remap names, e.g. case)."""
-        return os.path.join(self.local_root, path) if path else self.local_root
+    def layer_path(self, path: str) -> str:
+        """Where `path` lives in the layer, relative to it (subclasses may remap names, e.g. case)."""
+        return path
+
+    def policy_mode(self, path: str, is_dir: bool) -> int | None:
+        """Permission bits `path` always has, whoever created it (shared directories), or None."""
+        return None
+
+    def adjust_attrs(self, path: str, attrs: dict) -> None:
+        """Last word on the attributes shown for `path` (subclasses restrict modes, e.g. gated repos)."""
+        mode = self.policy_mode(path, stat.S_ISDIR(attrs["st_mode"]))
+        if mode is not None:
+            attrs["st_mode"] = stat.S_IFMT(attrs["st_mode"]) | mode
 
     def is_hidden(self, path: str) -> bool:
         """True if a virtual entry at `path` was deleted locally (whiteout)."""
@@ -103,16 +176,52 @@ class MergedView:
     def unhide(self, path: str, *, opaque: bool) -> None:
         """A local entry now exists at `path`: stop hiding it (`opaque`: a recreated directory)."""
 
+    def hidden_children(self, path: str) -> set[str]:
+        """Names of virtual children of directory `path` deleted locally (see `is_hidden`)."""
+        return set()
+
+    def display_name(self, parent: str, local_name: str) -> str:
+        """Name shown for a local entry (subclasses may canonicalize)."""
+        return local_name
+
+    def _opaque(self, path: str) -> bool:
+        return False
+
+    def check_write(self, path: str, caller: Caller | None) -> None:
+        """Raise unless `caller` may create, change or delete `path` (EROFS, EACCES...)."""
+        if self.read_only:
+            raise fs_error(errno.EROFS)
+
     def bump_generation(self) -> None:
         self.generation_ns = max(time.time_ns(), self.generation_ns + 1)
 
-    # -- lookups --------------------------------------------------------------------------------
-    def _lstat_local(self, path: str) -> os.stat_result | None:
+    def is_owner(self, caller: Caller | None) -> bool:
+        return caller is None or caller.uid in (0, self.uid)
+
+    def restrict(self, attrs: dict) -> None:
+        """Private or gated content: the owner (and `--group`) only."""
+        attrs["st_mode"] &= ~0o007
+        if self.group_gid is None:
+            attrs["st_mode"] &= ~0o070
+        else:
+            attrs["st_gid"] = self.group_gid
+
+    # -- layer paths ----------------------------------------------------------------------------
+    def _rel(self, path: str) -> str:
+        """The tree-relative path of `path`; the private temp directory does not exist for clients."""
+        if not self.upper and (path == self.tmp or path.startswith(f"{self.tmp}/")):
+            raise fs_error(errno.ENOENT)
+        rel = self.layer_path(path)
+        if not self.upper:
+            return rel
+        return f"{self.upper}/{rel}" if rel else self.upper
+
+    def _lstat(self, rel: str) -> os.stat_result | None:
+        """lstat in the layer: None when absent (or below a non-directory); a planted symlink on the
+        way is ELOOP, never followed and never mistaken for absence."""
         try:
-            return os.lstat(self.local_path(path))
-        except FileNotFoundError:
-            return None
-        except NotADirectoryError:
+            return self.local.lstat(rel)
+        except (FileNotFoundError, NotADirectoryError):
             return None
 
     def _vnode(self, path: str) -> VNode | None:
@@ -120,17 +229,44 @@ class MergedView:
             return None
         return self.virtual_lookup(path)
 
+    # -- temp files -----------------------------------------------------------------------------
+    def _prepare_tmp(self) -> None:
+        """Create the private temp directory; remove what dead writers of this host left behind."""
+        if not self.local.exists(self.tmp):
+            self.local.mkdir(self.tmp, 0o700)
+        now = time.time()
+        for name, _mode in self.local.listdir(self.tmp):
+            host, pid, _n = (name.rsplit(".", 2) + ["", ""])[:3]  # see _tmp_name; host names have dots
+            try:
+                ours_and_dead = host == HOST and pid.isdigit() and not pid_alive(int(pid))
+                if ours_and_dead or now - self.local.lstat(f"{self.tmp}/{name}").st_mtime > _TMP_MAX_AGE:
+                    self.local.unlink(f"{self.tmp}/{name}")
+            except FileNotFoundError:
+                continue
+
+    def _tmp_name(self) -> str:
+        # Host, pid and a counter: unique across hosts sharing the directory and across threads.
+        return f"{self.tmp}/{HOST}.{os.getpid()}.{next(self._tmp_count)}"
+
+    # -- lookups --------------------------------------------------------------------------------
     def getattr(self, path: str) -> dict:
-        st = self._lstat_local(path)
+        rel = self._rel(path)
+        st = self._lstat(rel)
         if st is not None:
             attrs = local_attrs(st)
             if stat.S_ISDIR(st.st_mode):  # may merge virtual children: changes with them too
                 attrs["st_mtime"] = max(attrs["st_mtime"], self.generation_ns)
-            return attrs
-        node = self._vnode(path)
-        if node is None:
-            raise fs_error(errno.ENOENT)
-        return self._vattrs(node)
+            if not _CAN_CHOWN and (creator := self.creators.get(self._key(rel))) is not None:
+                # A daemon that cannot chown still shows each entry as its creator's, so that the
+                # kernel lets creators (and only them) change and remove what they made.
+                attrs["st_uid"] = creator.uid
+        else:
+            node = self._vnode(path)
+            if node is None:
+                raise fs_error(errno.ENOENT)
+            attrs = self._vattrs(node)
+        self.adjust_attrs(path, attrs)
+        return attrs
 
     def _vattrs(self, node: VNode) -> dict:
         mtime = node.mtime_ns or self.started_ns
@@ -161,37 +297,37 @@ class MergedView:
         This is the hot path of `ls` in directories of 10,000 modules: no per-entry attribute dicts.
         """
         entries: dict[str, int] = {}
-        local = self.local_path(path)
-        local_is_dir = os.path.isdir(local) and not os.path.islink(local)
+        rel = self._rel(path)
+        st = self._lstat(rel)
+        local_is_dir = st is not None and stat.S_ISDIR(st.st_mode)
         node = None if local_is_dir and path and self._opaque(path) else self._vnode(path)
         if not local_is_dir and (node is None or node.kind != "dir"):
-            raise fs_error(errno.ENOENT if node is None and not os.path.lexists(local) else errno.ENOTDIR)
+            raise fs_error(errno.ENOENT if node is None and st is None else errno.ENOTDIR)
         if node is not None and node.kind == "dir":
             hidden = self.hidden_children(path)
             for name, child in self.virtual_children(path).items():
                 if name not in hidden:
                     entries[name] = _vmode(child)
         if local_is_dir:
-            with os.scandir(local) as it:
-                for de in it:
-                    entries[self.display_name(path, de.name)] = _dirent_mode(de)
+            private = self.tmp if not path and not self.upper else None
+            for name, mode in self.local.listdir(rel):
+                if name != private:
+                    entries[self.display_name(path, name)] = mode
         return list(entries.items())
 
-    def hidden_children(self, path: str) -> set[str]:
-        """Names of virtual children of directory `path` deleted locally (see `is_hidden`)."""
-        return set()
-
-    def display_name(self, parent: str, local_name: str) -> str:
-        """Name shown for a local entry (subclasses may canonicalize)."""
-        return local_name
-
-    def _opaque(self, path: str) -> bool:
-        return False
+    def _has_visible_virtual_children(self, path: str) -> bool:
+        if self._opaque(path):
+            return False
+        node = self._vnode(path)
+        if node is None or node.kind != "dir":
+            return False
+        hidden = self.hidden_children(path)
+        return any(name not in hidden for name in self.virtual_children(path))
 
     def readlink(self, path: str) -> str:
-        st = self._lstat_local(path)
-        if st is not None:
-            return os.readlink(self.local_path(path))
+        rel = self._rel(path)
+        if self._lstat(rel) is not None:
+            return self.local.readlink(rel)
         node = self._vnode(path)
         if node is None:
             raise fs_error(errno.ENOENT)
@@ -199,28 +335,17 @@ class MergedView:
             raise fs_error(errno.EINVAL)
         return node.target
 
-    def access(self, path: str, mode: int) -> None:
-        st = self._lstat_local(path)
-        if st is None:
-            node = self._vnode(path)
-            if node is None:
-                raise fs_error(errno.ENOENT)
-            if mode & os.W_OK and node.kind != "dir" and (self.read_only or not self.can_copy_up(path, node)):
-                raise fs_error(errno.EROFS)
-        elif mode & os.W_OK and self.read_only:
-            raise fs_error(errno.EROFS)
-
     def statfs(self) -> dict:
-        sv = os.statvfs(self.local_root)
+        sv = self.local.statvfs()
         return {key: getattr(sv, key) for key in _STATVFS_KEYS}
 
     # -- open/create ----------------------------------------------------------------------------
-    def open(self, path: str, flags: int) -> FileHandle:
+    def open(self, path: str, flags: int, caller: Caller | None = None) -> FileHandle:
         writing = bool(flags & _WRITE_FLAGS)
-        if writing and self.read_only:
-            raise fs_error(errno.EROFS)
-        local = self.local_path(path)
-        if self._lstat_local(path) is None:
+        if writing:
+            self.check_write(path, caller)
+        rel = self._rel(path)
+        if self._lstat(rel) is None:
             node = self._vnode(path)
             if node is None:
                 raise fs_error(errno.ENOENT)
@@ -229,34 +354,66 @@ class MergedView:
             if not writing:
                 return self.virtual_open(path, node)
             # O_TRUNC discards the content: copy up an empty file instead of fetching the old bytes.
-            self._copy_up(path, node, content=not flags & os.O_TRUNC)
-        return FileHandle(fd=os.open(local, flags & ~os.O_CREAT | os.O_CLOEXEC))
+            self._copy_up(path, node, caller, content=not flags & os.O_TRUNC)
+        return FileHandle(fd=self.local.open(rel, flags & ~(os.O_CREAT | os.O_EXCL)))
 
-    def create(self, path: str, flags: int, mode: int) -> FileHandle:
-        self._check_writable(path)
-        with self._ns_lock:
-            if self._lstat_local(path) is None and self._vnode(path) is not None:
-                if flags & os.O_EXCL:
-                    raise fs_error(errno.EEXIST)
-                return self.open(path, flags & ~(os.O_CREAT | os.O_EXCL))
-            self._ensure_local_parent(path)
-            fd = os.open(self.local_path(path), flags | os.O_CREAT | os.O_CLOEXEC, mode & 0o777)
-            self.unhide(path, opaque=False)
-        return FileHandle(fd=fd)
+    def create(self, path: str, flags: int, mode: int, caller: Caller | None = None) -> FileHandle:
+        self.check_write(path, caller)
+        rel = self._rel(path)
+        node = self.virtual_lookup(path)  # remote lookups before any lock
+        self._ensure_local_parent(path)
+        with self._locks.hold(path):
+            if self._lstat(rel) is None and (node is None or self.is_hidden(path)):
+                try:
+                    return FileHandle(fd=self._create_local(path, rel, flags, mode, caller))
+                except FileExistsError:  # written into the backing directly, just now
+                    if flags & os.O_EXCL:
+                        raise
+            elif flags & os.O_EXCL:
+                raise fs_error(errno.EEXIST)
+        # An existing entry: open it (a virtual one is copied up first, without holding the lock).
+        return self.open(path, flags & ~(os.O_CREAT | os.O_EXCL), caller)
 
-    def _check_writable(self, path: str) -> None:
-        if self.read_only:
-            raise fs_error(errno.EROFS)
+    def _create_local(self, path: str, rel: str, flags: int, mode: int, caller: Caller | None) -> int:
+        fd = self.local.open(rel, flags | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.fchmod(fd, self._new_mode(path, mode, is_dir=False))
+            if caller is not None and _CAN_CHOWN:
+                os.fchown(fd, caller.uid, caller.gid)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._created(path, rel, caller, opaque=False)
+        return fd
+
+    def _new_mode(self, path: str, mode: int, *, is_dir: bool) -> int:
+        forced = self.policy_mode(path, is_dir)
+        return forced if forced is not None else mode & _ALLOWED_BITS
+
+    def _key(self, rel: str) -> str:
+        """The creator record's key for a tree path: the path in the layer (canonical casing)."""
+        return rel[len(self.upper) + 1 :] if self.upper else rel
+
+    def _record(self, rel: str, caller: Caller | None) -> None:
+        self.creators.record(self._key(rel), caller or Caller(self.uid, self.gid, os.getpid()))
+
+    def _created(self, path: str, rel: str, caller: Caller | None, *, opaque: bool) -> None:
+        """Bookkeeping for a new local entry: its creator, and no whiteout over it any more."""
+        self._record(rel, caller)
+        self.unhide(path, opaque=opaque)
 
     def _ensure_local_parent(self, path: str) -> None:
-        parent = os.path.dirname(path)
+        parent = posixpath.dirname(path)
         if parent:
             self._ensure_local_dir(parent)
 
     def _ensure_local_dir(self, path: str) -> None:
-        """Create `path` in the local layer, mirroring virtual parents (mkdir -p)."""
-        if self._lstat_local(path) is not None:
-            if not os.path.isdir(self.local_path(path)):
+        """Create `path` in the local layer, mirroring virtual parents (mkdir -p). The mirrors belong to
+        the mount's owner, like the Hub directories they stand for."""
+        rel = self._rel(path)
+        st = self._lstat(rel)
+        if st is not None:
+            if not stat.S_ISDIR(st.st_mode):
                 raise fs_error(errno.ENOTDIR)
             return
         node = self._vnode(path)
@@ -265,129 +422,196 @@ class MergedView:
         if node.kind != "dir":
             raise fs_error(errno.ENOTDIR)
         self._ensure_local_parent(path)
-        os.makedirs(self.local_path(path), mode=0o755, exist_ok=True)
+        try:
+            self.local.mkdir(rel, 0o700)
+        except FileExistsError:
+            return  # another thread mirrored it first
+        self.local.chmod(rel, self._new_mode(path, 0o755, is_dir=True))
 
-    def _copy_up(self, path: str, node: VNode, content: bool = True) -> None:
-        """Make a local copy of a virtual file before it is modified (or refuse); `content=False`: empty."""
+    def _copy_up(self, path: str, node: VNode, caller: Caller | None, content: bool = True) -> None:
+        """Make a local copy of a virtual file before it is modified (or refuse); `content=False`: empty.
+
+        The bytes are fetched and written to a private temp file with no lock held, then renamed into
+        place without replacing anything: a local file that appeared meanwhile wins.
+        """
         if self.read_only or node.kind != "file" or not self.can_copy_up(path, node):
             raise fs_error(errno.EROFS)
-        with self._ns_lock:
-            if self._lstat_local(path) is not None:
-                return
-            self._ensure_local_parent(path)
-            handle = self.virtual_open(path, node) if content else FileHandle(data=b"")
-            local = self.local_path(path)
-            tmp = f"{local}.hffs-copyup.{os.getpid()}.{threading.get_ident()}"
-            try:
-                with open(tmp, "wb") as out:
-                    if handle.data is not None:
-                        out.write(handle.data)
-                    else:
-                        with open(handle.fd, "rb", closefd=False) as src:
-                            os.lseek(handle.fd, 0, os.SEEK_SET)
-                            while chunk := src.read(4 * 1024 * 1024):
-                                out.write(chunk)
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, local)
-            finally:
-                handle.release()
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+        rel = self._rel(path)
+        if self._lstat(rel) is not None:
+            return
+        self._ensure_local_parent(path)
+        handle = self.virtual_open(path, node) if content else FileHandle(data=b"")
+        tmp = self._tmp_name()
+        try:
+            fd = self.local.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with open(fd, "wb") as out:
+                os.fchmod(fd, 0o644)
+                if handle.data is not None:
+                    out.write(handle.data)
+                else:
+                    with open(handle.fd, "rb", closefd=False) as src:
+                        os.lseek(handle.fd, 0, os.SEEK_SET)
+                        while chunk := src.read(4 * 1024 * 1024):
+                            out.write(chunk)
+            with self._locks.hold(path):
+                try:
+                    self.local.rename(tmp, rel, noreplace=True)
+                except FileExistsError:
+                    return  # copied up (or created) by someone else meanwhile
+                # The copy is the owner's file (its bytes are the Hub's); who asked for it is recorded.
+                self._record(rel, caller)
+        finally:
+            handle.release()
+            if self.local.exists(tmp):
+                self.local.unlink(tmp)
 
     # -- namespace changes ----------------------------------------------------------------------
-    def mkdir(self, path: str, mode: int) -> None:
-        self._check_writable(path)
-        with self._ns_lock:
-            if self._lstat_local(path) is not None or self._vnode(path) is not None:
+    def mkdir(self, path: str, mode: int, caller: Caller | None = None) -> None:
+        self.check_write(path, caller)
+        rel = self._rel(path)
+        node = self.virtual_lookup(path)
+        self._ensure_local_parent(path)
+        with self._locks.hold(path):
+            if self._lstat(rel) is not None or (node is not None and not self.is_hidden(path)):
                 raise fs_error(errno.EEXIST)
-            self._ensure_local_parent(path)
-            was_virtual = self.virtual_lookup(path) is not None  # hidden before: recreate empty
-            os.mkdir(self.local_path(path), mode & 0o777)
-            self.unhide(path, opaque=was_virtual)
+            self.local.mkdir(rel, 0o700)
+            self.local.chmod(rel, self._new_mode(path, mode, is_dir=True))
+            if caller is not None and _CAN_CHOWN:
+                self.local.chown(rel, caller.uid, caller.gid)
+            self._created(path, rel, caller, opaque=node is not None)  # hidden before: recreate empty
 
-    def symlink(self, path: str, target: str) -> None:
-        self._check_writable(path)
-        with self._ns_lock:
-            if self._lstat_local(path) is not None or self._vnode(path) is not None:
+    def symlink(self, path: str, target: str, caller: Caller | None = None) -> None:
+        self.check_write(path, caller)
+        rel = self._rel(path)
+        node = self.virtual_lookup(path)
+        self._ensure_local_parent(path)
+        with self._locks.hold(path):
+            if self._lstat(rel) is not None or (node is not None and not self.is_hidden(path)):
                 raise fs_error(errno.EEXIST)
-            self._ensure_local_parent(path)
-            os.symlink(target, self.local_path(path))
-            self.unhide(path, opaque=False)
+            self.local.symlink(target, rel)  # stored verbatim; the daemon never follows it
+            if caller is not None and _CAN_CHOWN:
+                self.local.chown(rel, caller.uid, caller.gid)
+            self._created(path, rel, caller, opaque=False)
 
-    def unlink(self, path: str) -> None:
-        self._check_writable(path)
-        with self._ns_lock:
-            local_exists = self._lstat_local(path) is not None
-            node = self._vnode(path)
-            if not local_exists and node is None:
+    def _check_hideable(self, node: VNode | None) -> None:
+        if node is not None and not self.hides_virtual:
+            raise fs_error(errno.EROFS)
+
+    def unlink(self, path: str, caller: Caller | None = None) -> None:
+        self.check_write(path, caller)
+        rel = self._rel(path)
+        raw = self.virtual_lookup(path)
+        with self._locks.hold(path):
+            st = self._lstat(rel)
+            node = None if self.is_hidden(path) else raw
+            if st is None and node is None:
                 raise fs_error(errno.ENOENT)
-            if node is not None and node.kind == "dir" and not local_exists:
+            if (st is None and node.kind == "dir") or (st is not None and stat.S_ISDIR(st.st_mode)):
                 raise fs_error(errno.EISDIR)
-            if node is not None:
-                self.hide(path)  # raises EROFS in views that cannot hide virtual entries
-            if local_exists:
-                os.unlink(self.local_path(path))
-
-    def rmdir(self, path: str) -> None:
-        self._check_writable(path)
-        if not path:
-            raise fs_error(errno.EBUSY)
-        with self._ns_lock:
-            if [name for name, _ in self.readdir(path)]:
-                raise fs_error(errno.ENOTEMPTY)
-            node = self._vnode(path)
+            self._check_hideable(node)
+            if st is not None:
+                self.local.unlink(rel)
+                self.creators.forget(self._key(rel))
             if node is not None:
                 self.hide(path)
-            if self._lstat_local(path) is not None:
-                os.rmdir(self.local_path(path))
 
-    def rename(self, old: str, new: str) -> None:
-        self._check_writable(new)
-        with self._ns_lock:
-            node = None if self._lstat_local(old) is not None else self._vnode(old)
-            if node is None and self._lstat_local(old) is None:
-                raise fs_error(errno.ENOENT)
+    def rmdir(self, path: str, caller: Caller | None = None) -> None:
+        self.check_write(path, caller)
+        if not path:
+            raise fs_error(errno.EBUSY)
+        rel = self._rel(path)
+        if self.readdir(path):  # emptiness of the merged directory (remote listings: before the lock)
+            raise fs_error(errno.ENOTEMPTY)
+        raw = self.virtual_lookup(path)
+        with self._locks.hold(path):
+            st = self._lstat(rel)
+            node = None if self.is_hidden(path) else raw
+            if st is not None and not stat.S_ISDIR(st.st_mode):
+                raise fs_error(errno.ENOTDIR)
+            self._check_hideable(node)
+            if st is not None:
+                self.local.rmdir(rel)  # ENOTEMPTY if a local entry appeared meanwhile
+                self.creators.forget(self._key(rel))
             if node is not None:
-                if node.kind == "dir":
-                    raise fs_error(errno.EXDEV)  # callers (mv) fall back to copy + delete
-                self._copy_up(old, node)
-            dest_node = self._vnode(new)
-            if dest_node is not None and dest_node.kind == "dir" and self._lstat_local(new) is None:
-                if [name for name, _ in self.readdir(new)]:
-                    raise fs_error(errno.ENOTEMPTY)
-            self._ensure_local_parent(new)
-            os.rename(self.local_path(old), self.local_path(new))
-            if self.virtual_lookup(old) is not None:
-                self.hide(old)
-            self.unhide(new, opaque=dest_node is not None and dest_node.kind == "dir")
+                self.hide(path)
 
-    def _local_for_modify(self, path: str) -> str:
-        self._check_writable(path)
-        if self._lstat_local(path) is None:
+    def rename(self, old: str, new: str, caller: Caller | None = None, *, noreplace: bool = False) -> None:
+        """rename(2); `noreplace`: renameat2's RENAME_NOREPLACE (EEXIST if `new` exists in the merged view)."""
+        self.check_write(old, caller)
+        self.check_write(new, caller)
+        if new == old:
+            return
+        if new.startswith(f"{old}/") or not old:
+            raise fs_error(errno.EINVAL)
+        old_rel, new_rel = self._rel(old), self._rel(new)
+        # Everything that may need the network, before any lock: lookups, listings, copy-up.
+        old_raw, new_raw = self.virtual_lookup(old), self.virtual_lookup(new)
+        src_st = self._lstat(old_rel)
+        src_node = None if self.is_hidden(old) else old_raw
+        if src_st is None and src_node is None:
+            raise fs_error(errno.ENOENT)
+        src_is_dir = stat.S_ISDIR(src_st.st_mode) if src_st is not None else src_node.kind == "dir"
+        self._check_hideable(src_node)
+        if src_is_dir and self._has_visible_virtual_children(old):
+            # Moving remote content would mean copying it all up here: `mv` copies it instead.
+            raise fs_error(errno.EXDEV)
+        dst_st = self._lstat(new_rel)
+        dst_node = None if self.is_hidden(new) else new_raw
+        if noreplace and (dst_st is not None or dst_node is not None):
+            raise fs_error(errno.EEXIST)
+        if dst_st is not None:
+            dst_is_dir = stat.S_ISDIR(dst_st.st_mode)
+        else:
+            dst_is_dir = dst_node is not None and dst_node.kind == "dir"
+        if dst_is_dir:
+            if not src_is_dir:
+                raise fs_error(errno.EISDIR)
+            if self.readdir(new):  # emptiness of the merged destination
+                raise fs_error(errno.ENOTEMPTY)
+        elif (dst_st is not None or dst_node is not None) and src_is_dir:
+            raise fs_error(errno.ENOTDIR)
+        if src_st is None and not src_is_dir:
+            self._copy_up(old, src_node, caller)
+        elif src_st is None:
+            self._ensure_local_dir(old)  # an empty remote directory: a local one stands in for it
+        self._ensure_local_parent(new)
+        with self._locks.hold(old, new):
+            self.local.rename(old_rel, new_rel, noreplace=noreplace)
+            self.creators.move(self._key(old_rel), self._key(new_rel))
+            if src_node is not None:
+                self.hide(old)
+            self.unhide(new, opaque=dst_node is not None and dst_node.kind == "dir")
+
+    def _local_for_modify(self, path: str, caller: Caller | None) -> str:
+        self.check_write(path, caller)
+        rel = self._rel(path)
+        if self._lstat(rel) is None:
             node = self._vnode(path)
             if node is None:
                 raise fs_error(errno.ENOENT)
             if node.kind == "dir":
                 self._ensure_local_dir(path)
             else:
-                self._copy_up(path, node)
-        return self.local_path(path)
+                self._copy_up(path, node, caller)
+        return rel
 
-    def truncate(self, path: str, length: int) -> None:
-        os.truncate(self._local_for_modify(path), length)
+    def truncate(self, path: str, length: int, caller: Caller | None = None) -> None:
+        self.local.truncate(self._local_for_modify(path, caller), length)
 
-    def chmod(self, path: str, mode: int) -> None:
-        os.chmod(self._local_for_modify(path), mode & 0o7777 & ~0o002)  # never world-writable
+    def chmod(self, path: str, mode: int, caller: Caller | None = None) -> None:
+        rel = self._local_for_modify(path, caller)
+        is_dir = stat.S_ISDIR(self.local.lstat(rel).st_mode)
+        self.local.chmod(rel, self._new_mode(path, mode & ~0o002, is_dir=is_dir))  # never world-writable
 
-    def chown(self, path: str, uid: int, gid: int) -> None:
-        os.chown(self._local_for_modify(path), uid, gid, follow_symlinks=False)
+    def chown(self, path: str, uid: int, gid: int, caller: Caller | None = None) -> None:
+        self.local.chown(self._local_for_modify(path, caller), uid, gid)
 
-    def utimens(self, path: str, times: tuple[int, int] | None) -> None:
-        local = self._local_for_modify(path)
-        if times is None:
-            os.utime(local, follow_symlinks=False)
-        else:
-            os.utime(local, ns=times, follow_symlinks=False)
+    def utimens(self, path: str, times: tuple[int, int] | None, caller: Caller | None = None) -> None:
+        self.local.utime(self._local_for_modify(path, caller), times)
+
+
+# Only a root daemon can give new entries their creator's uid; otherwise they stay the daemon's.
+_CAN_CHOWN = os.geteuid() == 0
 
 
 def _vmode(node: VNode) -> int:
@@ -403,13 +627,6 @@ def local_attrs(st: os.stat_result) -> dict:
     attrs = {key: getattr(st, key) for key in _STAT_KEYS}
     attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
     return attrs
-
-
-def _dirent_mode(de: os.DirEntry) -> int:
-    try:
-        return de.stat(follow_symlinks=False).st_mode
-    except OSError:
-        return stat.S_IFREG
 
 
 def errno_of(exc: BaseException) -> int:

@@ -17,6 +17,7 @@ records a whiteout so it stays hidden across remounts.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -25,11 +26,13 @@ import threading
 
 from cachetools import LRUCache
 
-from ..errors import RemoteNotFound
+from ..errors import MountError, RemoteNotFound
 from ..remote.base import Remote, RemoteEntry
 from ..store.blobstore import BlobStore, blob_key
 from ..store.metacache import MetadataCache
-from .merged import _WRITE_FLAGS, FileHandle, MergedView, VNode, fs_error
+from .creators import Caller
+from .localfs import LocalTree
+from .merged import FileHandle, MergedView, VNode, fs_error
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ def is_lock_name(name: str) -> bool:
 
 
 class NeffView(MergedView):
+    hides_virtual = True
+
     def __init__(
         self,
         remote: Remote,
@@ -59,20 +64,28 @@ class NeffView(MergedView):
         read_only: bool = False,
         show_model_area: bool = False,
         listing_ttl: float | None = None,
+        private: bool = False,
+        group_gid: int | None = None,
     ):
         self.state_dir = os.fspath(state_dir)
-        super().__init__(os.path.join(self.state_dir, "upper"), read_only=read_only)
+        tree = LocalTree(self.state_dir)
+        self._lock_fd = _lock_layer(tree, self.state_dir)
+        super().__init__(tree, upper="upper", tmp="tmp", state=tree, read_only=read_only, group_gid=group_gid)
         self.remote = remote
         self.store = store
         self.meta = meta
         self.show_model_area = show_model_area
         self.listing_ttl = listing_ttl
-        self._whiteout_file = os.path.join(self.state_dir, "whiteouts.json")
+        self.private = private
         self._hidden, self._opaque_dirs = self._load_whiteouts()
         self._wh_lock = threading.Lock()
         self._visible_memo: LRUCache = LRUCache(maxsize=4096)
         self._children_memo: LRUCache = LRUCache(maxsize=1024)
         self._memo_lock = threading.Lock()
+
+    def close(self) -> None:
+        super().close()
+        os.close(self._lock_fd)  # releases the layer for the next mount
 
     # -- remote side, filtered ------------------------------------------------------------------
     def _remote_listing(self, path: str) -> dict[str, RemoteEntry]:
@@ -197,36 +210,52 @@ class NeffView(MergedView):
     def can_copy_up(self, path: str, node: VNode) -> bool:
         return True  # remote files become local ones when modified (model-area writes stop earlier)
 
-    def open(self, path: str, flags: int) -> FileHandle:
-        # Opening a model-area file for writing would copy it up: the model area is read-only.
-        if flags & _WRITE_FLAGS:
-            self._check_writable(path)
-        return super().open(path, flags)
-
-    def _check_writable(self, path: str) -> None:
-        super()._check_writable(path)
+    def check_write(self, path: str, caller: Caller | None) -> None:
+        super().check_write(path, caller)
         if self._is_model_area(path):
             raise fs_error(errno.EROFS)
+
+    def policy_mode(self, path: str, is_dir: bool) -> int | None:
+        """Shared-host semantics, like /tmp: every user's compiler creates version and module
+        directories and their files (sticky: only their creator or the owner removes them), and opens
+        the root `lock` for writing."""
+        if is_dir and (not path or self._is_version_dir(path) or self._is_module_dir(path)):
+            return 0o1777
+        if path == "lock" and not is_dir:
+            return 0o666
+        return None
+
+    def adjust_attrs(self, path: str, attrs: dict) -> None:
+        super().adjust_attrs(path, attrs)
+        if self.private and not path:
+            self.restrict(attrs)  # a private bucket: nobody else gets past the root
+
+    @staticmethod
+    def _is_version_dir(path: str) -> bool:
+        return "/" not in path and path.startswith(VERSION_PREFIX)
 
     # -- whiteouts (persisted so deletions survive remounts) ------------------------------------
     def _load_whiteouts(self) -> tuple[set[str], set[str]]:
         try:
-            with open(self._whiteout_file) as f:
-                data = json.load(f)
-            return set(data.get("hidden", [])), set(data.get("opaque", []))
+            fd = self.local.open(_WHITEOUTS, os.O_RDONLY)
         except FileNotFoundError:
             return set(), set()
+        try:
+            with os.fdopen(fd) as f:
+                data = json.load(f)
+            return set(data.get("hidden", [])), set(data.get("opaque", []))
         except (OSError, ValueError) as exc:
-            logger.warning("ignoring unreadable whiteout file %s: %s", self._whiteout_file, exc)
+            logger.warning("ignoring unreadable whiteout file in %s: %s", self.state_dir, exc)
             return set(), set()
 
     def _save_whiteouts(self) -> None:
-        tmp = f"{self._whiteout_file}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
+        tmp = f"{_WHITEOUTS}.tmp"  # one writer: the layer lock admits one mount, _wh_lock one thread
+        fd = self.local.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
             json.dump({"hidden": sorted(self._hidden), "opaque": sorted(self._opaque_dirs)}, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, self._whiteout_file)
+        self.local.rename(tmp, _WHITEOUTS)
 
     def _opaque_above(self, path: str) -> bool:
         parent = posixpath.dirname(path)
@@ -259,6 +288,27 @@ class NeffView(MergedView):
             if opaque:
                 self._opaque_dirs.add(path)
             self._save_whiteouts()
+
+
+_WHITEOUTS = "whiteouts.json"
+
+
+def _lock_layer(tree: LocalTree, state_dir: str) -> int:
+    """Hold the layer's lock for the life of the mount: a second mount of the same bucket and prefix
+    on this host would keep its own whiteouts and lose the other's deletions (layers are per host)."""
+    fd = tree.open("mount.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise MountError(
+            f"this bucket and prefix are already mounted on this host (daemon pid {holder}, layer {state_dir}): "
+            "unmount that mount first, or use another --cache-dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
 
 
 def _ns(seconds: float | None) -> int:

@@ -1,0 +1,153 @@
+"""Who created each entry of a local layer: uid, pid and the pid's start time (issue 12 item 1).
+
+The record lives in the layer state as an append-only log (one JSON line per change, file mode 0600),
+compacted when the view starts, so a create costs one short append and never a rewrite of the whole
+record. Stale-lock tracking reads it: a `*.lock` whose creator (pid, start time) is gone is stale.
+A pid of 0 (a caller in another pid namespace) is an unknown creator.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass
+
+from cachetools import TTLCache
+
+from ..proc import pid_start_time
+from .localfs import LocalTree
+
+logger = logging.getLogger(__name__)
+
+# Compact when the log holds this many more lines than twice the live records (at start, and while
+# running: lock files created and removed all day must not grow it without bound).
+_COMPACT_SLACK = 10_000
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The process a filesystem request comes from (FUSE request context)."""
+
+    uid: int
+    gid: int
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class Creator:
+    uid: int
+    pid: int  # 0: unknown (another pid namespace)
+    start: int  # /proc/<pid>/stat field 22; 0 when unknown
+
+    @classmethod
+    def of(cls, caller: Caller) -> Creator:
+        start = _START_TIMES.get(caller.pid)
+        if start is None:
+            start = _START_TIMES[caller.pid] = pid_start_time(caller.pid)
+        return cls(caller.uid, caller.pid, start)
+
+
+# A compiler process creates several files in a row: its start time is read once. Entries live one
+# second: a pid is reused only after the kernel has cycled through the whole pid space. Not
+# thread-safe: used under CreatorLog's lock.
+_START_TIMES: TTLCache = TTLCache(maxsize=1024, ttl=1.0)
+
+
+class CreatorLog:
+    """{layer path: Creator} for the local entries clients created, persisted in `tree`/`name`."""
+
+    def __init__(self, tree: LocalTree, name: str = "creators.jsonl"):
+        self._tree = tree
+        self._name = name
+        self._lock = threading.Lock()
+        self._records: dict[str, Creator] = {}
+        self._lines = self._load()
+        self._fd = -1
+        if self._lines == 0 or self._too_long():
+            self._compact()
+        else:
+            self._fd = tree.open(name, os.O_WRONLY | os.O_APPEND, 0o600)
+
+    def _too_long(self) -> bool:
+        return self._lines > 2 * len(self._records) + _COMPACT_SLACK
+
+    def _load(self) -> int:
+        try:
+            fd = self._tree.open(self._name, os.O_RDONLY)
+        except FileNotFoundError:
+            return 0
+        lines = 0
+        with os.fdopen(fd, "rb") as f:
+            for line in f:
+                lines += 1
+                try:
+                    op, path, *rest = json.loads(line)
+                except ValueError:  # a torn last line after a crash
+                    continue
+                if op == "+":
+                    self._records[path] = Creator(*rest)
+                elif op == "-":
+                    self._records.pop(path, None)
+        return lines
+
+    def _compact(self) -> None:
+        """Rewrite the log as one line per live record (the caller holds the lock, or is __init__)."""
+        tmp = f"{self._name}.tmp"
+        fd = self._tree.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            for path, c in self._records.items():
+                f.write(json.dumps(["+", path, c.uid, c.pid, c.start]) + "\n")
+        self._tree.rename(tmp, self._name)
+        if self._fd >= 0:
+            os.close(self._fd)
+        self._fd = self._tree.open(self._name, os.O_WRONLY | os.O_APPEND, 0o600)
+        self._lines = len(self._records)
+
+    def _append(self, *items: list) -> None:
+        data = "".join(json.dumps(item) + "\n" for item in items).encode()
+        try:
+            os.write(self._fd, data)
+            self._lines += len(items)
+            if self._too_long():
+                self._compact()
+        except OSError as exc:  # a full disk must not fail the client's create
+            logger.warning("could not record a creator: %s", exc)
+
+    def get(self, path: str) -> Creator | None:
+        with self._lock:
+            return self._records.get(path)
+
+    def record(self, path: str, caller: Caller) -> None:
+        with self._lock:
+            creator = Creator.of(caller)
+            self._records[path] = creator
+            self._append(["+", path, creator.uid, creator.pid, creator.start])
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            if self._records.pop(path, None) is not None:
+                self._append(["-", path])
+
+    def move(self, old: str, new: str) -> None:
+        """`old` (and everything below it) was renamed to `new`."""
+        prefix = f"{old}/"
+        with self._lock:
+            items: list[list] = []
+            replaced = [p for p in self._records if p == new or p.startswith(f"{new}/")]
+            for path in replaced:
+                del self._records[path]
+                items.append(["-", path])
+            for path in [p for p in self._records if p == old or p.startswith(prefix)]:
+                c = self._records.pop(path)
+                moved = new + path[len(old) :]
+                self._records[moved] = c
+                items += [["-", path], ["+", moved, c.uid, c.pid, c.start]]
+            if items:
+                self._append(*items)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
