@@ -672,7 +672,9 @@ def test_private_modes_and_no_core_dumps(cli: Cli, bucket: dict) -> None:
         pid = cli.state(mp)["pid"]
         fg_log = cli.tmp / "logs" / "fg.log"
         proc = subprocess.Popen(
-            [*NO_PTRACE, MOUNTCTL, "mount", "neff", BUCKET, str(fg), "--foreground", "--log-file", str(fg_log)],
+            # Its own cache dir: one mount per bucket layer on a host.
+            [*NO_PTRACE, MOUNTCTL, "mount", "neff", BUCKET, str(fg), "--foreground", "--log-file", str(fg_log)]
+            + ["--cache-dir", str(cli.tmp / "fg-cache")],
             env=cli.env,
             stdin=subprocess.DEVNULL,
         )
