@@ -221,3 +221,30 @@ def test_admission_limiter_bounds_concurrency_and_rate() -> None:
     with limiter.admit():  # refilled at 2 per second
         pass
     assert limiter.refused == 1
+
+
+@pytest.mark.timeout(60)
+def test_lookup_bound_three_ways(hub: HubEmulator, runtime_env: dict[str, str], tmp_path: Path) -> None:
+    """`--max-resolutions-per-s`, fstab `max_resolutions_per_s=` and `HFFS_MAX_RESOLUTIONS_PER_S`."""
+    from hffs_neuron.runtime import read_state
+    from mountctl.cli import mount_helper_argv
+
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mountctl = [sys.executable, "-m", "mountctl"]
+    args = ["mount", "hub-cache", str(mountpoint), "--cache-dir", str(tmp_path / "cache")]
+    result = subprocess.run([*mountctl, *args, "--max-resolutions-per-s", "7"], env=runtime_env, capture_output=True)
+    assert result.returncode == 0, result.stderr
+    try:
+        assert read_state(str(mountpoint))["options"]["max_resolutions_per_s"] == 7
+    finally:
+        subprocess.run([*mountctl, "umount", str(mountpoint)], env=runtime_env, check=True, timeout=60)
+    bad = subprocess.run([*mountctl, *args, "--max-resolutions-per-s", "-1"], env=runtime_env, capture_output=True)
+    assert bad.returncode == 2 and b"max-resolutions-per-s" in bad.stderr
+
+    fstab = mount_helper_argv(["hub-cache", str(mountpoint), "-o", "max_resolutions_per_s=7,_netdev"])
+    assert fstab[-2:] == ["--max-resolutions-per-s", "7"]
+
+    env = dict(runtime_env, HFFS_MAX_RESOLUTIONS_PER_S="7")
+    code = "from hffs_neuron.config import MountConfig; print(MountConfig('hub-cache', '/m').max_resolutions_per_s)"
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stdout.strip() == "7.0"
