@@ -73,16 +73,17 @@ class RepoState:
     commits: dict[str, HubRepo] = field(default_factory=dict)
     gated: bool = False  # files need a token with access (metadata is public)
     private: bool = False  # the Hub showed it to this mount's token at all
-    # etag -> (commit's repo, file), rebuilt when a commit is added (blobs/ lookups are per open).
-    _blobs: dict[str, tuple[HubRepo, RemoteEntry]] = field(default_factory=dict)
-    _blobs_commits: int = -1
+    # (commits counted, etag -> (commit's repo, file)), rebuilt when a commit is added (blobs/ lookups
+    # are per open). One tuple, replaced whole: concurrent rebuilds never pair a count with other blobs.
+    _blobs: tuple[int, dict[str, tuple[HubRepo, RemoteEntry]]] = (-1, {})
 
     def blobs(self, commits: list[HubRepo]) -> dict[str, tuple[HubRepo, RemoteEntry]]:
-        """The blobs of `commits` (a snapshot of `self.commits`)."""
-        if self._blobs_commits != len(commits):
-            self._blobs = {e.content_id: (repo, e) for repo in commits for e in repo.files() if e.content_id}
-            self._blobs_commits = len(commits)
-        return self._blobs
+        """The blobs of `commits` (a snapshot of `self.commits`, which only grows)."""
+        counted, blobs = self._blobs
+        if counted != len(commits):
+            blobs = {e.content_id: (repo, e) for repo in commits for e in repo.files() if e.content_id}
+            self._blobs = (len(commits), blobs)
+        return blobs
 
 
 class HubCacheView(MergedView):
@@ -384,7 +385,7 @@ class HubCacheView(MergedView):
             raise RemoteAccessDenied(denied)
 
     def _probe_download_access(self, state: RepoState) -> str:
-        """ "" if this mount's token may download the repo's files, else why not (cached either way)."""
+        """Why this mount's token may not download the repo's files; "" if it may (cached either way)."""
         commits = self._snapshot(state)[1]
         if not commits:
             return ""
