@@ -34,6 +34,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.seen.append(self.path)
+        self.server.authorizations.append(self.headers.get("Authorization"))
         self.server.route(self)
 
     def log_message(self, format: str, *args: object) -> None:
@@ -62,6 +63,7 @@ class CraftedServer(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), Handler)
         self.route = route
         self.seen: list[str] = []
+        self.authorizations: list[str | None] = []
         self.released = threading.Event()
         self.url = f"http://127.0.0.1:{self.server_port}"
 
@@ -103,10 +105,10 @@ def endless_tree(server_url: Callable[[], str]) -> Route:
     return route
 
 
-def client(url: str, **options: object) -> HubHttp:
+def client(url: str, token: str = "", **options: object) -> HubHttp:
     settings: dict = dict(connect_timeout=1, read_timeout=1, operation_timeout=3, max_retries=2)
     settings.update(options)
-    return HubHttp(url, "", **settings)
+    return HubHttp(url, token, **settings)
 
 
 # -- listings and waits: bounded ---------------------------------------------------------------------
@@ -129,14 +131,14 @@ def test_endless_next_links_stop_at_the_page_cap(crafted: Callable[[Route], Craf
     assert len([p for p in server.seen if "/tree/" in p]) == 5
 
 
-def test_next_link_to_another_origin_is_refused(crafted: Callable[[Route], CraftedServer]) -> None:
-    """Only the endpoint gets our token: a `next` link elsewhere ends the listing with an error."""
-    elsewhere = crafted(lambda h: h.send_json([]))
+def test_next_link_to_another_origin_never_gets_the_token(crafted: Callable[[Route], CraftedServer]) -> None:
+    """Only the endpoint gets our token: a `next` link elsewhere is followed without it."""
+    elsewhere = crafted(lambda h: h.send_json([{"type": "file", "path": "g.txt", "oid": "2" * 40, "size": 1}]))
     server = crafted(endless_tree(lambda: elsewhere.url))
-    repo = HubRepo(client(server.url), "model", "a/b")
-    with pytest.raises(HffsError, match="another origin"):
-        repo.files()
-    assert elsewhere.seen == []
+    repo = HubRepo(client(server.url, token="hf_secret_token"), "model", "a/b")
+    assert sorted(e.path for e in repo.files()) == ["f0", "g.txt"]
+    assert server.authorizations and all(a == "Bearer hf_secret_token" for a in server.authorizations)
+    assert elsewhere.authorizations == [None]
 
 
 @pytest.mark.timeout(120)

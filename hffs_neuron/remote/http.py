@@ -127,8 +127,11 @@ class HubHttp:
                 time.sleep(wait)
         raise RemoteUnavailable(f"{what}: {_describe(last) if last else 'deadline exceeded'} (gave up after retries)")
 
-    def _send(self, method: str, url: str, deadline: float, stream: bool = False, **kwargs: Any) -> httpx2.Response:
-        headers = dict(self._headers)
+    def _send(
+        self, method: str, url: str, deadline: float, stream: bool = False, anonymous: bool = False, **kwargs: Any
+    ) -> httpx2.Response:
+        """One attempt; `anonymous`: without our token (a URL the endpoint sent us to on another origin)."""
+        headers = {k: v for k, v in self._headers.items() if not (anonymous and k.lower() == "authorization")}
         headers.update(kwargs.pop("headers", None) or {})
         remaining = max(0.1, deadline - time.monotonic())
         timeout = self._client.timeout
@@ -146,7 +149,7 @@ class HubHttp:
         return response
 
     def request(
-        self, method: str, path_or_url: str, what: str | None = None, deadline: float | None = None, **kwargs: Any
+        self, method: str, path_or_url: str, what: str | None = None, *, deadline: float | None = None, **kwargs: Any
     ) -> httpx2.Response:
         """One complete (non-streamed) request with retries; raises mapped errors on 4xx."""
         url = path_or_url if "://" in path_or_url else self.url(path_or_url)
@@ -160,7 +163,7 @@ class HubHttp:
         return self.with_retries(what, attempt, deadline)
 
     def request_json(
-        self, method: str, path_or_url: str, what: str | None = None, deadline: float | None = None, **kwargs: Any
+        self, method: str, path_or_url: str, what: str | None = None, *, deadline: float | None = None, **kwargs: Any
     ) -> tuple[Any, httpx2.Response]:
         """Like `request`, and parse the JSON body inside the retry loop.
 
@@ -188,10 +191,11 @@ class HubHttp:
 
         The whole listing shares one deadline (`operation_timeout`) and at most `max_listing_pages`
         pages: a server that keeps sending `next` links fails the listing instead of holding it forever.
-        `next` links must stay on the endpoint's origin, which is the only one that gets our token.
+        Only the endpoint's origin gets our token: a `next` link elsewhere is followed without it (as
+        httpx does for redirects).
         """
         deadline = time.monotonic() + self.operation_timeout
-        items, response = self.request_json("GET", path, what, deadline, params=params)
+        items, response = self.request_json("GET", path, what, deadline=deadline, params=params)
         pages = 1
         while True:
             if not isinstance(items, list):
@@ -202,11 +206,10 @@ class HubHttp:
             if pages >= self.max_listing_pages:
                 raise HffsError(f"{what}: more than {self.max_listing_pages} pages; giving up on this listing")
             url = response.links["next"].get("url", "")
-            if not self._same_origin(url):
-                raise HffsError(f"{what}: the next page is on another origin ({urlsplit(url).netloc!r}); refused")
             if time.monotonic() >= deadline:
                 raise RemoteUnavailable(f"{what}: listing not complete after {self.operation_timeout:.0f}s")
-            items, response = self.request_json("GET", url, what, deadline)
+            anonymous = not self._same_origin(url)
+            items, response = self.request_json("GET", url, what, deadline=deadline, anonymous=anonymous)
             pages += 1
 
     def _same_origin(self, url: str) -> bool:
@@ -243,8 +246,8 @@ class HubHttp:
                 if response.status_code == 206:
                     _check_content_range(response.headers.get("Content-Range"), position, end)
                 else:
-                    expected = int(response.headers.get("Content-Length", -1))
-                    if expected != end - position:
+                    length = response.headers.get("Content-Length", "")
+                    if not length.isdigit() or int(length) != end - position:
                         raise _Transient("server ignored Range and sent a different length")
                 for data in response.iter_raw():  # network-sized pieces: no 1 MiB re-chunking copies
                     if time.monotonic() > deadline:
