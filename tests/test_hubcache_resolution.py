@@ -104,6 +104,12 @@ def test_hf_temp_names_are_never_looked_up(hub: HubEmulator, mounts: Mounts) -> 
     asked = sorted(r.path.rsplit("/", 1)[-1] for r in hub.requests("/revision/") if r.path.endswith(".tmp"))
     assert asked == ["nothing.tmp", "release.tmp"]
 
+    # The tree cache's temp file (tempfile.mkstemp(dir=trees, suffix=".tmp")) costs no request either.
+    hub.reset_stats()
+    with pytest.raises(FileNotFoundError):
+        os.stat(refs.parent / "trees" / "tmpk2j3h4g5.tmp")
+    assert hub.requests("/api/") == []
+
 
 # -- gated content and this mount's own identity -----------------------------------------------------
 

@@ -237,10 +237,11 @@ class HubCacheView(MergedView):
             if top == "blobs":  # per open of every file: no full directory build
                 found = self._blobs(state).get(name)
                 return VNode("file", size=found[1].size) if found else None
+            if top == "trees":  # one document, not every commit's (huggingface_hub's temp names: none)
+                repo = self._commit(state, name.removesuffix(".json")) if name.endswith(".json") else None
+                return VNode("file", size=len(self._tree_bytes(repo))) if repo else None
             if top == "snapshots":
                 self._commit(state, name)
-            elif top == "trees" and name.endswith(".json"):
-                self._commit(state, name.removesuffix(".json"))
             elif top == "refs" and name not in state.refs:
                 self._ref(state, name)
         return self._children_of(state, rest[:-1]).get(rest[-1])
