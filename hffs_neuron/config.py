@@ -66,6 +66,7 @@ class MountConfig:
     timeout: float = constants.OPERATION_TIMEOUT
     max_threads: int = 64
     metrics_addr: str | None = constants.METRICS_ADDR or None  # HOST:PORT serving /metrics; None: off
+    max_resolutions_per_s: float = constants.MAX_RESOLUTIONS_PER_S  # hub-cache: new repo/revision lookups
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -110,5 +111,7 @@ def validate_config(config: MountConfig) -> None:
         parse_host_port(config.metrics_addr)
     if config.backing and not os.path.isdir(config.backing):
         raise UsageError(f"--backing {config.backing}: not a directory")
+    if config.max_resolutions_per_s < 0:
+        raise UsageError(f"--max-resolutions-per-s {config.max_resolutions_per_s}: use 0 (no limit) or more")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"bad log level {config.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

@@ -47,6 +47,15 @@ OPERATION_TIMEOUT = _env_float("HFFS_TIMEOUT", 120.0)
 MAX_RETRIES = _env_int("HFFS_MAX_RETRIES", 5)
 RETRY_BASE_WAIT = _env_float("HFFS_RETRY_BASE_WAIT", 0.25)
 RETRY_MAX_WAIT = _env_float("HFFS_RETRY_MAX_WAIT", 8.0)
+# A paginated listing also ends at OPERATION_TIMEOUT overall, and after this many pages (the Hub serves
+# 1,000 entries or more per page, so the cap is only ever met by a misbehaving server).
+MAX_LISTING_PAGES = _env_int("HFFS_MAX_LISTING_PAGES", 1000)
+
+# Hub-cache view: lookups of repos, revisions and commits not seen yet, per mount. Beyond these, a
+# lookup fails at once with EAGAIN (nothing is cached), so a runaway script cannot spend the owner's
+# Hub quota nor hold FUSE threads. The rate is also the burst.
+MAX_RESOLUTIONS_PER_S = _env_float("HFFS_MAX_RESOLUTIONS_PER_S", 20.0)
+MAX_CONCURRENT_RESOLUTIONS = _env_int("HFFS_MAX_CONCURRENT_RESOLUTIONS", 8)
 
 # Parallel Range downloads of one large blob.
 CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 32 * 1024 * 1024)

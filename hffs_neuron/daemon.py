@@ -65,7 +65,9 @@ class MountRuntime:
             ensure_private_dir(owned)
         self.http = HubHttp(config.endpoint, operation_timeout=config.timeout)
         self.store = BlobStore(cache_dir / "blobs-store", max_size=parse_size(config.cache_size))
-        self.meta = MetadataCache(ttl=config.metadata_ttl, negative_ttl=config.negative_ttl)
+        self.meta = MetadataCache(
+            ttl=config.metadata_ttl, negative_ttl=config.negative_ttl, wait_timeout=config.timeout
+        )
         self.view = self._build_view_failing_fast(cache_dir)
         self.ops = FuseOperations(self.view, negative_timeout=min(config.negative_ttl, 5.0), on_init=self._on_init)
         self.ready = threading.Event()
@@ -142,6 +144,7 @@ class MountRuntime:
             revision_ttl=config.metadata_ttl,
             group_gid=self.group_gid,
             shared=config.allow_other,
+            max_resolutions_per_s=config.max_resolutions_per_s,
         )
         for spec in pinned:
             self._check_download_access(view, *spec)
@@ -152,19 +155,9 @@ class MountRuntime:
 
         Without this, a missing token shows up only later, as EACCES deep inside `from_pretrained`.
         """
-        from .errors import RemoteAccessDenied
-
-        repo = view._hub_repo(repo_type, repo_id, revision)  # already resolved by the view: no request
-        if not getattr(repo, "gated", False):
-            return
-        files = [e for e in repo.files() if e.size > 0]
-        if not files:
-            return
-        smallest = min(files, key=lambda e: e.size)
-        try:
-            repo.read_range(smallest, 0, 1, lambda _o, _d: None, time.monotonic() + self.http.operation_timeout)
-        except RemoteAccessDenied as exc:
-            raise RemoteAccessDenied(f"{repo_type} {repo.repo_id} is gated: {exc}") from exc
+        repo = view._hub_repo(repo_type, repo_id, revision, limited=False)  # resolved by the view: no request
+        if repo.gated:
+            repo.check_download_access()
 
     def _on_init(self) -> None:
         self.ready.set()

@@ -37,6 +37,13 @@ class RemoteUnavailable(HffsError):
     exit_code = 6
 
 
+class Throttled(HffsError):
+    """Over this mount's own limit on upstream lookups: try again shortly (nothing was cached)."""
+
+    errno = _errno.EAGAIN
+    exit_code = 6
+
+
 class IntegrityError(HffsError):
     """Downloaded bytes do not match the expected size or content hash; they were discarded."""
 

@@ -121,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("mountpoint")
     hub.add_argument("--backing", default=None, help="real hub cache dir where writes land (default: in the cache dir)")
     hub.add_argument("--repo", action="append", default=[], metavar="ID[@REV]", help="pre-pin a repo (repeatable)")
+    hub.add_argument(
+        "--max-resolutions-per-s",
+        type=float,
+        default=constants.MAX_RESOLUTIONS_PER_S,
+        metavar="N",
+        help="Hub lookups of repos/revisions not seen yet, per second (0: no limit); beyond: EAGAIN",
+    )
     _common_mount_options(hub)
 
     u = sub.add_parser("umount", help="unmount (waits for the daemon)")
@@ -211,7 +218,11 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
         options.update(prefix=args.prefix, read_only=args.read_only, show_model_area=args.show_model_area)
     else:
         source = ""
-        options.update(backing=os.path.abspath(args.backing) if args.backing else None, repos=args.repo)
+        options.update(
+            backing=os.path.abspath(args.backing) if args.backing else None,
+            repos=args.repo,
+            max_resolutions_per_s=args.max_resolutions_per_s,
+        )
     token = _token(args)
     validate_config(MountConfig(view=args.view, mountpoint=os.path.abspath(args.mountpoint), source=source, **options))
     return args.view, args.mountpoint, source, token, options
@@ -412,7 +423,8 @@ _GENERIC_OPTIONS = {
 _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other": "--allow-other",
                  "show_model_area": "--show-model-area", "foreground": "--foreground"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
-                  "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group"}  # fmt: skip
+                  "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group",
+                  "max_resolutions_per_s"}  # fmt: skip
 
 
 def _is_token_key(key: str) -> bool:

@@ -144,6 +144,25 @@ def test_concurrent_misses_issue_one_loader_call(outcome: str) -> None:
         assert cache.get("k", loader) == "recovered"
 
 
+@pytest.mark.timeout(60)
+def test_waiters_on_a_stuck_load_give_up_at_the_wait_timeout() -> None:
+    """A load that never ends (a stuck server) holds its own caller, never the ones that wait for it."""
+    cache = MetadataCache(maxsize=10, ttl=60, negative_ttl=60, wait_timeout=0.5)
+    release = threading.Event()
+    leader = threading.Thread(target=lambda: cache.get("k", lambda: release.wait(30)))
+    leader.start()
+    time.sleep(0.2)  # the leader's load is in flight
+    try:
+        started = time.monotonic()
+        results = run_threads(4, lambda: cache.get("k", Loader("unused")))
+        assert all(isinstance(r, RemoteUnavailable) and "waiting for another lookup" in str(r) for r in results)
+        assert time.monotonic() - started < 5
+    finally:
+        release.set()
+        leader.join(10)
+    assert cache.get("k", Loader("unused")) is True  # the leader's late answer was still cached
+
+
 # -- against the emulator --------------------------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -10,6 +11,18 @@ from typing import Protocol
 logger = logging.getLogger(__name__)
 
 _MAX_NAME_BYTES = 255  # NAME_MAX on Linux
+_GIT_OID = re.compile(r"[0-9a-f]{40}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def is_git_oid(value: object) -> bool:
+    """True for a git object or commit id as the Hub writes it: 40 lowercase hex digits."""
+    return isinstance(value, str) and _GIT_OID.fullmatch(value) is not None
+
+
+def is_sha256(value: object) -> bool:
+    """True for an LFS sha256 or a xet hash as the Hub writes it: 64 lowercase hex digits."""
+    return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
 @dataclass(frozen=True)
@@ -40,20 +53,24 @@ class RemoteEntry:
         return self.path.rsplit("/", 1)[-1]
 
 
-def is_safe_path(path: str) -> bool:
+def is_safe_path(path: object) -> bool:
     """True if a remote path can be shown inside a mount without escaping it.
 
-    Rejects absolute paths, `.`/`..`/empty components, NUL and other control characters, and names
-    longer than the kernel accepts.
+    Rejects absolute paths, `.`/`..`/empty components, NUL and other control characters, names that
+    are not valid UTF-8 (a lone surrogate is legal in JSON) and names longer than the kernel accepts.
     """
-    if not path or path.startswith("/") or "\\" in path:
+    if not isinstance(path, str) or not path or path.startswith("/") or "\\" in path:
+        return False
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
         return False
     for part in path.split("/"):
         if part in ("", ".", ".."):
             return False
         if any(ord(ch) < 32 or ord(ch) == 127 for ch in part):
             return False
-        if len(part.encode("utf-8", "surrogateescape")) > _MAX_NAME_BYTES:
+        if len(part.encode("utf-8")) > _MAX_NAME_BYTES:
             return False
     return True
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from urllib.parse import quote
 
 from ..errors import RemoteNotFound, UsageError
-from .base import RemoteEntry, is_safe_path
+from .base import RemoteEntry, is_safe_path, is_sha256
 from .http import HubHttp
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,10 @@ class Bucket:
         self.bucket_id = bucket_id
         self.prefix = prefix
         info = http.get_json(f"api/buckets/{bucket_id}", what=f"bucket {bucket_id}")
-        self.bucket_id = info.get("id", bucket_id)
-        self.private = bool(info.get("private"))
+        canonical = info.get("id") if isinstance(info, dict) else None
+        if isinstance(canonical, str) and canonical.lower() == bucket_id.lower():
+            self.bucket_id = canonical  # the Hub's casing; anything else (a bad answer) is ignored
+        self.private = bool(info.get("private")) if isinstance(info, dict) else False
         self.cache_namespace = f"{http.endpoint}|{http.token_fingerprint}|bucket|{self.bucket_id}|{prefix}"
 
     def _full(self, path: str) -> str:
@@ -59,9 +61,14 @@ class Bucket:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
     def _entry(self, item: dict) -> RemoteEntry:
+        """A listing item as an entry; ValueError for a xet hash that is not 64 lowercase hex digits
+        (it becomes a blob name)."""
         path = self._relative(item["path"])
         if item.get("type") == "directory":
             return RemoteEntry(path=path, is_dir=True, mtime=_parse_time(item.get("uploadedAt")))
+        xet_hash = item.get("xetHash")
+        if xet_hash is not None and not is_sha256(xet_hash):
+            raise ValueError(f"invalid xet hash {str(xet_hash)[:80]!r}")
         return RemoteEntry(
             path=path,
             is_dir=False,
@@ -85,7 +92,11 @@ class Bucket:
             # Whole-component prefix match, whatever the server does: `foo` never lists `foo.sample`.
             if not item_path.startswith(parent) or "/" in item_path[len(parent) :]:
                 continue
-            entry = self._entry(item)
+            try:
+                entry = self._entry(item)
+            except ValueError as exc:
+                logger.warning("%s: ignoring %r: %s", what, item_path, exc)
+                continue
             other = by_name.get(entry.name)
             if other is not None and other.is_dir != entry.is_dir:
                 # A file and a directory with one name cannot both exist in a filesystem: the directory
@@ -104,7 +115,10 @@ class Bucket:
         )
         for item in items:
             if item.get("path") == full and item.get("type", "file") == "file":
-                return self._entry(item)
+                try:
+                    return self._entry(item)
+                except ValueError as exc:
+                    logger.warning("%s: ignoring it: %s", what, exc)
         raise RemoteNotFound(f"{what}: not found")
 
     def read_range(

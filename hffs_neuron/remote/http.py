@@ -9,10 +9,12 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import constants as hf_constants
@@ -26,6 +28,7 @@ from ..telemetry import timed_send
 logger = logging.getLogger(__name__)
 
 _RETRY_STATUS = {429, 500, 502, 503, 504}
+_CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 
 
 def token_fingerprint(token: str | None) -> str:
@@ -71,12 +74,14 @@ class HubHttp:
         operation_timeout: float = constants.OPERATION_TIMEOUT,
         max_retries: int = constants.MAX_RETRIES,
         max_connections: int = 64,
+        max_listing_pages: int = constants.MAX_LISTING_PAGES,
     ):
         self.endpoint = (endpoint or hf_constants.ENDPOINT).rstrip("/")
         self._token = token if token is not None else get_token()
         self.token_fingerprint = token_fingerprint(self._token)
         self.operation_timeout = operation_timeout
         self.max_retries = max_retries
+        self.max_listing_pages = max_listing_pages
         self._client = httpx2.Client(
             follow_redirects=True,  # httpx drops Authorization on cross-origin redirects (CDN)
             timeout=httpx2.Timeout(read_timeout, connect=connect_timeout),
@@ -123,8 +128,11 @@ class HubHttp:
                 time.sleep(wait)
         raise RemoteUnavailable(f"{what}: {_describe(last) if last else 'deadline exceeded'} (gave up after retries)")
 
-    def _send(self, method: str, url: str, deadline: float, stream: bool = False, **kwargs: Any) -> httpx2.Response:
-        headers = dict(self._headers)
+    def _send(
+        self, method: str, url: str, deadline: float, stream: bool = False, anonymous: bool = False, **kwargs: Any
+    ) -> httpx2.Response:
+        """One attempt; `anonymous`: without our token (a URL the endpoint sent us to on another origin)."""
+        headers = {k: v for k, v in self._headers.items() if not (anonymous and k.lower() == "authorization")}
         headers.update(kwargs.pop("headers", None) or {})
         remaining = max(0.1, deadline - time.monotonic())
         timeout = self._client.timeout
@@ -141,7 +149,9 @@ class HubHttp:
             raise _Transient(f"HTTP {response.status_code}", retry_after)
         return response
 
-    def request(self, method: str, path_or_url: str, what: str | None = None, **kwargs: Any) -> httpx2.Response:
+    def request(
+        self, method: str, path_or_url: str, what: str | None = None, *, deadline: float | None = None, **kwargs: Any
+    ) -> httpx2.Response:
         """One complete (non-streamed) request with retries; raises mapped errors on 4xx."""
         url = path_or_url if "://" in path_or_url else self.url(path_or_url)
         what = what or f"{method} {url}"
@@ -151,10 +161,10 @@ class HubHttp:
             raise_for_status(response, what)
             return response
 
-        return self.with_retries(what, attempt)
+        return self.with_retries(what, attempt, deadline)
 
     def request_json(
-        self, method: str, path_or_url: str, what: str | None = None, **kwargs: Any
+        self, method: str, path_or_url: str, what: str | None = None, *, deadline: float | None = None, **kwargs: Any
     ) -> tuple[Any, httpx2.Response]:
         """Like `request`, and parse the JSON body inside the retry loop.
 
@@ -172,18 +182,40 @@ class HubHttp:
             except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError both derive from it
                 raise _Transient(f"invalid JSON in the response ({exc.__class__.__name__})") from exc
 
-        return self.with_retries(what, attempt)
+        return self.with_retries(what, attempt, deadline)
 
     def get_json(self, path_or_url: str, what: str | None = None, **kwargs: Any) -> Any:
         return self.request_json("GET", path_or_url, what, **kwargs)[0]
 
     def paginate(self, path: str, params: dict[str, Any] | None, what: str) -> Iterator[dict]:
-        """Yield items of a JSON-list endpoint, following `Link: <...>; rel="next"` pages."""
-        items, response = self.request_json("GET", path, what, params=params)
-        yield from items
-        while "next" in response.links:
-            items, response = self.request_json("GET", response.links["next"]["url"], what)
+        """Yield items of a JSON-list endpoint, following `Link: <...>; rel="next"` pages.
+
+        The whole listing shares one deadline (`operation_timeout`) and at most `max_listing_pages`
+        pages: a server that keeps sending `next` links fails the listing instead of holding it forever.
+        Only the endpoint's origin gets our token: a `next` link elsewhere is followed without it (as
+        httpx does for redirects).
+        """
+        deadline = time.monotonic() + self.operation_timeout
+        items, response = self.request_json("GET", path, what, deadline=deadline, params=params)
+        pages = 1
+        while True:
+            if not isinstance(items, list):
+                raise HffsError(f"{what}: the server answered {type(items).__name__}, expected a list")
             yield from items
+            if "next" not in response.links:
+                return
+            if pages >= self.max_listing_pages:
+                raise HffsError(f"{what}: more than {self.max_listing_pages} pages; giving up on this listing")
+            url = response.links["next"].get("url", "")
+            if time.monotonic() >= deadline:
+                raise RemoteUnavailable(f"{what}: listing not complete after {self.operation_timeout:.0f}s")
+            anonymous = not self._same_origin(url)
+            items, response = self.request_json("GET", url, what, deadline=deadline, anonymous=anonymous)
+            pages += 1
+
+    def _same_origin(self, url: str) -> bool:
+        mine, theirs = urlsplit(self.endpoint), urlsplit(url)
+        return (mine.scheme, mine.netloc.lower()) == (theirs.scheme, theirs.netloc.lower())
 
     def stream_range(
         self,
@@ -196,8 +228,9 @@ class HubHttp:
     ) -> None:
         """Stream bytes [start, end) to `sink(offset, data)`, resuming after transient failures.
 
-        A server that ignores Range or sends the wrong length is a transient failure: retried, never
-        trusted.
+        A server that ignores Range, answers another range than the one asked (`Content-Range`, checked
+        on every attempt, resumes included) or sends the wrong length is a transient failure: retried,
+        and nothing of that answer reaches `sink`.
         """
         if end <= start:
             return
@@ -211,10 +244,11 @@ class HubHttp:
                 raise_for_status(response, what)
                 if response.status_code != 206 and not (position == 0 and response.status_code == 200):
                     raise _Transient(f"HTTP {response.status_code} to a Range request")
-                expected = end - position
-                if response.status_code == 200:
-                    expected = int(response.headers.get("Content-Length", -1))
-                    if expected != end - position:
+                if response.status_code == 206:
+                    _check_content_range(response.headers.get("Content-Range"), position, end)
+                else:
+                    length = response.headers.get("Content-Length", "")
+                    if not length.isdigit() or int(length) != end - position:
                         raise _Transient("server ignored Range and sent a different length")
                 for data in response.iter_raw():  # network-sized pieces: no 1 MiB re-chunking copies
                     if time.monotonic() > deadline:
@@ -230,6 +264,16 @@ class HubHttp:
                 response.close()
 
         self.with_retries(what, attempt, deadline)
+
+
+def _check_content_range(header: str | None, start: int, end: int) -> None:
+    """Raise `_Transient` unless a 206's `Content-Range` is exactly bytes [start, end)."""
+    match = _CONTENT_RANGE.match(header or "")
+    if match is None:
+        raise _Transient(f"206 answer with an unusable Content-Range {header!r}")
+    first, last = int(match.group(1)), int(match.group(2))
+    if (first, last) != (start, end - 1):
+        raise _Transient(f"206 answer for bytes {first}-{last} to a request for bytes {start}-{end - 1}")
 
 
 def raise_for_status(response: httpx2.Response, what: str) -> None:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import posixpath
 import threading
+import time
 from collections.abc import Callable
 from urllib.parse import quote
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..errors import RemoteNotFound, UsageError
-from .base import Digest, RemoteEntry, drop_unsafe
+from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, UsageError
+from .base import Digest, RemoteEntry, drop_unsafe, is_git_oid, is_sha256
 from .http import HubHttp
 
 logger = logging.getLogger(__name__)
@@ -42,10 +43,18 @@ class HubRepo:
         self.repo_type = repo_type
         what = f"{repo_type} {repo_id}@{revision}"
         info = http.get_json(f"api/{repo_type}s/{repo_id}/revision/{quote(revision, safe='')}", what=what)
-        self.repo_id: str = info["id"]  # the Hub's canonical casing
+        if not isinstance(info, dict):
+            raise HffsError(f"{what}: the Hub answered {type(info).__name__}, expected an object")
+        # Both end up in file names and symlink targets: only well-formed values are taken.
+        if not is_git_oid(info.get("sha")):
+            raise HffsError(f"{what}: the Hub answered an invalid commit id {str(info.get('sha'))[:80]!r}")
+        canonical = info.get("id")
+        if not isinstance(canonical, str) or canonical.lower() != repo_id.lower():
+            canonical = repo_id  # a renamed repo (or a bad answer): keep the name the caller asked for
+        self.repo_id: str = canonical  # the Hub's canonical casing
         self.commit: str = info["sha"]
         self.gated = bool(info.get("gated"))  # metadata is public, files need a token with access
-        self.private = bool(info.get("private"))
+        self.private = bool(info.get("private"))  # resolving it at all needed a token with access
         self.revision = revision
         self.cache_namespace = f"{http.endpoint}|{http.token_fingerprint}|{repo_type}|{self.repo_id}|{self.commit}"
         self._tree: dict[str, RemoteEntry] | None = None
@@ -53,7 +62,12 @@ class HubRepo:
         self._tree_lock = threading.Lock()
 
     def _load_tree(self) -> dict[str, RemoteEntry]:
-        with self._tree_lock:
+        if self._tree is not None:
+            return self._tree
+        # Another thread may be listing: wait for it at most as long as a listing may take.
+        if not self._tree_lock.acquire(timeout=self._http.operation_timeout):
+            raise RemoteUnavailable(f"{self.repo_id}@{self.commit[:12]}: timed out waiting for the file list")
+        try:
             if self._tree is not None:
                 return self._tree
             what = f"{self.repo_type} {self.repo_id}@{self.commit[:12]}: tree"
@@ -66,8 +80,8 @@ class HubRepo:
             for item in items:
                 try:
                     parsed.append(_entry_from_item(item))
-                except (KeyError, TypeError, ValueError):  # one malformed item must not hide the rest
-                    logger.warning("%s: ignoring a malformed tree item: %r", what, item)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:  # one bad item, not all
+                    logger.warning("%s: ignoring a malformed tree item (%s): %r", what, exc, item)
             entries = drop_unsafe(parsed, what)
             tree = {"": RemoteEntry(path="", is_dir=True)}
             for entry in entries:
@@ -83,6 +97,8 @@ class HubRepo:
             self._children = children
             self._tree = tree
             return tree
+        finally:
+            self._tree_lock.release()
 
     def files(self) -> list[RemoteEntry]:
         """Every file of the repo at the pinned commit."""
@@ -106,15 +122,35 @@ class HubRepo:
         """Stream bytes [start, end) of `entry` to `sink(offset, data)`, retrying transient failures."""
         self._http.stream_range(self.download_url(entry), start, end, sink, f"read {entry.path}", deadline)
 
+    def check_download_access(self) -> None:
+        """Raise RemoteAccessDenied unless this identity may download files: one byte of the smallest one.
+
+        Metadata of a gated repo is public, its files are not: only a download tells.
+        """
+        files = [e for e in self.files() if e.size > 0]
+        if not files:
+            return  # nothing to read, nothing to protect
+        smallest = min(files, key=lambda e: e.size)
+        try:
+            self.read_range(smallest, 0, 1, lambda _o, _d: None, time.monotonic() + self._http.operation_timeout)
+        except RemoteAccessDenied as exc:
+            raise RemoteAccessDenied(f"{self.repo_type} {self.repo_id} is gated: {exc}") from exc
+
     def download_url(self, entry: RemoteEntry) -> str:
         prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
         return self._http.url(f"{prefix}{self.repo_id}/resolve/{self.commit}/{quote(entry.path)}")
 
 
 def _entry_from_item(item: dict) -> RemoteEntry:
+    """A tree item as an entry; ValueError for object ids that are not lowercase hex of the right length
+    (they become blob names and symlink targets)."""
     if item.get("type") == "directory":
         return RemoteEntry(path=item["path"], is_dir=True)
-    lfs = item.get("lfs")
+    lfs, oid = item.get("lfs"), item.get("oid")
+    if lfs and not is_sha256(lfs.get("oid")):
+        raise ValueError(f"invalid LFS sha256 {str(lfs.get('oid'))[:80]!r}")
+    if not is_git_oid(oid) and not (lfs and oid is None):  # an LFS pointer's own oid is optional
+        raise ValueError(f"invalid git object id {str(oid)[:80]!r}")
     if lfs:
         return RemoteEntry(
             path=item["path"],

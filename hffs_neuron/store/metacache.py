@@ -11,12 +11,13 @@ import threading
 import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 from cachetools import TLRUCache
 
 from .. import constants
-from ..errors import RemoteNotFound
+from ..errors import RemoteNotFound, RemoteUnavailable
 
 T = TypeVar("T")
 
@@ -27,9 +28,13 @@ class MetadataCache:
         maxsize: int = constants.METADATA_CACHE_ENTRIES,
         ttl: float = constants.METADATA_TTL,
         negative_ttl: float = constants.NEGATIVE_TTL,
+        wait_timeout: float = constants.OPERATION_TIMEOUT,
     ):
         self.ttl = ttl
         self.negative_ttl = negative_ttl
+        # How long a caller waits for another caller's load of the same key (the operation deadline:
+        # a loader is bounded by it, so a longer wait means the loader is stuck).
+        self.wait_timeout = wait_timeout
         # Each value carries its own expiry: (expires_at, value_or_exception).
         self._cache: TLRUCache = TLRUCache(maxsize=maxsize, ttu=lambda _k, v, _now: v[0], timer=time.monotonic)
         self._lock = threading.Lock()
@@ -54,7 +59,12 @@ class MetadataCache:
                 future = Future()
                 self._inflight[key] = future
         if not leader:
-            return future.result()  # the leader's loader is itself bounded by network deadlines
+            try:
+                return future.result(timeout=self.wait_timeout)
+            except FutureTimeout:
+                raise RemoteUnavailable(
+                    f"timed out after {self.wait_timeout:.0f}s waiting for another lookup of the same entry"
+                ) from None
         with self._lock:
             self.requests += 1  # counted when it goes upstream, whether it then succeeds or not
         try:

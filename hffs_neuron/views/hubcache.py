@@ -25,8 +25,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from cachetools import LRUCache
+
 from .. import constants
-from ..errors import HffsError, RemoteNotFound
+from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound
+from ..remote.admission import AdmissionLimiter
 from ..remote.base import RemoteEntry
 from ..remote.http import HubHttp
 from ..remote.hub import HubRepo
@@ -48,6 +51,10 @@ _TMP_DIR = ".hffs-tmp"
 _MAX_REF_BYTES = 256
 # A directory listing is reused only if the directory's mtime is older than the listing by this much.
 _MTIME_TRUST_NS = 2_000_000_000
+# huggingface_hub 2.x writes `refs/<rev>` through `refs/<rev>.<uuid4().hex[:8]>.tmp` + os.replace.
+_HF_TEMP_REF = re.compile(r"^.+\.[0-9a-f]{8}\.tmp$")
+_CONTENT_DIRS = ("blobs", "snapshots")  # where file bytes are served (access-checked for gated/private)
+_TREE_JSON_CACHE = 256  # trees/<commit>.json documents kept built
 
 
 def repo_folder(repo_type: str, repo_id: str) -> str:
@@ -72,18 +79,22 @@ class RepoState:
 
     repo_type: str
     repo_id: str
+    # Both dicts are changed only under the view's lock; iterate the view's snapshots of them.
     refs: dict[str, str] = field(default_factory=dict)  # revision -> commit
     commits: dict[str, HubRepo] = field(default_factory=dict)
-    # etag -> (commit's repo, file), rebuilt when a commit is added (blobs/ lookups are per open).
-    _blobs: dict[str, tuple[HubRepo, RemoteEntry]] = field(default_factory=dict)
-    _blobs_commits: int = -1
+    gated: bool = False  # files need a token with access (metadata is public)
+    private: bool = False  # the Hub showed it to this mount's token at all
+    # (commits counted, etag -> (commit's repo, file)), rebuilt when a commit is added (blobs/ lookups
+    # are per open). One tuple, replaced whole: concurrent rebuilds never pair a count with other blobs.
+    _blobs: tuple[int, dict[str, tuple[HubRepo, RemoteEntry]]] = (-1, {})
 
-    def blobs(self) -> dict[str, tuple[HubRepo, RemoteEntry]]:
-        commits = list(self.commits.values())
-        if self._blobs_commits != len(commits):
-            self._blobs = {e.content_id: (repo, e) for repo in commits for e in repo.files() if e.content_id}
-            self._blobs_commits = len(commits)
-        return self._blobs
+    def blobs(self, commits: list[HubRepo]) -> dict[str, tuple[HubRepo, RemoteEntry]]:
+        """The blobs of `commits` (a snapshot of `self.commits`, which only grows)."""
+        counted, blobs = self._blobs
+        if counted != len(commits):
+            blobs = {e.content_id: (repo, e) for repo in commits for e in repo.files() if e.content_id}
+            self._blobs = (len(commits), blobs)
+        return blobs
 
 
 class HubCacheView(MergedView):
@@ -100,6 +111,7 @@ class HubCacheView(MergedView):
         revision_ttl: float | None = None,
         group_gid: int | None = None,
         shared: bool = False,
+        max_resolutions_per_s: float = constants.MAX_RESOLUTIONS_PER_S,
     ):
         super().__init__(
             LocalTree(backing_dir, create_mode=0o755),  # its mode is the mount root's: others may enter
@@ -116,23 +128,36 @@ class HubCacheView(MergedView):
         self.shared = shared  # --allow-other: other users' access to gated/private repos is checked
         self._repos: dict[tuple[str, str], RepoState] = {}  # (type, id.lower()) -> state
         self._lock = threading.Lock()
-        self._tree_json: dict[str, bytes] = {}
         self._folders_memo: tuple[tuple[int, int], int, dict[str, str]] | None = None
+        self._tree_json: LRUCache = LRUCache(maxsize=_TREE_JSON_CACHE)  # commit -> bytes, under _lock
+        # Lookups of names not seen yet, started by clients: bounded (see `_hub_repo`).
+        self.resolutions = AdmissionLimiter(
+            max_resolutions_per_s, constants.MAX_CONCURRENT_RESOLUTIONS, "Hub lookups of new repos or revisions"
+        )
         for repo_type, repo_id, revision in pinned:
-            self.pin_repo(repo_type, repo_id, revision)
+            self.pin_repo(repo_type, repo_id, revision, limited=False)
 
     # -- repos ----------------------------------------------------------------------------------
     def _repo_key(self, repo_type: str, repo_id: str, revision: str) -> tuple:
         return (self.http.endpoint, self.http.token_fingerprint, "repo", repo_type, repo_id.lower(), revision)
 
-    def _hub_repo(self, repo_type: str, repo_id: str, revision: str) -> HubRepo:
+    def _hub_repo(self, repo_type: str, repo_id: str, revision: str, *, limited: bool = True) -> HubRepo:
+        """`repo_id@revision` resolved on the Hub (cached). `limited`: a client's lookup, admitted by
+        `self.resolutions` or refused at once with EAGAIN (not cached, so a later lookup goes upstream)."""
         key = self._repo_key(repo_type, repo_id, revision)
         ttl = constants.PINNED_TTL if _COMMIT.match(revision) else self.revision_ttl
-        return self.meta.get(key, lambda: HubRepo(self.http, repo_type, repo_id, revision), ttl=ttl)
 
-    def pin_repo(self, repo_type: str, repo_id: str, revision: str = "main") -> RepoState:
-        """Resolve `repo_id@revision` now and keep it listed (mount-time `--repo`)."""
-        repo = self._hub_repo(repo_type, repo_id, revision)
+        def resolve() -> HubRepo:
+            if not limited:
+                return HubRepo(self.http, repo_type, repo_id, revision)
+            with self.resolutions.admit():
+                return HubRepo(self.http, repo_type, repo_id, revision)
+
+        return self.meta.get(key, resolve, ttl=ttl)
+
+    def pin_repo(self, repo_type: str, repo_id: str, revision: str = "main", *, limited: bool = True) -> RepoState:
+        """Resolve `repo_id@revision` now and keep it listed (`limited=False`: mount-time `--repo`)."""
+        repo = self._hub_repo(repo_type, repo_id, revision, limited=limited)
         state = self._state_for(repo)
         with self._lock:
             changed = state.refs.get(revision) != repo.commit
@@ -146,6 +171,8 @@ class HubCacheView(MergedView):
             state = self._repos.setdefault(
                 (repo.repo_type, repo.repo_id.lower()), RepoState(repo.repo_type, repo.repo_id)
             )
+            state.gated = state.gated or repo.gated  # once gated, every open is checked
+            state.private = state.private or repo.private
             if repo.commit not in state.commits:
                 state.commits[repo.commit] = repo
                 self.bump_generation()
@@ -248,19 +275,24 @@ class HubCacheView(MergedView):
             # complete here and huggingface_hub never downloads anything itself.
             top, name = rest
             if top == "blobs":  # per open of every file: no full directory build
-                found = state.blobs().get(name)
+                found = self._blobs(state).get(name)
                 return VNode("file", size=found[1].size) if found else None
+            if top == "trees":  # one document, not every commit's (huggingface_hub's temp names: none)
+                repo = self._commit(state, name.removesuffix(".json")) if name.endswith(".json") else None
+                return VNode("file", size=len(self._tree_bytes(repo))) if repo else None
             if top == "snapshots":
                 self._commit(state, name)
-            elif top == "trees" and name.endswith(".json"):
-                self._commit(state, name.removesuffix(".json"))
             elif top == "refs" and name not in state.refs:
                 self._ref(state, name)
         return self._children_of(state, rest[:-1]).get(rest[-1])
 
     def _ref(self, state: RepoState, revision: str) -> None:
-        """Resolve a branch or tag name not seen yet (`refs/<name>`); unknown names stay absent."""
-        if _COMMIT.match(revision) or revision.startswith("."):
+        """Resolve a branch or tag name not seen yet (`refs/<name>`); unknown names stay absent.
+
+        Dotfiles and huggingface_hub's own temp names (`<rev>.<8 hex>.tmp`, written on every ref
+        update) are never asked of the Hub; a tag that merely ends in `.tmp` still is.
+        """
+        if _COMMIT.match(revision) or revision.startswith(".") or _HF_TEMP_REF.match(revision):
             return
         try:
             self.pin_repo(state.repo_type, state.repo_id, revision)
@@ -275,20 +307,29 @@ class HubCacheView(MergedView):
         state, rest = self._resolve(path)
         return {} if state is None else self._children_of(state, rest)
 
+    def _snapshot(self, state: RepoState) -> tuple[dict[str, str], dict[str, HubRepo]]:
+        """Copies of a repo's refs and commits, taken under the lock (other threads add to them)."""
+        with self._lock:
+            return dict(state.refs), dict(state.commits)
+
+    def _blobs(self, state: RepoState) -> dict[str, tuple[HubRepo, RemoteEntry]]:
+        return state.blobs(list(self._snapshot(state)[1].values()))
+
     def _children_of(self, state: RepoState, rest: list[str]) -> dict[str, VNode]:
         """Children of a directory inside a repo folder (`rest` is its path below the folder)."""
         if not rest:
             return {name: VNode("dir") for name in _REPO_DIRS}
         top = rest[0]
+        refs, commits = self._snapshot(state)
         if top == "refs" and len(rest) == 1:
-            return {rev: VNode("file", size=len(commit)) for rev, commit in state.refs.items() if "/" not in rev}
+            return {rev: VNode("file", size=len(commit)) for rev, commit in refs.items() if "/" not in rev}
         if top == "blobs" and len(rest) == 1:
-            return {etag: VNode("file", size=entry.size) for etag, (_, entry) in state.blobs().items()}
+            return {etag: VNode("file", size=entry.size) for etag, (_, entry) in self._blobs(state).items()}
         if top == "trees" and len(rest) == 1:
-            return {f"{c}.json": VNode("file", size=len(self._tree_bytes(r))) for c, r in state.commits.items()}
+            return {f"{c}.json": VNode("file", size=len(self._tree_bytes(r))) for c, r in commits.items()}
         if top == "snapshots":
             if len(rest) == 1:
-                return {commit: VNode("dir") for commit in state.commits}
+                return {commit: VNode("dir") for commit in commits}
             repo = self._commit(state, rest[1])
             if repo is None:
                 return {}
@@ -310,8 +351,9 @@ class HubCacheView(MergedView):
 
     def _tree_bytes(self, repo: HubRepo) -> bytes:
         """huggingface_hub's `trees/<commit>.json` (format_version 1) for a commit."""
-        data = self._tree_json.get(repo.commit)
-        if data is None:
+        with self._lock:
+            data = self._tree_json.get(repo.commit)
+        if data is None:  # built outside the lock: it may list the tree (network) and is large
             files = {}
             for entry in sorted(repo.files(), key=lambda e: e.path):
                 info: dict = {"size": entry.size, "blob_id": entry.git_oid}
@@ -319,7 +361,8 @@ class HubCacheView(MergedView):
                     info.update(lfs_sha256=entry.content_id, lfs_size=entry.size)
                 files[entry.path] = info
             data = json.dumps({"format_version": 1, "files": files}, indent=1).encode()
-            self._tree_json[repo.commit] = data
+            with self._lock:
+                self._tree_json[repo.commit] = data
         return data
 
     def can_copy_up(self, path: str, node: VNode) -> bool:
@@ -336,12 +379,12 @@ class HubCacheView(MergedView):
         if top == "refs":
             return FileHandle(data=state.refs[name].encode())
         if top == "trees":
-            repo = state.commits.get(name.removesuffix(".json"))
+            repo = self._snapshot(state)[1].get(name.removesuffix(".json"))
             if repo is None:
                 raise fs_error(errno.ENOENT)
             return FileHandle(data=self._tree_bytes(repo))
         if top == "blobs":
-            found = state.blobs().get(name)
+            found = self._blobs(state).get(name)
             if found is None:
                 raise fs_error(errno.ENOENT)
             repo, entry = found
@@ -460,6 +503,50 @@ class HubCacheView(MergedView):
         except RemoteNotFound:
             return None
         return commit
+
+    # -- access to gated and private content (issue 12.5) -----------------------------------------
+    def open(self, path: str, flags: int, caller: Caller | None = None) -> FileHandle:
+        if flags & os.O_ACCMODE != os.O_WRONLY:
+            self.check_content_access(path)
+        return super().open(path, flags, caller)
+
+    def check_content_access(self, path: str) -> None:
+        """Raise EACCES unless this mount may serve the bytes at `path`.
+
+        A blob or snapshot file of a gated or private repo may come from the blob store shared with
+        other mounts, or from a shared backing directory, with no request of ours: it is served only
+        once this mount's own identity was confirmed (private: the repo resolved with our token;
+        gated: a one-byte download, remembered per repo and token for the metadata TTL). A repo the Hub
+        does not show to this token cannot be told apart from a private one: EACCES as well.
+        """
+        parts = path.split("/")
+        if len(parts) < 3 or parts[1] not in _CONTENT_DIRS or parse_repo_folder(parts[0]) is None:
+            return
+        state = self._repo_state(parts[0])
+        if state is None:
+            raise RemoteAccessDenied(
+                f"{parts[0]}: the Hub does not show this repo to this mount (private or gone); "
+                "set HF_TOKEN to a token with access"
+            )
+        if not state.gated or state.private:
+            return  # public, or private and resolved with our own token
+        if not self.http.has_token:
+            raise RemoteAccessDenied(f"{parts[0]} is gated: set HF_TOKEN to a token with access")
+        key = (self.http.endpoint, self.http.token_fingerprint, "access", state.repo_type, state.repo_id.lower())
+        denied = self.meta.get(key, lambda: self._probe_download_access(state), ttl=self.meta.ttl)
+        if denied:
+            raise RemoteAccessDenied(denied)
+
+    def _probe_download_access(self, state: RepoState) -> str:
+        """Why this mount's token may not download the repo's files; "" if it may (cached either way)."""
+        commits = self._snapshot(state)[1]
+        if not commits:
+            return ""
+        try:
+            next(iter(commits.values())).check_download_access()
+        except RemoteAccessDenied as exc:
+            return str(exc)
+        return ""
 
 
 def _in_refs(path: str, *, or_itself: bool = False) -> bool:
