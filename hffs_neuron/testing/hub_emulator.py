@@ -3,7 +3,7 @@
 Tests and scripts import :class:`HubEmulator` from here; run it as a server with::
 
     python -m hffs_neuron.testing.hub_emulator --root DIR [--port N] [--page-size N]
-        [--redirect-lfs] [--token T] [--sample]
+        [--redirect-lfs] [--token T] [--sample] [--conn-mbps N] [--latency-ms N]
 
 which prints ``READY http://127.0.0.1:PORT`` once serving, and is controlled over HTTP through
 ``/_emulator/*`` routes (see :class:`EmulatorClient`).

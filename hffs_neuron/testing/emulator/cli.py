@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--redirect-lfs", action="store_true", help="answer LFS downloads with a 302 to the CDN")
     parser.add_argument("--token", action="append", default=[], help="accepted token for gated repos (repeatable)")
     parser.add_argument("--sample", action="store_true", help="populate the demo NEFF bucket and sharded repo")
+    parser.add_argument(
+        "--conn-mbps", type=float, default=None, help="bandwidth cap per TCP connection, in MB/s (10^6 bytes)"
+    )
+    parser.add_argument("--latency-ms", type=float, default=0.0, help="latency added to every request")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         page_size=args.page_size,
         redirect_lfs=args.redirect_lfs,
         tokens=args.token,
+        conn_mbps=args.conn_mbps,
+        latency_ms=args.latency_ms,
     )
     if args.sample:
         from hffs_neuron.testing.sample_data import build_neff_bucket, build_sharded_model_repo

@@ -11,7 +11,7 @@ from hffs_neuron.testing.emulator.accounting import RequestRecord
 
 
 class EmulatorClient:
-    """Drive the stats and faults of an emulator running in another process, over its HTTP port."""
+    """Drive the stats, faults and network profile of an emulator running in another process, over its HTTP port."""
 
     def __init__(self, url: str) -> None:
         self.url = url.rstrip("/")
@@ -42,6 +42,10 @@ class EmulatorClient:
         if "methods" in kwargs:
             kwargs["methods"] = list(kwargs["methods"])
         self._call("POST", "/_emulator/faults", {"pattern": pattern, "kind": kind, **kwargs})
+
+    def set_network(self, conn_mbps: float | None = None, latency_ms: float = 0.0) -> None:
+        """Same arguments as :meth:`HubEmulator.set_network`."""
+        self._call("POST", "/_emulator/network", {"conn_mbps": conn_mbps, "latency_ms": latency_ms})
 
     def faults_clear(self) -> None:
         self._call("POST", "/_emulator/clear_faults")

@@ -25,6 +25,7 @@ from urllib.parse import urlencode
 from hffs_neuron.testing.emulator.accounting import Accounting, RequestRecord
 from hffs_neuron.testing.emulator.buckets import BucketStore, bucket_key
 from hffs_neuron.testing.emulator.faults import FaultInjector
+from hffs_neuron.testing.emulator.network import NetworkProfile
 from hffs_neuron.testing.emulator.protocol import (
     NOT_FOUND,
     HubError,
@@ -45,7 +46,9 @@ class HubEmulator:
     """A Hub served from ``root`` on a local port (plus a second "CDN" origin for LFS redirects).
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. ``page_size`` and
-    ``redirect_lfs`` may be changed while it runs.
+    ``redirect_lfs`` may be changed while it runs. ``conn_mbps`` (a bandwidth cap per TCP connection,
+    in 10^6 bytes/s) and ``latency_ms`` (added to every request) simulate a real network; both are off
+    by default and can be changed while running with :meth:`set_network`.
     """
 
     def __init__(
@@ -57,11 +60,14 @@ class HubEmulator:
         page_size: int = 1000,
         redirect_lfs: bool = False,
         tokens: Iterable[str] = (),
+        conn_mbps: float | None = None,
+        latency_ms: float = 0.0,
     ) -> None:
         self.root = Path(root).absolute()
         self.host, self._port = host, port
         self.page_size, self.redirect_lfs = page_size, redirect_lfs
-        self._defaults = (page_size, redirect_lfs)
+        self.network = NetworkProfile(conn_mbps, latency_ms)
+        self._defaults = (page_size, redirect_lfs, self.network)
         self.tokens = frozenset(tokens)
         self.faults = FaultInjector()
         self.accounting = Accounting()
@@ -106,7 +112,7 @@ class HubEmulator:
         self.stop()
 
     def reset(self) -> None:
-        """Forget all repos, buckets (wiping ``root``), stats and faults; restore page size/redirects."""
+        """Forget all repos, buckets (wiping ``root``), stats and faults; restore the constructor's settings."""
         with self._lock:
             self.repos.clear()
             self.buckets.clear()
@@ -117,13 +123,17 @@ class HubEmulator:
                 else:
                     child.unlink()
             self._init_root()
-        self.page_size, self.redirect_lfs = self._defaults
+        self.page_size, self.redirect_lfs, self.network = self._defaults
         self.faults.clear()
         self.reset_stats()
 
     def _init_root(self) -> None:
         for sub in ("blobs", "repos", "buckets", "tmp"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
+
+    def set_network(self, conn_mbps: float | None = None, latency_ms: float = 0.0) -> None:
+        """Simulate a network from now on (``None`` and 0 turn it off); bodies being sent adapt at once."""
+        self.network = NetworkProfile(conn_mbps, latency_ms)
 
     # -- content -----------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from hffs_neuron.testing.emulator.accounting import RequestRecord
 from hffs_neuron.testing.emulator.faults import BODY_KINDS, PRE_KINDS
+from hffs_neuron.testing.emulator.network import NetworkProfile, Pacer
 from hffs_neuron.testing.emulator.protocol import FileBody, HubError, Request, Response, json_response
 
 if TYPE_CHECKING:
@@ -74,6 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 120  # idle keep-alive connections eventually free their thread
     server: Server
 
+    def setup(self) -> None:
+        super().setup()
+        self._pacer = Pacer(self.server.emulator.stop_event)
+
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
 
@@ -98,6 +103,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(self._control(path, query, body), None)
             return
         rec = emu.accounting.record(self.command, path, query, self.headers.get("Range"))
+        if emu.network.latency_ms:
+            emu.stop_event.wait(emu.network.latency_ms / 1000)
         fault = emu.faults.take(path, self.command, PRE_KINDS)
         if fault is not None:
             rec.fault = fault.kind
@@ -131,7 +138,7 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length > 0 else b""
 
     def _control(self, path: str, query: str, body: bytes) -> Response:
-        """The ``/_emulator/*`` routes: stats and faults for a subprocess-run emulator."""
+        """The ``/_emulator/*`` routes: stats, faults and the network profile of a subprocess-run emulator."""
         emu = self.server.emulator
         params = {k: v[-1] for k, v in parse_qs(query).items()}
         if path == "/_emulator/stats" and self.command == "GET":
@@ -147,6 +154,11 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/_emulator/faults":
             try:
                 emu.faults.add(**json.loads(body or b"{}"))
+            except (TypeError, ValueError) as e:
+                return HubError(400, None, str(e)).response()
+        elif path == "/_emulator/network":
+            try:
+                emu.set_network(**json.loads(body or b"{}"))
             except (TypeError, ValueError) as e:
                 return HubError(400, None, str(e)).response()
         elif path == "/_emulator/reset_stats":
@@ -194,27 +206,32 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_body(self, body: bytes | FileBody, count: int, corrupt: bool, rec: RequestRecord | None) -> None:
         count_bytes = self.server.emulator.accounting.count_bytes
+        network = self.server.emulator.network
         if isinstance(body, bytes):
-            data = body[:count]
-            if corrupt:
-                data = _flip(data)
-            self.wfile.write(data)
-            count_bytes(rec, len(data))
+            data = _flip(body[:count]) if corrupt else body[:count]
+            step = network.write_size()
+            for start in range(0, len(data), step):
+                chunk = data[start : start + step]
+                self._paced_write(chunk, network)
+                count_bytes(rec, len(chunk))
             return
         with open(body.path, "rb") as f:
             offset, end = body.offset, body.offset + count
-            if corrupt:  # the slow path: bytes must pass through user space to be damaged
+            if corrupt or network.conn_mbps is not None:
+                # The slow path: bytes pass through user space to be damaged or paced.
                 f.seek(offset)
                 first = True
                 while offset < end:
-                    chunk = f.read(min(_CHUNK, end - offset))
+                    chunk = f.read(min(network.write_size() if network.conn_mbps else _CHUNK, end - offset))
                     if not chunk:
                         raise ConnectionError("file shrank while serving")
-                    if first:
-                        chunk, first = _flip(chunk), False
-                    self.wfile.write(chunk)
+                    if first and corrupt:
+                        chunk = _flip(chunk)
+                    first = False
+                    self._paced_write(chunk, network)
                     offset += len(chunk)
                     count_bytes(rec, len(chunk))
+                    network = self.server.emulator.network  # set_network applies mid-body
                 return
             while offset < end:
                 sent = self.connection.sendfile(f, offset, min(_CHUNK, end - offset))
@@ -222,6 +239,13 @@ class _Handler(BaseHTTPRequestHandler):
                     raise ConnectionError("file shrank while serving")
                 offset += sent
                 count_bytes(rec, sent)
+
+    def _paced_write(self, data: bytes, network: NetworkProfile) -> None:
+        """Write ``data``, first waiting for this connection's token bucket when a cap is set."""
+        rate = network.bytes_per_s
+        if rate is not None:
+            self._pacer.wait(len(data), rate)
+        self.wfile.write(data)
 
     def _abort_connection(self) -> None:
         """Abort with a TCP RST: SO_LINGER 0, then close (the fd really closes in ``finish()``)."""
