@@ -23,8 +23,9 @@ class RequestRecord:
 
 
 def is_download_path(path: str) -> bool:
-    """Whether a request path transfers file content (``resolve`` and the LFS CDN)."""
-    return "/resolve/" in path or path.startswith("/lfs/")
+    """Whether a request path transfers file content: ``resolve``, the LFS CDN, or CAS xorb ranges
+    (``/v1/xorb-data/{file xet hash}/{xorb}``, so CAS bytes are countable per file)."""
+    return "/resolve/" in path or path.startswith(("/lfs/", "/v1/xorb-data/"))
 
 
 class Accounting:

@@ -11,10 +11,12 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hffs_neuron.testing.emulator.cas import token_response
 from hffs_neuron.testing.emulator.protocol import (
     NOT_FOUND,
     HubError,
@@ -110,12 +112,16 @@ class BucketStore:
             self._hashes[key] = (st.st_size, st.st_mtime_ns, sha256)
         return sha256
 
+    def content_hash(self, path: Path, st: os.stat_result) -> str:
+        """The ``xetHash`` of a bucket file: its Xet hash with Xet on, else its sha256 (cheaper, unique)."""
+        return self.hub.xet_bridge.hash_of(path, st) if self.hub.xet else self.content_sha256(path, st)
+
     def _file_item(self, directory: Path, rel: str, st: os.stat_result) -> dict[str, Any]:
         return {
             "type": "file",
             "path": rel,
             "size": st.st_size,
-            "xetHash": self.content_sha256(directory / rel, st),
+            "xetHash": self.content_hash(directory / rel, st),
             "mtime": iso(st.st_mtime),
             "uploadedAt": iso(st.st_mtime),
         }
@@ -150,8 +156,15 @@ class BucketStore:
     # -- routes ------------------------------------------------------------------------------------
 
     def route_api(self, bucket_id: str, rest: list[str], req: Request) -> Response:
-        """``/api/buckets/{id}[/tree[/prefix]|/paths-info]``."""
+        """``/api/buckets/{id}[/tree[/prefix]|/paths-info|/batch|/xet-*-token]``; POST on the id creates."""
+        if req.method == "POST" and not rest:
+            return self._create(bucket_id)
         canonical, directory = self.get(bucket_id)
+        if req.method == "GET" and rest in (["xet-read-token"], ["xet-write-token"]) and self.hub.xet:
+            # Buckets here are public and writable by anyone: no token needed for either scope.
+            return token_response(self.hub.cas.issue_token(rest[0].split("-")[1]))
+        if req.method == "POST" and rest == ["batch"]:
+            return self._batch(directory, req.body)
         key = bucket_key(canonical)
         if req.method in ("GET", "HEAD") and not rest:
             files = self._listing(directory, "", recursive=True)
@@ -194,5 +207,56 @@ class BucketStore:
         if target is None or not target.is_file():
             raise HubError(404, "EntryNotFound", "Entry not found")
         st = target.stat()
-        sha256 = self.content_sha256(target, st)
-        return file_response(target, st.st_size, sha256, req, {"Accept-Ranges": "bytes"})
+        content_hash = self.content_hash(target, st)
+        extra = {"Accept-Ranges": "bytes"}
+        if self.hub.xet:
+            extra.update(self.hub.xet_headers(content_hash, f"/api/buckets/{bucket_id}/xet-read-token"))
+        return file_response(target, st.st_size, content_hash, req, extra)
+
+    # -- writes ------------------------------------------------------------------------------------
+
+    def _create(self, bucket_id: str) -> Response:
+        """``create_bucket``: 409 if it exists, still with the url (huggingface_hub's ``exist_ok`` reads it)."""
+        try:
+            check_id("bucket", bucket_id)
+        except ValueError as e:
+            raise HubError(400, None, str(e)) from None
+        found = self.find(bucket_id)
+        if found is not None:
+            message = f"Bucket {found[0]} already exists"
+            body = {"error": message, "url": f"{self.hub.url}/buckets/{found[0]}"}
+            return json_response(body, 409, {"X-Error-Message": message})
+        self.add(bucket_id, None)
+        return json_response({"url": f"{self.hub.url}/buckets/{bucket_id}", "id": bucket_id})
+
+    def _batch(self, directory: Path, body: bytes) -> Response:
+        """``batch_bucket_files``: ndjson ``addFile``/``copyFile`` (by Xet hash) and ``deleteFile``.
+
+        Files are written whole (tmp + rename) before the answer, so listings show them at once.
+        """
+        failed: list[dict[str, str]] = []
+        lines = [line for line in body.splitlines() if line.strip()]
+        for line in lines:
+            op: Any = {}
+            try:
+                op = json.loads(line)
+                rel = clean_rel_path(str(op.get("path", "")))
+                if rel is None:
+                    raise ValueError("invalid path")
+                target = directory / rel
+                if op.get("type") in ("addFile", "copyFile"):
+                    self.hub.xet_bridge.materialize(str(op.get("xetHash")), target)
+                    if isinstance(op.get("mtime"), (int, float)):
+                        os.utime(target, ns=(time.time_ns(), int(op["mtime"]) * 1_000_000))
+                        self.hub.xet_bridge.remember(target, str(op.get("xetHash")))
+                elif op.get("type") == "deleteFile":
+                    target.unlink(missing_ok=True)
+                else:
+                    raise ValueError(f"unknown operation type {op.get('type')!r}")
+            except KeyError:
+                failed.append({"path": str(op.get("path")), "error": "xet hash not found in this CAS"})
+            except (ValueError, AttributeError, OSError) as e:
+                path = op.get("path") if isinstance(op, dict) else None
+                failed.append({"path": str(path or line[:100].decode(errors="replace")), "error": str(e)})
+        status = 422 if lines and len(failed) == len(lines) else 200
+        return json_response({"failed": failed}, status)

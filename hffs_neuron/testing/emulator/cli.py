@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import signal
 import threading
@@ -10,6 +11,7 @@ import threading
 from hffs_neuron.testing.emulator.hub import HubEmulator
 
 logger = logging.getLogger(__name__)
+_XET_DEFAULT = inspect.signature(HubEmulator).parameters["xet"].default
 
 DESCRIPTION = """A local emulator of the Hugging Face Hub HTTP surface, serving repos and buckets from a
 directory. Prints ``READY http://HOST:PORT`` once serving; it is controlled over HTTP through the
@@ -32,6 +34,12 @@ def main(argv: list[str] | None = None) -> int:
         "--conn-mbps", type=float, default=None, help="bandwidth cap per TCP connection, in MB/s (10^6 bytes)"
     )
     parser.add_argument("--latency-ms", type=float, default=0.0, help="latency added to every request")
+    parser.add_argument(
+        "--xet",
+        action=argparse.BooleanOptionalAction,
+        default=_XET_DEFAULT,
+        help="speak Xet (CAS, xet hashes and tokens, bucket writes); --no-xet serves plain HTTP only",
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -45,6 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         tokens=args.token,
         conn_mbps=args.conn_mbps,
         latency_ms=args.latency_ms,
+        xet=args.xet,
     )
     if args.sample:
         from hffs_neuron.testing.sample_data import build_neff_bucket, build_sharded_model_repo

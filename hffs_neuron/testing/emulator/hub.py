@@ -24,6 +24,7 @@ from urllib.parse import urlencode
 
 from hffs_neuron.testing.emulator.accounting import Accounting, RequestRecord
 from hffs_neuron.testing.emulator.buckets import BucketStore, bucket_key
+from hffs_neuron.testing.emulator.cas import CasStore
 from hffs_neuron.testing.emulator.faults import FaultInjector
 from hffs_neuron.testing.emulator.network import NetworkProfile
 from hffs_neuron.testing.emulator.protocol import (
@@ -38,6 +39,7 @@ from hffs_neuron.testing.emulator.protocol import (
 )
 from hffs_neuron.testing.emulator.repos import FileSource, RepoStore, repo_key
 from hffs_neuron.testing.emulator.server import Server
+from hffs_neuron.testing.emulator.xet_bridge import XetBridge
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +51,11 @@ class HubEmulator:
     ``redirect_lfs`` may be changed while it runs. ``conn_mbps`` (a bandwidth cap per TCP connection,
     in 10^6 bytes/s) and ``latency_ms`` (added to every request) simulate a real network; both are off
     by default and can be changed while running with :meth:`set_network`.
+
+    With ``xet`` the emulator also speaks Xet: a CAS on the hub origin (see :mod:`.cas`), Xet hashes
+    and token links in listings and ``resolve`` answers, and bucket writes (``batch_bucket_files``).
+    Files placed in repos and buckets reach the CAS lazily through the real ``hf_xet`` client.
+    ``xet`` may be switched while it runs; :meth:`reset` restores it.
     """
 
     def __init__(
@@ -62,13 +69,16 @@ class HubEmulator:
         tokens: Iterable[str] = (),
         conn_mbps: float | None = None,
         latency_ms: float = 0.0,
+        xet: bool = False,
+        xet_token_ttl: float = 120.0,
     ) -> None:
         self.root = Path(root).absolute()
         self.host, self._port = host, port
         self.page_size, self.redirect_lfs = page_size, redirect_lfs
         self.network = NetworkProfile(conn_mbps, latency_ms)
-        self._defaults = (page_size, redirect_lfs, self.network)
+        self._defaults = (page_size, redirect_lfs, self.network, xet)
         self.tokens = frozenset(tokens)
+        self.xet = xet
         self.faults = FaultInjector()
         self.accounting = Accounting()
         self.url = ""
@@ -80,6 +90,8 @@ class HubEmulator:
         self._init_root()
         self.repos = RepoStore(self)
         self.buckets = BucketStore(self)
+        self.cas = CasStore(self, xet_token_ttl)
+        self.xet_bridge = XetBridge(self)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -112,23 +124,30 @@ class HubEmulator:
         self.stop()
 
     def reset(self) -> None:
-        """Forget all repos, buckets (wiping ``root``), stats and faults; restore the constructor's settings."""
+        """Forget all repos, buckets (wiping ``root``), stats and faults; restore the constructor's settings.
+
+        The Xet CAS stays: it is content-addressed like the real one, and hf_xet clients remember
+        which xorbs the server holds (a wiped CAS would reject their next shards).
+        """
         with self._lock:
             self.repos.clear()
             self.buckets.clear()
+            self.xet_bridge.clear()
             self._overrides.clear()
             for child in self.root.iterdir():
+                if child.name == "xet":
+                    continue
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child)
                 else:
                     child.unlink()
             self._init_root()
-        self.page_size, self.redirect_lfs, self.network = self._defaults
+        self.page_size, self.redirect_lfs, self.network, self.xet = self._defaults
         self.faults.clear()
         self.reset_stats()
 
     def _init_root(self) -> None:
-        for sub in ("blobs", "repos", "buckets", "tmp"):
+        for sub in ("blobs", "repos", "buckets", "tmp", "xet/xorbs", "xet/shards"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
 
     def set_network(self, conn_mbps: float | None = None, latency_ms: float = 0.0) -> None:
@@ -201,7 +220,8 @@ class HubEmulator:
         return self.accounting.requests(path_contains, method)
 
     def bytes_served(self, path_contains: str = "") -> int:
-        """File bytes sent (200/206 bodies of GET ``resolve`` and CDN requests) whose path contains the string.
+        """File bytes sent (200/206 bodies of GET ``resolve``, CDN and CAS xorb requests) whose path contains
+        the string (a CAS request's path holds the file's Xet hash, not its name).
 
         Error bodies (e.g. an injected 503) are not file bytes and are not counted.
         """
@@ -223,6 +243,8 @@ class HubEmulator:
             if len(seg) >= 5 and seg[0] == "lfs" and method in ("GET", "HEAD"):
                 return self.repos.serve_cdn(seg[4], req)
             raise HubError(404, None, "not found")
+        if self.xet and (cas := self.cas.route(req)) is not None:
+            return cas
         if seg[:2] == ["api", "agent-harnesses"]:
             return json_response({"standardEnvVars": [], "harnesses": {}})
         if len(seg) >= 4 and seg[0] == "api" and seg[1] in ("models", "datasets"):
@@ -237,6 +259,10 @@ class HubEmulator:
             if len(seg) >= 5 and seg[2] == "resolve":
                 return self.repos.resolve("model", f"{seg[0]}/{seg[1]}", seg[3], seg[4:], req)
         raise HubError(404, None, NOT_FOUND)
+
+    def xet_headers(self, xet_hash: str, token_route: str) -> dict[str, str]:
+        """The headers a ``resolve`` answer carries for a Xet file (token route relative to the hub)."""
+        return {"X-Xet-Hash": xet_hash, "Link": f'<{self.url}{token_route}>; rel="xet-auth"'}
 
     def paginated(self, items: list[dict[str, Any]], req: Request) -> Response:
         """One page of ``items`` sorted by path after the cursor, with a ``Link`` to the next page.

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import quote
 
+from hffs_neuron.testing.emulator.cas import token_response
 from hffs_neuron.testing.emulator.protocol import (
     HEX,
     NOT_FOUND,
@@ -296,6 +297,11 @@ class RepoStore:
                 return self._info(repo, rest[1], req)
             if rest[0] == "tree" and len(rest) >= 2:
                 return self._list_tree(repo, rest[1], "/".join(rest[2:]), req)
+            if rest[0] == "xet-read-token" and len(rest) == 2 and self.hub.xet:
+                self.commit(repo, rest[1])
+                if repo.gated and not self.hub.authorized(req.headers):
+                    raise HubError(403, "GatedRepo", f"Access to model {repo.repo_id} is restricted.")
+                return token_response(self.hub.cas.issue_token("read"))
         if req.method == "POST" and rest[:1] == ["paths-info"] and len(rest) == 2:
             return self._paths_info(repo, rest[1], req)
         raise HubError(404, None, NOT_FOUND)
@@ -331,13 +337,21 @@ class RepoStore:
             info["modelId"] = repo.repo_id
         return json_response(info)
 
-    @staticmethod
-    def _item(index: TreeIndex, path: str, sha: str, commit: dict[str, Any], expand: bool) -> dict:
+    def _xet_hash(self, entry: dict[str, Any]) -> str | None:
+        """The Xet hash of an LFS file when the emulator speaks Xet (regular files stay plain git blobs)."""
+        if not (self.hub.xet and entry["lfs"]):
+            return None
+        blob = self._root / "blobs" / entry["sha256"]
+        return self.hub.xet_bridge.hash_of(blob, blob.stat())
+
+    def _item(self, index: TreeIndex, path: str, sha: str, commit: dict[str, Any], expand: bool) -> dict:
         if path in index.files:
             e = index.files[path]
             item: dict[str, Any] = {"type": "file", "oid": e["oid"], "size": e["size"], "path": path}
             if e["lfs"]:
                 item["lfs"] = {"oid": e["sha256"], "size": e["size"], "pointerSize": e["pointer_size"]}
+            if (xet_hash := self._xet_hash(e)) is not None:
+                item["xetHash"] = xet_hash
         else:
             item = {"type": "directory", "oid": index.dir_oids[path], "size": 0, "path": path}
         if expand:
@@ -388,6 +402,8 @@ class RepoStore:
         if entry is None:
             raise HubError(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": sha})
         common = {"X-Repo-Commit": sha, "Accept-Ranges": "bytes"}
+        if (xet_hash := self._xet_hash(entry)) is not None:
+            common.update(self.hub.xet_headers(xet_hash, f"/api/{repo_type}s/{repo.repo_id}/xet-read-token/{sha}"))
         if entry["lfs"]:
             common.update({"X-Linked-Etag": f'"{entry["sha256"]}"', "X-Linked-Size": str(entry["size"])})
             if self.hub.redirect_lfs and self.hub.cdn_url:

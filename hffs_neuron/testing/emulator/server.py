@@ -19,6 +19,7 @@ from hffs_neuron.testing.emulator.accounting import RequestRecord
 from hffs_neuron.testing.emulator.faults import BODY_KINDS, PRE_KINDS
 from hffs_neuron.testing.emulator.network import NetworkProfile, Pacer
 from hffs_neuron.testing.emulator.protocol import FileBody, HubError, Request, Response, json_response
+from hffs_neuron.testing.emulator.xet_bridge import INTERNAL_HEADER
 
 if TYPE_CHECKING:
     from hffs_neuron.testing.emulator.hub import HubEmulator
@@ -27,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 8 * 1024 * 1024
 _CORRUPT_BYTES = 64
+_UNSHAPED = NetworkProfile()
 
 
 class Server(ThreadingHTTPServer):
@@ -102,6 +104,10 @@ class _Handler(BaseHTTPRequestHandler):
         if path.startswith("/_emulator/") and self.server.role == "hub":
             self._send(self._control(path, query, body), None)
             return
+        if self.headers.get(INTERNAL_HEADER) == "1":
+            # The emulator's own hf_xet traffic (xet conversion): no faults, shaping or accounting.
+            self._send(self._answer(raw_path, query, body), None)
+            return
         rec = emu.accounting.record(self.command, path, query, self.headers.get("Range"))
         if emu.network.latency_ms:
             emu.stop_event.wait(emu.network.latency_ms / 1000)
@@ -122,16 +128,18 @@ class _Handler(BaseHTTPRequestHandler):
                     headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
                 self._send(json_response({"error": "injected fault"}, fault.status, headers), rec)
                 return
+        self._send(self._answer(raw_path, query, body), rec)
+
+    def _answer(self, raw_path: str, query: str, body: bytes) -> Response:
         try:
             segments = [unquote(s) for s in raw_path.split("/")[1:]]
             req = Request(self.server.role, self.command, raw_path, segments, parse_qs(query), body, self.headers)
-            resp = emu.route(req)
+            return self.server.emulator.route(req)
         except HubError as e:
-            resp = e.response()
+            return e.response()
         except Exception:
             logger.exception("emulator error on %s %s", self.command, self.path)
-            resp = HubError(500, None, "internal emulator error").response()
-        self._send(resp, rec)
+            return HubError(500, None, "internal emulator error").response()
 
     def _read_body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)
@@ -206,7 +214,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _write_body(self, body: bytes | FileBody, count: int, corrupt: bool, rec: RequestRecord | None) -> None:
         count_bytes = self.server.emulator.accounting.count_bytes
-        network = self.server.emulator.network
+        # Control and internal answers (rec is None) are never shaped.
+        network = self.server.emulator.network if rec is not None else _UNSHAPED
         if isinstance(body, bytes):
             data = _flip(body[:count]) if corrupt else body[:count]
             step = network.write_size()
@@ -231,7 +240,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self._paced_write(chunk, network)
                     offset += len(chunk)
                     count_bytes(rec, len(chunk))
-                    network = self.server.emulator.network  # set_network applies mid-body
+                    if rec is not None:
+                        network = self.server.emulator.network  # set_network applies mid-body
                 return
             while offset < end:
                 sent = self.connection.sendfile(f, offset, min(_CHUNK, end - offset))
