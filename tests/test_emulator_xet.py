@@ -113,7 +113,7 @@ def test_cas_tokens_and_reconstruction_ranges(xet_hub: HubEmulator, repo: str, h
     covered = sum(t["unpacked_length"] for t in part["terms"])
     assert part["offset_into_first_range"] + (last - first + 1) <= covered < len(WEIGHTS)
     for term in part["terms"]:
-        [info] = [i for i in part["fetch_info"][term["hash"]] if i["range"] == term["range"]]
+        [info] = [i for i in part["fetch_info"][term["hash"]] if i["range"] == term["range"]]  # no duplicates
         data = get_session().get(
             info["url"], headers={"Range": f"bytes={info['url_range']['start']}-{info['url_range']['end']}"}
         )
@@ -134,6 +134,7 @@ def test_faults_apply_to_cas_routes(xet_hub: HubEmulator, repo: str, hf_cache: P
 
 
 def test_no_xet_serves_plain_http(hub: HubEmulator, hf_cache: Path) -> None:
+    hub.xet = False  # what --no-xet / HubEmulator(xet=False) serve
     hub.add_repo("Org/Plain", {"model.safetensors": WEIGHTS})
     head = get_session().head(f"{hub.url}/Org/Plain/resolve/main/model.safetensors")
     assert head.status_code == 200 and "X-Xet-Hash" not in head.headers
@@ -202,3 +203,12 @@ def test_cas_survives_restart(xet_hub: HubEmulator, repo: str, hf_cache: Path, t
         answer = _cas_get(other, f"/v1/reconstructions/{file_hash}", str(grant["accessToken"]))
         assert answer.status_code == 200
         assert sum(t["unpacked_length"] for t in answer.json()["terms"]) == len(WEIGHTS)
+
+
+def test_short_lived_tokens_are_refreshed(xet_hub: HubEmulator, tmp_path: Path) -> None:
+    # Tokens that expire at once: hf_xet must go back to the Hub's token route during the download.
+    with HubEmulator(tmp_path / "hub", xet_token_ttl=1) as short:
+        short.add_repo("Org/Short", {"model.safetensors": WEIGHTS})
+        path = hf_hub_download("Org/Short", "model.safetensors", cache_dir=tmp_path / "c", endpoint=short.url)
+        assert Path(path).read_bytes() == WEIGHTS
+        assert len(short.requests("/xet-read-token/")) >= 2

@@ -76,9 +76,10 @@ class CasStore:
 
     # -- tokens ------------------------------------------------------------------------------------
 
-    def issue_token(self, scope: str) -> dict[str, object]:
-        """A fresh token (``read`` or ``write``), as the Hub's token routes return it."""
-        token, expiry = "xet_" + secrets.token_hex(16), time.time() + self.token_ttl
+    def issue_token(self, scope: str, ttl: float | None = None) -> dict[str, object]:
+        """A fresh token (``read`` or ``write``, for ``ttl`` or the configured seconds), as the Hub's
+        token routes return it."""
+        token, expiry = "xet_" + secrets.token_hex(16), time.time() + (self.token_ttl if ttl is None else ttl)
         with self._lock:
             now = time.time()
             for old in [t for t, (_, exp) in self._tokens.items() if exp < now]:
@@ -208,13 +209,14 @@ class CasStore:
                     offset_into_first = first - (pos + skipped)
                 offsets = self._chunk_offsets(seg.xorb)
                 terms.append({"hash": seg.xorb, "unpacked_length": length, "range": {"start": start, "end": end}})
-                fetch.setdefault(seg.xorb, []).append(
-                    {
-                        "range": {"start": start, "end": end},
-                        "url": f"{self.hub.url}{XORB_DATA}{file_hash}/{seg.xorb}",
-                        "url_range": {"start": offsets[start], "end": offsets[end] - 1},
-                    }
-                )
+                info = {
+                    "range": {"start": start, "end": end},
+                    "url": f"{self.hub.url}{XORB_DATA}{file_hash}/{seg.xorb}",
+                    "url_range": {"start": offsets[start], "end": offsets[end] - 1},
+                }
+                infos = fetch.setdefault(seg.xorb, [])
+                if info not in infos:  # a file repeating content names the same chunks twice
+                    infos.append(info)
             pos = seg_end
         return json_response({"offset_into_first_range": offset_into_first, "terms": terms, "fetch_info": fetch})
 

@@ -69,7 +69,7 @@ class HubEmulator:
         tokens: Iterable[str] = (),
         conn_mbps: float | None = None,
         latency_ms: float = 0.0,
-        xet: bool = False,
+        xet: bool = True,
         xet_token_ttl: float = 120.0,
     ) -> None:
         self.root = Path(root).absolute()

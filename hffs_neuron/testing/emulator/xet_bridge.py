@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 INTERNAL_HEADER = "X-Emulator-Internal"
 #: The Xet hash of an empty file (it has no chunks and is never uploaded).
 EMPTY_HASH = "0" * 64
+_BRIDGE_TOKEN_TTL_S = 3600.0
 #: Xet hashes remembered per file version and per hash source; beyond this the oldest are forgotten.
 _MAX_ENTRIES = 100_000
 
@@ -55,7 +56,8 @@ class XetBridge:
             return self._session
 
     def _auth(self, scope: str) -> dict[str, Any]:
-        grant = self.hub.cas.issue_token(scope)
+        # Long enough for any conversion: the bridge has no refresh route (unlike real clients).
+        grant = self.hub.cas.issue_token(scope, ttl=_BRIDGE_TOKEN_TTL_S)
         return {
             "endpoint": self.hub.url,
             "token": grant["accessToken"],
