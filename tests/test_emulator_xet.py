@@ -212,3 +212,16 @@ def test_short_lived_tokens_are_refreshed(xet_hub: HubEmulator, tmp_path: Path) 
         path = hf_hub_download("Org/Short", "model.safetensors", cache_dir=tmp_path / "c", endpoint=short.url)
         assert Path(path).read_bytes() == WEIGHTS
         assert len(short.requests("/xet-read-token/")) >= 2
+
+
+def test_prepare_xet_converts_everything_up_front(xet_hub: HubEmulator, hf_cache: Path, tmp_path: Path) -> None:
+    fresh = [os.urandom(200_000) for _ in range(3)]
+    xet_hub.add_repo("Org/Fresh", {"a.safetensors": fresh[0], "small.json": b"{}"})
+    xet_hub.add_bucket("org/fresh", {"x/b.neff": fresh[1], "c.bin": fresh[2], "empty": b""})
+    hashes = [_xet_hash(data, tmp_path) for data in fresh]
+    assert not any(xet_hub.cas.has_file(h) for h in hashes)
+    assert xet_hub.prepare_xet() == 3  # the LFS file and the two non-empty bucket files
+    assert all(xet_hub.cas.has_file(h) for h in hashes)
+    assert xet_hub.prepare_xet() == 0
+    path = hf_hub_download("Org/Fresh", "a.safetensors", cache_dir=hf_cache)
+    assert Path(path).read_bytes() == fresh[0]

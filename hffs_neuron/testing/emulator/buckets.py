@@ -77,6 +77,10 @@ class BucketStore:
                     shutil.copyfile(source, target)
         return directory
 
+    def all_files(self) -> list[Path]:
+        """Every file of every bucket."""
+        return [Path(d) / n for d, _dirs, names in os.walk(self._buckets) for n in names]
+
     def find(self, bucket_id: str) -> tuple[str, Path] | None:
         """(canonical id, directory) of a bucket, matching the id case-insensitively."""
         parts = bucket_id.split("/")

@@ -213,6 +213,12 @@ class HubEmulator:
             items = list(self._overrides.get(key, ()))
         return [i for i in items if not prefix or str(i.get("path", "")).startswith(prefix + "/")]
 
+    def prepare_xet(self) -> int:
+        """Convert every file placed so far (LFS repo files, bucket files) to Xet now, rather than on the
+        first download of each; benchmarks call it so conversion is never timed. Needs a started
+        emulator (the upload goes through its own CAS routes). Returns the number of files uploaded."""
+        return self.xet_bridge.convert(self.repos.lfs_blobs() + self.buckets.all_files())
+
     # -- accounting --------------------------------------------------------------------------------
 
     def requests(self, path_contains: str = "", method: str | None = None) -> list[RequestRecord]:

@@ -254,6 +254,18 @@ class RepoStore:
             repo = Repo(**json.loads(index.read_text()))
             self._repos[repo_key(repo.repo_type, repo.repo_id)] = repo
 
+    def lfs_blobs(self) -> list[Path]:
+        """The blob of every LFS file of every commit (each once)."""
+        with self._lock:
+            shas = {
+                e["sha256"]
+                for r in self._repos.values()
+                for c in r.commits.values()
+                for e in c["files"].values()
+                if e["lfs"]
+            }
+        return [self._root / "blobs" / sha for sha in sorted(shas)]
+
     # -- reading -----------------------------------------------------------------------------------
 
     @staticmethod

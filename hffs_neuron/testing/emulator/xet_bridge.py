@@ -115,6 +115,19 @@ class XetBridge:
         with self._lock:
             self._flights.pop(xet_hash, None)
 
+    def convert(self, paths: list[Path]) -> int:
+        """Hash ``paths`` and upload, in one commit, those the CAS lacks; return how many were uploaded."""
+        missing: dict[str, Path] = {}
+        for path in paths:
+            xet_hash = self.hash_of(path, path.stat())
+            if xet_hash != EMPTY_HASH and not self.hub.cas.has_file(xet_hash):
+                missing[xet_hash] = path
+        if missing:
+            with self._xet_session().new_upload_commit(**self._auth("write")) as commit:
+                for path in missing.values():
+                    commit.start_upload_file(str(path))
+        return len(missing)
+
     def materialize(self, xet_hash: str, target: Path) -> None:
         """Write the CAS file ``xet_hash`` to ``target`` (tmp file + rename); KeyError if unknown."""
         target.parent.mkdir(parents=True, exist_ok=True)
