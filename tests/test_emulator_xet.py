@@ -120,17 +120,40 @@ def test_cas_tokens_and_reconstruction_ranges(xet_hub: HubEmulator, repo: str, h
         assert data.status_code == 206
         assert len(data.content) == info["url_range"]["end"] - info["url_range"]["start"] + 1
     assert _cas_get(xet_hub, route, read, Range=f"bytes={len(WEIGHTS)}-").status_code == 416
+
+    # v2 (what hf_xet 1.8 asks first): the same terms, one multi-range URL per xorb.
+    v2 = _cas_get(xet_hub, f"/v2/reconstructions/{file_hash}", read, Range=f"bytes={first}-{last}").json()
+    assert (v2["offset_into_first_range"], v2["terms"]) == (part["offset_into_first_range"], part["terms"])
+    [fetch] = v2["xorbs"][part["terms"][0]["hash"]]
+    single = [
+        get_session().get(fetch["url"], headers={"Range": f"bytes={r['bytes']['start']}-{r['bytes']['end']}"}).content
+        for r in fetch["ranges"]
+    ]
+    # A multi-range request is answered as multipart/byteranges, parts in order.
+    spans = [(0, 9), (20, 29)]
+    multi = get_session().get(fetch["url"], headers={"Range": "bytes=" + ",".join(f"{a}-{b}" for a, b in spans)})
+    assert multi.status_code == 206
+    boundary = multi.headers["Content-Type"].split("boundary=")[1]
+    parts = multi.content.split(f"--{boundary}".encode())[1:-1]
+    whole_xorb = get_session().get(fetch["url"]).content
+    assert len(whole_xorb) >= sum(len(x) for x in single)
+    for (a, b), raw in zip(spans, parts, strict=True):
+        head, _, data = raw.partition(b"\r\n\r\n")
+        assert f"Content-Range: bytes {a}-{b}/{len(whole_xorb)}".encode() in head
+        assert data == whole_xorb[a : b + 1] + b"\r\n"
     # The global dedupe query always misses, which is a valid answer.
     assert _cas_get(xet_hub, "/v1/chunks/default/" + "0" * 64, read).status_code == 404
 
 
 def test_faults_apply_to_cas_routes(xet_hub: HubEmulator, repo: str, hf_cache: Path) -> None:
     xet_hub.faults.add("/v1/xorb-data/*", "status", status=503, count=1)
-    xet_hub.faults.add("/v1/reconstructions/*", "status", status=500, count=1)
+    xet_hub.faults.add("/v1/xorb-data/*", "truncate", count=1)
+    xet_hub.faults.add("/v*/reconstructions/*", "status", status=500, count=1)
     path = hf_hub_download("Org/XetModel", "model.safetensors", cache_dir=hf_cache)
     assert Path(path).read_bytes() == WEIGHTS
     assert 503 in [r.status for r in xet_hub.requests("/v1/xorb-data/")]
-    assert 500 in [r.status for r in xet_hub.requests("/v1/reconstructions/")]
+    assert "truncate" in [r.fault for r in xet_hub.requests("/v1/xorb-data/")]
+    assert 500 in [r.status for r in xet_hub.requests("/reconstructions/")]
 
 
 def test_no_xet_serves_plain_http(hub: HubEmulator, hf_cache: Path) -> None:

@@ -1,15 +1,17 @@
 """The Xet CAS (content-addressed storage) the emulator serves on its own origin, with the routes
 ``hf_xet`` 1.x calls (huggingface.co/docs/xet, "CAS API"; xet-core's ``openapi/cas.openapi.yaml``):
 
-- ``GET /v1/reconstructions/{file}`` (with ``Range``): the terms of a file and where to fetch them;
+- ``GET /v2/reconstructions/{file}`` (with ``Range``): the terms of a file and, per xorb, one URL
+  with all the byte ranges to fetch (multi-range requests answered as ``multipart/byteranges``);
+- ``GET /v1/reconstructions/{file}``: the same with one URL and byte range per term;
 - ``POST /v1/xorbs/default/{xorb}`` and ``POST /v1/shards``: uploads (shards name the files);
 - ``GET /v1/chunks/default/{chunk}``: the global dedupe query, always a miss (404), which is valid;
 - ``GET /v1/xorb-data/{file}/{xorb}`` with ``Range``: the serialized xorb bytes a reconstruction
   points to (the file hash in the path lets accounting count CAS bytes per file);
 - ``POST /v1/telemetry``: accepted and dropped.
 
-Newer routes (``/v2/reconstructions``, ``/v2/shards``, ``/v1/xorb-grants``) answer 404, on which the
-real client falls back to the v1 routes. Access tokens are short-lived and issued by
+``/v2/shards`` (streamed upload events) and ``/v1/xorb-grants`` (upload grants) answer 404, on which
+the real client falls back to ``/v1/shards`` and direct xorb uploads. Access tokens are short-lived and issued by
 :meth:`CasStore.issue_token` for the Hub's ``xet-read-token``/``xet-write-token`` routes.
 
 Xorbs are stored as received under ``<root>/xet/xorbs/``, shards under ``<root>/xet/shards/`` (parsed
@@ -33,9 +35,9 @@ from hffs_neuron.testing.emulator.protocol import (
     Request,
     Response,
     bearer_token,
-    file_response,
     json_response,
     parse_range,
+    ranges_response,
 )
 from hffs_neuron.testing.emulator.xet_bridge import EMPTY_HASH
 from hffs_neuron.testing.emulator.xet_format import FormatError, Segment, parse_shard, xorb_chunk_offsets
@@ -135,12 +137,14 @@ class CasStore:
     def route(self, req: Request) -> Response | None:
         """Answer a CAS route, or None if the path is not one (the Hub's 404 then applies)."""
         seg, method = req.segments, req.method
-        if seg[:1] != ["v1"] or len(seg) < 2:
+        if seg[:1] not in (["v1"], ["v2"]) or len(seg) < 2:
             return None
         kind = seg[1]
         if method == "GET" and kind == "reconstructions" and len(seg) == 3 and _is_hash(seg[2]):
             self._check_token(req.headers, "read")
-            return self._reconstruction(seg[2], req)
+            return self._reconstruction(seg[2], req, v2=seg[0] == "v2")
+        if seg[0] != "v1":
+            return None  # v2 shards and the like: 404, on which hf_xet falls back to v1
         if method in ("GET", "HEAD") and kind == "xorb-data" and len(seg) == 4 and _is_hash(seg[3]):
             return self._xorb_data(seg[3], req)
         if method == "GET" and kind == "chunks" and len(seg) == 4:
@@ -184,9 +188,34 @@ class CasStore:
         new = self._register(body)
         return json_response({"result": 1 if new else 0})
 
-    def _reconstruction(self, file_hash: str, req: Request) -> Response:
+    def _reconstruction(self, file_hash: str, req: Request, v2: bool) -> Response:
+        """v1: one fetch info (url + byte range) per term; v2: one multi-range url per xorb."""
+        offset_into_first, terms, fetches = self._plan(file_hash, req)
+        answer: dict[str, object] = {"offset_into_first_range": offset_into_first, "terms": terms}
+        if not v2:
+            answer["fetch_info"] = {
+                xorb: [{"range": c, "url": self._xorb_url(file_hash, xorb), "url_range": b} for c, b in ranges]
+                for xorb, ranges in fetches.items()
+            }
+        else:
+            answer["xorbs"] = {
+                xorb: [
+                    {
+                        "url": self._xorb_url(file_hash, xorb),
+                        "ranges": [{"chunks": c, "bytes": b} for c, b in sorted(ranges, key=lambda r: r[0]["start"])],
+                    }
+                ]
+                for xorb, ranges in fetches.items()
+            }
+        return json_response(answer)
+
+    def _xorb_url(self, file_hash: str, xorb: str) -> str:
+        return f"{self.hub.url}{XORB_DATA}{file_hash}/{xorb}"
+
+    def _plan(self, file_hash: str, req: Request) -> tuple[int, list[dict[str, object]], dict[str, list[tuple]]]:
+        """(offset into the first term, terms, xorb -> unique (chunk range, byte range) pairs to fetch)."""
         if file_hash == EMPTY_HASH:
-            return json_response({"offset_into_first_range": 0, "terms": [], "fetch_info": {}})
+            return 0, [], {}
         self.hub.xet_bridge.ensure_uploaded(file_hash)
         with self._lock:
             segments = self._files.get(file_hash)
@@ -199,7 +228,7 @@ class CasStore:
             raise HubError(416, None, "range not satisfiable") from None
         first, last = rng if rng is not None else (0, size - 1)
         terms: list[dict[str, object]] = []
-        fetch: dict[str, list[dict[str, object]]] = {}
+        fetches: dict[str, list[tuple]] = {}
         offset_into_first, pos = 0, 0
         for seg in segments:
             seg_end = pos + seg.length
@@ -208,17 +237,14 @@ class CasStore:
                 if not terms:
                     offset_into_first = first - (pos + skipped)
                 offsets = self._chunk_offsets(seg.xorb)
-                terms.append({"hash": seg.xorb, "unpacked_length": length, "range": {"start": start, "end": end}})
-                info = {
-                    "range": {"start": start, "end": end},
-                    "url": f"{self.hub.url}{XORB_DATA}{file_hash}/{seg.xorb}",
-                    "url_range": {"start": offsets[start], "end": offsets[end] - 1},
-                }
-                infos = fetch.setdefault(seg.xorb, [])
-                if info not in infos:  # a file repeating content names the same chunks twice
-                    infos.append(info)
+                chunks = {"start": start, "end": end}
+                terms.append({"hash": seg.xorb, "unpacked_length": length, "range": chunks})
+                pair = (chunks, {"start": offsets[start], "end": offsets[end] - 1})
+                ranges = fetches.setdefault(seg.xorb, [])
+                if pair not in ranges:  # a file repeating content names the same chunks twice
+                    ranges.append(pair)
             pos = seg_end
-        return json_response({"offset_into_first_range": offset_into_first, "terms": terms, "fetch_info": fetch})
+        return offset_into_first, terms, fetches
 
     def _trim(self, seg: Segment, pos: int, first: int, last: int) -> tuple[int, int, int, int]:
         """The chunks of ``seg`` (which starts at file offset ``pos``) covering bytes ``first..last``.
@@ -246,7 +272,7 @@ class CasStore:
             size = path.stat().st_size
         except FileNotFoundError:
             raise HubError(404, None, f"xorb {xorb} not found") from None
-        return file_response(path, size, xorb, req, {"Accept-Ranges": "bytes"})
+        return ranges_response(path, size, xorb, req, {"Accept-Ranges": "bytes"})
 
 
 def token_response(grant: dict[str, object]) -> Response:

@@ -32,11 +32,12 @@ class FileBody:
 class Response:
     status: int
     headers: dict[str, str]
-    body: bytes | FileBody = b""
+    body: bytes | FileBody | list[bytes | FileBody] = b""  # a list: parts written in order (multipart)
 
     @property
     def length(self) -> int:
-        return self.body.length if isinstance(self.body, FileBody) else len(self.body)
+        parts = self.body if isinstance(self.body, list) else [self.body]
+        return sum(p.length if isinstance(p, FileBody) else len(p) for p in parts)
 
 
 @dataclass
@@ -82,8 +83,12 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     """
     if not header or not header.strip().startswith("bytes=") or "," in header:
         return None
-    spec = header.strip()[len("bytes=") :].strip()
-    first, sep, last = spec.partition("-")
+    return _parse_spec(header.strip()[len("bytes=") :], size)
+
+
+def _parse_spec(spec: str, size: int) -> tuple[int, int] | None:
+    """One ``first-last`` / ``first-`` / ``-suffix`` range spec; None if malformed."""
+    first, sep, last = spec.strip().partition("-")
     if not sep:
         return None
     try:
@@ -101,6 +106,28 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
     if end < start:
         return None
     return start, min(end, size - 1)
+
+
+def ranges_response(blob: Path, size: int, etag: str, req: Request, extra: Mapping[str, str]) -> Response:
+    """Like :func:`file_response`, but a multi-range header gets a ``multipart/byteranges`` answer."""
+    header = (req.headers.get("Range") or "").strip()
+    if not header.startswith("bytes=") or "," not in header:
+        return file_response(blob, size, etag, req, extra)
+    try:
+        ranges = [_parse_spec(spec, size) for spec in header[len("bytes=") :].split(",")]
+    except RangeNotSatisfiable:
+        return Response(416, {**extra, "Content-Range": f"bytes */{size}"})
+    boundary = "hffs_emulator_byteranges"
+    parts: list[bytes | FileBody] = []
+    for rng in ranges:
+        if rng is None:
+            return Response(400, {"Content-Type": "text/plain"}, b"malformed range")
+        start, end = rng
+        head = f"--{boundary}\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {start}-{end}/{size}"
+        parts += [head.encode() + b"\r\n\r\n", FileBody(blob, start, end - start + 1), b"\r\n"]
+    parts.append(f"--{boundary}--\r\n".encode())
+    headers = {**extra, "ETag": f'"{etag}"', "Content-Type": f"multipart/byteranges; boundary={boundary}"}
+    return Response(206, headers, parts)
 
 
 def json_response(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:

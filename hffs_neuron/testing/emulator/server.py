@@ -212,7 +212,18 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             emu.accounting.end_response()
 
-    def _write_body(self, body: bytes | FileBody, count: int, corrupt: bool, rec: RequestRecord | None) -> None:
+    def _write_body(
+        self, body: bytes | FileBody | list[bytes | FileBody], count: int, corrupt: bool, rec: RequestRecord | None
+    ) -> None:
+        """Write the first ``count`` bytes of the body (parts in order); ``corrupt`` damages the first part."""
+        for part in body if isinstance(body, list) else [body]:
+            n = min(count, part.length if isinstance(part, FileBody) else len(part))
+            if n <= 0:
+                return
+            self._write_part(part, n, corrupt, rec)
+            count, corrupt = count - n, False
+
+    def _write_part(self, body: bytes | FileBody, count: int, corrupt: bool, rec: RequestRecord | None) -> None:
         count_bytes = self.server.emulator.accounting.count_bytes
         # Control and internal answers (rec is None) are never shaped.
         network = self.server.emulator.network if rec is not None else _UNSHAPED
