@@ -1,8 +1,9 @@
 """Storage Buckets: plain directories under ``<root>/buckets/<namespace>/<name>/``, and the Hub routes
-that list and download them.
+that create, list, download and write them (``create_bucket``, ``batch_bucket_files``).
 
 Listings are never cached (files written into a bucket directory are served at once); each file's
-content hash is computed once per (size, mtime) and reused.
+content hash is computed once per (size, mtime) and reused. Writes name Xet hashes: the content comes
+from the emulator's CAS (see :mod:`.xet_bridge`).
 """
 
 from __future__ import annotations

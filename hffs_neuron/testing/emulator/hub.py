@@ -1,9 +1,10 @@
 """The emulator itself: one object owning the data stores, the two origins, faults and accounting,
 and the routing table that maps Hub URLs to the stores.
 
-It speaks exactly the subset of the Hub protocol that ``huggingface_hub`` 2.x uses for reading
-(repo info, tree listings, paths-info, ``resolve`` downloads with Range and optional LFS redirects,
-Storage Bucket listings and downloads) so that tests and demos run the real client with no network.
+It speaks the subset of the Hub protocol that ``huggingface_hub`` 2.x uses for reading (repo info,
+tree listings, paths-info, ``resolve`` downloads with Range and optional LFS redirects, Storage
+Bucket listings and downloads), bucket writes, and Xet (a CAS the real ``hf_xet`` downloads from and
+uploads to), so that tests and demos run the real clients with no network.
 
 Bodies are never held in memory: repo files live content-addressed under ``<root>/blobs/<sha256>``,
 bucket files are plain files under ``<root>/buckets/<namespace>/<name>/``, and both are sent with

@@ -69,27 +69,27 @@ class XetBridge:
 
     def hash_of(self, path: Path, st: os.stat_result) -> str:
         """The Xet hash of a local file, computed once per (size, mtime)."""
-        key = str(path)
         with self._lock:
-            cached = self._hashes.get(key)
+            cached = self._hashes.get(str(path))
         if cached is not None and cached[:2] == (st.st_size, st.st_mtime_ns):
             xet_hash = cached[2]
         else:
             from hf_xet import hash_files
 
-            xet_hash = hash_files([key])[0].hash
-        with self._lock:
-            for table in (self._hashes, self._sources):
-                if len(table) >= _MAX_ENTRIES:
-                    table.pop(next(iter(table)))  # type: ignore[attr-defined]
-            self._hashes[key] = (st.st_size, st.st_mtime_ns, xet_hash)
-            self._sources[xet_hash] = path
+            xet_hash = hash_files([str(path)])[0].hash
+        self._record(path, st, xet_hash)
         return xet_hash
 
     def remember(self, path: Path, xet_hash: str) -> None:
         """Record a file just written with known content (a bucket write), so it is never rehashed."""
-        st = path.stat()
+        self._record(path, path.stat(), xet_hash)
+
+    def _record(self, path: Path, st: os.stat_result, xet_hash: str) -> None:
         with self._lock:
+            if len(self._hashes) >= _MAX_ENTRIES:
+                del self._hashes[next(iter(self._hashes))]
+            if len(self._sources) >= _MAX_ENTRIES:
+                del self._sources[next(iter(self._sources))]
             self._hashes[str(path)] = (st.st_size, st.st_mtime_ns, xet_hash)
             self._sources[xet_hash] = path
 
@@ -101,19 +101,21 @@ class XetBridge:
             return
         with self._lock:
             source = self._sources.get(xet_hash)
-            flight = self._flights.setdefault(xet_hash, threading.Lock())
-        if source is None:
-            return
-        with flight:
-            if self.hub.cas.has_file(xet_hash):
+            if source is None:
                 return
-            with self._xet_session().new_upload_commit(**self._auth("write")) as commit:
-                handle = commit.start_upload_file(str(source))
-            uploaded = handle.result().xet_info.hash
-            if uploaded != xet_hash:  # the file changed since it was hashed: the request gets a 404
-                logger.warning("%s changed while being converted to xet (%s != %s)", source, uploaded, xet_hash)
-        with self._lock:
-            self._flights.pop(xet_hash, None)
+            flight = self._flights.setdefault(xet_hash, threading.Lock())
+        try:
+            with flight:
+                if self.hub.cas.has_file(xet_hash):
+                    return
+                with self._xet_session().new_upload_commit(**self._auth("write")) as commit:
+                    handle = commit.start_upload_file(str(source))
+                uploaded = handle.result().xet_info.hash
+                if uploaded != xet_hash:  # the file changed since it was hashed: the request gets a 404
+                    logger.warning("%s changed while being converted to xet (%s != %s)", source, uploaded, xet_hash)
+        finally:
+            with self._lock:
+                self._flights.pop(xet_hash, None)
 
     def convert(self, paths: list[Path]) -> int:
         """Hash ``paths`` and upload, in one commit, those the CAS lacks; return how many were uploaded."""
