@@ -8,8 +8,8 @@ uploads to), so that tests and demos run the real clients with no network.
 
 Bodies are never held in memory: repo files live content-addressed under ``<root>/blobs/<sha256>``,
 bucket files are plain files under ``<root>/buckets/<namespace>/<name>/``, and both are sent with
-``sendfile``. Every hash is computed once (when a repo file is added, or the first time a bucket
-file is seen with a given size and mtime), never per request.
+``sendfile``. Every hash (sha256, git sha1, Xet) is computed once (when a repo file is added, or the
+first time a bucket file is seen with a given size and mtime), never per request.
 """
 
 from __future__ import annotations

@@ -170,6 +170,7 @@ class RepoStore:
             if path is None:
                 raise ValueError(f"invalid path in repo: {name!r}")
             entries[path] = self._ingest(path, source, rule)
+            self._xet_hash(entries[path])  # hashed now, like sha256, so no request pays for it
         with self._lock:
             key = repo_key(repo_type, repo_id)
             repo = self._repos.setdefault(key, Repo(repo_type, repo_id))
