@@ -5,7 +5,10 @@ tokens, ranges, faults and accounting on CAS routes.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import hf_xet
@@ -77,8 +80,14 @@ def test_snapshot_download_and_listings(xet_hub: HubEmulator, repo: str, hf_cach
     assert (folder / "model.safetensors").read_bytes() == WEIGHTS
     assert (folder / "config.json").read_bytes() == CONFIG
     files = {f.path: f for f in HfApi().list_repo_tree("Org/XetModel", recursive=True)}
-    assert files["model.safetensors"].xet_hash == _xet_hash(WEIGHTS, tmp_path)
+    weights_hash = _xet_hash(WEIGHTS, tmp_path)
+    assert files["model.safetensors"].xet_hash == weights_hash
     assert files["config.json"].xet_hash is None  # a regular git file
+    # huggingface_hub 2.4 with xet keeps xet files once per cache, in its shared blob store.
+    shared = hf_cache / "blobs" / weights_hash[:2] / weights_hash
+    assert (hf_cache / "blobs" / ".huggingface-shared-blobs").exists() and shared.read_bytes() == WEIGHTS
+    repo_blob = hf_cache / "models--Org--XetModel" / "blobs" / hashlib.sha256(WEIGHTS).hexdigest()
+    assert os.readlink(repo_blob) == f"../../blobs/{weights_hash[:2]}/{weights_hash}"
 
 
 def test_gated_repo_token(xet_hub: HubEmulator, hub_token: str, hf_cache: Path) -> None:
@@ -248,3 +257,22 @@ def test_prepare_xet_converts_everything_up_front(xet_hub: HubEmulator, hf_cache
     assert xet_hub.prepare_xet() == 0
     path = hf_hub_download("Org/Fresh", "a.safetensors", cache_dir=hf_cache)
     assert Path(path).read_bytes() == fresh[0]
+
+
+@pytest.mark.parametrize("flag", ["--xet", "--no-xet"])
+def test_command_line_switch(tmp_path: Path, flag: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hffs_neuron.testing.hub_emulator", "--root", str(tmp_path), "--sample", flag],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        url = proc.stdout.readline().split()[1]
+        files = get_session().get(f"{url}/api/models/hffs-test/tiny-sharded/tree/main").json()
+        weights = next(f["path"] for f in files if f["path"].endswith(".safetensors"))
+        head = get_session().head(f"{url}/hffs-test/tiny-sharded/resolve/main/{weights}")
+        assert head.status_code == 200 and ("X-Xet-Hash" in head.headers) == (flag == "--xet")
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0
