@@ -10,7 +10,7 @@ import random
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hffs_neuron.testing.hub_emulator import HubEmulator
+    from hffs_neuron.testing.emulator.hub import HubEmulator
 
 COMPILER_VERSIONS = ("neuronxcc-2.21.18209.0+043b1bf7", "neuronxcc-2.19.8089.0+8ab9f450")
 
