@@ -16,6 +16,7 @@ from . import constants
 from .errors import UsageError
 
 VIEWS = ("neff", "hub-cache")
+READ_AHEAD_MODES = ("shards", "snapshot", "off")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
 
@@ -64,6 +65,8 @@ class MountConfig:
     log_level: str = "INFO"
     timeout: float = constants.OPERATION_TIMEOUT
     max_threads: int = 64
+    max_connections: int = constants.MAX_CONNECTIONS
+    read_ahead: str = constants.READ_AHEAD
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -97,5 +100,9 @@ def validate_config(config: MountConfig) -> None:
     parse_size(config.cache_size)
     if config.backing and not os.path.isdir(config.backing):
         raise UsageError(f"--backing {config.backing}: not a directory")
+    if config.max_connections < 1:
+        raise UsageError(f"--max-connections {config.max_connections}: must be at least 1")
+    if config.read_ahead not in READ_AHEAD_MODES:
+        raise UsageError(f"--read-ahead {config.read_ahead!r}: use one of {', '.join(READ_AHEAD_MODES)}")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"bad log level {config.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

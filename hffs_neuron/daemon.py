@@ -41,13 +41,19 @@ class MountRuntime:
         from .remote.http import HubHttp
         from .store.blobstore import BlobStore
         from .store.metacache import MetadataCache
+        from .store.scheduler import transfer_connections
 
         self.config = config
         self.started = time.time()
         cache_dir = Path(config.cache_dir)
         cache_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.http = HubHttp(config.endpoint, operation_timeout=config.timeout)
-        self.store = BlobStore(cache_dir / "blobs-store", max_size=parse_size(config.cache_size))
+        self.http = HubHttp(config.endpoint, operation_timeout=config.timeout, max_connections=config.max_connections)
+        self.store = BlobStore(
+            cache_dir / "blobs-store",
+            max_size=parse_size(config.cache_size),
+            max_connections=transfer_connections(config.max_connections),
+            timeout=config.timeout,
+        )
         self.meta = MetadataCache(ttl=config.metadata_ttl, negative_ttl=config.negative_ttl)
         self.view = self._build_view_failing_fast(cache_dir)
         self.ops = FuseOperations(self.view, negative_timeout=min(config.negative_ttl, 5.0), on_init=self._on_init)
@@ -113,6 +119,10 @@ class MountRuntime:
         )
         for spec in pinned:
             self._check_download_access(view, *spec)
+        if config.read_ahead != "off":
+            from .views.shardsets import ReadAhead
+
+            view.read_ahead = ReadAhead(self.store, config.read_ahead).opened
         return view
 
     def _check_download_access(self, view: Any, repo_type: str, repo_id: str, revision: str) -> None:
@@ -162,6 +172,7 @@ class MountRuntime:
                 "http_requests": self.http.requests_sent,
             },
             "in_flight": [dataclasses.asdict(p) for p in self.store.in_flight()],
+            "read_ahead": self.store.scheduler.read_ahead_status(),
         }
 
     def attached(self) -> bool:

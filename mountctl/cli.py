@@ -79,6 +79,12 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-file", default=None, help="daemon log file (default: in the runtime dir)")
     p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR")
     p.add_argument("--timeout", default=str(constants.OPERATION_TIMEOUT), help="network deadline, seconds")
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=constants.MAX_CONNECTIONS,
+        help="upstream connections of the daemon (default: 4 per core, at most 32)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,6 +109,12 @@ def build_parser() -> argparse.ArgumentParser:
     hub.add_argument("mountpoint")
     hub.add_argument("--backing", default=None, help="real hub cache dir where writes land (default: in the cache dir)")
     hub.add_argument("--repo", action="append", default=[], metavar="ID[@REV]", help="pre-pin a repo (repeatable)")
+    hub.add_argument(
+        "--read-ahead",
+        choices=("shards", "snapshot", "off"),
+        default=constants.READ_AHEAD,
+        help="on open, fetch the rest of the file's shard set (default), its whole snapshot, or nothing",
+    )
     _common_mount_options(hub)
 
     u = sub.add_parser("umount", help="unmount (waits for the daemon)")
@@ -154,6 +166,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         "log_file": os.path.abspath(args.log_file) if args.log_file else None,
         "log_level": args.log_level,
         "timeout": parse_duration(args.timeout),
+        "max_connections": args.max_connections,
     }
     parse_size(args.cache_size)
     if args.view == "neff":
@@ -162,6 +175,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     else:
         source = ""
         options.update(backing=os.path.abspath(args.backing) if args.backing else None, repos=args.repo)
+        options.update(read_ahead=args.read_ahead)
     token = _token(args)
     if args.foreground:
         return _mount_foreground(args.view, args.mountpoint, source, token, options)
@@ -213,6 +227,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  hits {c.get('hits', 0)}  misses {c.get('misses', 0)}  fetches {c.get('fetches', 0)}  "
             f"fetched {_human(c.get('bytes_fetched', 0))}  http requests {c.get('http_requests', 0)}"
         )
+        ahead = s.get("read_ahead") or {}
+        if any(ahead.values()):
+            print(f"  read-ahead queued {ahead['queued']}  in flight {ahead['in_flight']}  done {ahead['done']}")
         for f in s.get("in_flight", []):
             pct = 100 * f["done"] / f["total"] if f["total"] else 100
             print(f"  fetching {f['name']}: {_human(f['done'])} / {_human(f['total'])} ({pct:.0f}%)")
@@ -307,7 +324,8 @@ _GENERIC_OPTIONS = {
 _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other": "--allow-other",
                  "show_model_area": "--show-model-area", "foreground": "--foreground"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
-                  "endpoint", "token_file", "log_file", "log_level", "timeout"}  # fmt: skip
+                  "endpoint", "token_file", "log_file", "log_level", "timeout", "max_connections",
+                  "read_ahead"}  # fmt: skip
 
 
 def mount_helper_argv(argv: list[str]) -> list[str]:

@@ -51,7 +51,16 @@ STALL_RETRIES = 3
 _WORKER_IDLE = 60.0
 _POLL = 0.25
 
+# Connections of the daemon's budget kept for listings and metadata, so lookups never queue behind
+# downloads.
+METADATA_CONNECTIONS = 2
+
 ReadRange = Callable[[int, int, Callable[[int, bytes], None], float], None]
+
+
+def transfer_connections(max_connections: int) -> int:
+    """The share of a daemon's connection budget (`--max-connections`) that transfers may use."""
+    return max(1, max_connections - METADATA_CONNECTIONS)
 
 
 def _describe(exc: BaseException) -> str:
@@ -255,9 +264,10 @@ class TransferScheduler:
         self._closed = False
         self.bytes_transferred = 0
         # Read-ahead: key -> job, run in order by at most max_connections threads.
-        self._ahead: OrderedDict[str, Callable[[], None]] = OrderedDict()
+        self._ahead: OrderedDict[str, tuple[Callable[[], None], bool]] = OrderedDict()
         self._ahead_threads = 0
-        self._ahead_running = 0
+        self._ahead_running = 0  # blobs being read ahead
+        self._ahead_busy = 0  # read-ahead threads running a job
         self.read_ahead_done = 0
 
     # -- transfers ----------------------------------------------------------------------------------
@@ -349,13 +359,16 @@ class TransferScheduler:
             return sum(t.done for t in self._transfers)
 
     # -- read-ahead ---------------------------------------------------------------------------------
-    def read_ahead(self, key: str, job: Callable[[], None]) -> None:
-        """Run `job` on a read-ahead thread after every read-ahead queued before it (once per key)."""
+    def read_ahead(self, key: str, job: Callable[[], None], counted: bool = True) -> None:
+        """Run `job` on a read-ahead thread after every read-ahead queued before it (once per key).
+
+        `counted`: a blob, shown in `read_ahead_status` (not a planning step).
+        """
         with self._lock:
             if self._closed or key in self._ahead:
                 return
-            self._ahead[key] = job
-            if self._ahead_threads < self.max_connections and self._ahead_threads <= self._ahead_running:
+            self._ahead[key] = (job, counted)
+            if self._ahead_threads < self.max_connections and self._ahead_threads <= self._ahead_busy:
                 self._ahead_threads += 1
                 threading.Thread(target=self._ahead_loop, name="hffs-read-ahead", daemon=True).start()
 
@@ -370,17 +383,19 @@ class TransferScheduler:
                 if self._closed or not self._ahead:
                     self._ahead_threads -= 1
                     return
-                _, job = self._ahead.popitem(last=False)
-                self._ahead_running += 1
+                _, (job, counted) = self._ahead.popitem(last=False)
+                self._ahead_running += counted
+                self._ahead_busy += 1
             try:
                 job()
                 with self._lock:
-                    self.read_ahead_done += 1
+                    self.read_ahead_done += counted
             except Exception as exc:  # noqa: BLE001 - a failed read-ahead is nobody's error
                 logger.info("read-ahead: %s", _describe(exc))
             finally:
                 with self._lock:
-                    self._ahead_running -= 1
+                    self._ahead_running -= counted
+                    self._ahead_busy -= 1
 
     def read_ahead_status(self) -> dict[str, int]:
         with self._lock:
