@@ -122,7 +122,7 @@ class MountRuntime:
         if config.read_ahead != "off":
             from .views.shardsets import ReadAhead
 
-            view.read_ahead = ReadAhead(self.store, config.read_ahead).opened
+            view.read_ahead = ReadAhead(self.store, config.read_ahead, view.local_path).opened
         return view
 
     def _check_download_access(self, view: Any, repo_type: str, repo_id: str, revision: str) -> None:

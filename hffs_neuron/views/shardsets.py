@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import posixpath
 import re
 import threading
@@ -26,6 +27,7 @@ from ..remote.base import RemoteEntry
 from ..remote.hub import HubRepo
 from ..store.blobstore import BlobStore, blob_key
 from ..store.scheduler import READ_AHEAD
+from .hubcache import repo_folder
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +81,10 @@ def _weight_map_files(entry: RemoteEntry, read_index: Callable[[RemoteEntry], by
 class ReadAhead:
     """The read-ahead policy of a hub-cache mount (`--read-ahead shards|snapshot`)."""
 
-    def __init__(self, store: BlobStore, mode: str):
+    def __init__(self, store: BlobStore, mode: str, local_path: Callable[[str], str]):
         self.store = store
         self.mode = mode
+        self._local_path = local_path  # the view's path in its backing (files there are never fetched)
         self._planned: set[tuple[str, str]] = set()  # (commit, path) already covered by a plan
         self._lock = threading.Lock()
 
@@ -98,18 +101,24 @@ class ReadAhead:
 
     def _plan(self, repo: HubRepo, entry: RemoteEntry) -> None:
         files = {e.path: e for e in repo.files()}
-        if self.mode == "snapshot":
-            members = sorted(files)
-        else:
+        folder = repo_folder(repo.repo_type, repo.repo_id)
 
-            def read_index(index: RemoteEntry) -> bytes:
-                return self.store.materialize(index.content_id or "", repo, index, READ_AHEAD).read_bytes()
+        def local(member: RemoteEntry) -> str | None:
+            path = self._local_path(f"{folder}/blobs/{member.content_id}")
+            return path if os.path.lexists(path) else None
 
-            members = shard_set(entry.path, files, read_index)
+        def read_index(index: RemoteEntry) -> bytes:
+            path = local(index)
+            if path is None:
+                path = self.store.materialize(index.content_id or "", repo, index, READ_AHEAD)
+            with open(path, "rb") as f:
+                return f.read(_MAX_INDEX_BYTES)
+
+        members = sorted(files) if self.mode == "snapshot" else shard_set(entry.path, files, read_index)
         with self._lock:
             self._planned.update((repo.commit, p) for p in members)
         wanted = [files[p] for p in members if p != entry.path and files[p].content_id]
-        missing = [e for e in wanted if not self.store.has(blob_key(e.content_id or ""))]
+        missing = [e for e in wanted if not self.store.has(blob_key(e.content_id or "")) and not local(e)]
         if not missing:
             return
         size = sum(e.size for e in missing)
