@@ -49,8 +49,9 @@ MAX_RETRIES = _env_int("HFFS_MAX_RETRIES", 5)
 RETRY_BASE_WAIT = _env_float("HFFS_RETRY_BASE_WAIT", 0.25)
 RETRY_MAX_WAIT = _env_float("HFFS_RETRY_MAX_WAIT", 8.0)
 
-# Parallel Range downloads of one large blob.
-CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 32 * 1024 * 1024)
+# Parallel Range downloads of one large blob, in pieces of this size: small enough that the pieces
+# ahead of the one being verified fit the in-memory reorder buffer (no read-back) on a few connections.
+CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 8 * 1024 * 1024)
 # Objects from this size are always split into CHUNK_SIZE ranges (smaller ones from 8 MiB only over
 # connections that are idle).
 PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
