@@ -112,3 +112,51 @@ def test_a_truncated_then_refused_transfer_names_the_http_cause(hub: HubEmulator
     finally:
         store.close()
     assert "HTTP 503" in str(caught.value), str(caught.value)
+
+
+# -- the scheduler's order ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_blob_of_tens_of_mb_splits_over_idle_connections(hub: HubEmulator, tmp_path: Path) -> None:
+    data = os.urandom(24 * MiB + 11)
+    repo = make_repo(hub, {"mid.bin": data}, read_timeout=10, operation_timeout=30)
+    store = BlobStore(tmp_path / "store", max_connections=4, timeout=10)  # default 64 MiB threshold
+    try:
+        entry = repo.stat("mid.bin")
+        assert store.materialize(entry.content_id or "", repo, entry).read_bytes() == data
+    finally:
+        store.close()
+    assert len(hub.requests("mid.bin", "GET")) > 1  # several ranges at once
+    assert hub.bytes_served("mid.bin") == len(data)
+
+
+@pytest.mark.timeout(90)
+def test_an_open_jumps_the_read_ahead_queue_and_joins_a_read_ahead_in_flight(hub: HubEmulator, tmp_path: Path) -> None:
+    files = {f"s{i}.bin": os.urandom(MiB + i) for i in range(6)}
+    repo = make_repo(hub, files, read_timeout=10, operation_timeout=30)
+    hub.faults.add("*/s*.bin", "latency", seconds=0.5, methods=("GET",))  # one at a time, slowly
+    store = BlobStore(tmp_path / "store", max_connections=1, timeout=10)
+    entries = {name: repo.stat(name) for name in files}
+    try:
+        for entry in entries.values():
+            store.prefetch(entry.content_id or "", repo, entry)
+        time.sleep(0.2)  # s0 is being read ahead now; s1..s5 are queued
+        opened = store.materialize(entries["s5.bin"].content_id or "", repo, entries["s5.bin"])
+        assert opened.read_bytes() == files["s5.bin"]
+        # s1 is being read ahead (or next in the queue): the open joins it, no second transfer.
+        assert (
+            store.materialize(entries["s1.bin"].content_id or "", repo, entries["s1.bin"]).read_bytes()
+            == (files["s1.bin"])
+        )
+        deadline = time.monotonic() + 30
+        while any(store.scheduler.read_ahead_status()[k] for k in ("queued", "in_flight")):
+            assert time.monotonic() < deadline, "read-ahead did not finish"
+            time.sleep(0.1)
+    finally:
+        store.close()
+    for name, data in files.items():
+        assert hub.bytes_served(f"/{name}") == len(data), name
+    # s5 left the queue for the open: fetched right after the one in flight, before s1..s4.
+    order = [r.path.rsplit("/", 1)[-1] for r in hub.requests("/resolve/", "GET")]
+    assert order == ["s0.bin", "s5.bin", "s1.bin", "s2.bin", "s3.bin", "s4.bin"], order

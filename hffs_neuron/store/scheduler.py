@@ -309,8 +309,9 @@ class TransferScheduler:
         remaining = t.size - t.next_offset
         if t.size >= self.parallel_threshold:
             length = self.chunk_size
-        elif t.size >= SPLIT_MIN and self._idle and len(runnable) == 1:
-            length = max(_PIECE_MIN, -(-remaining // (self._idle + 1)))
+        elif t.size >= SPLIT_MIN and len(runnable) == 1:
+            free = self.max_connections - (self._workers - self._idle)  # connections nobody uses now
+            length = max(_PIECE_MIN, -(-remaining // (free + 1)))
         else:
             length = remaining
         length = min(length, remaining)
