@@ -152,3 +152,17 @@ def test_shard_set_rule() -> None:
     # Un-numbered members are found through an index of their directory; nothing escapes it.
     assert shard_set("sub/a.bin", files, read) == ["sub/a.bin", "sub/b.bin"]
     assert shard_set("top.txt", files, read) == []
+
+
+def test_read_ahead_and_connection_knobs_three_ways() -> None:
+    from hffs_neuron.config import MountConfig, validate_config
+    from hffs_neuron.errors import UsageError
+    from mountctl.cli import build_parser, mount_helper_argv
+
+    argv = mount_helper_argv(["hub-cache", "/mnt/hf", "-o", "read_ahead=off,max_connections=4"])
+    assert argv[argv.index("--read-ahead") + 1] == "off" and argv[argv.index("--max-connections") + 1] == "4"
+    args = build_parser().parse_args(argv)
+    assert (args.read_ahead, args.max_connections) == ("off", 4)
+    for bad in ({"read_ahead": "all"}, {"max_connections": 0}):
+        with pytest.raises(UsageError):
+            validate_config(MountConfig(view="hub-cache", mountpoint="/mnt/hf", **bad))
