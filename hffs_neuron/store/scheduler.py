@@ -168,15 +168,11 @@ class Transfer:
                 piece.batches.clear()
             s._progress.notify_all()
 
-    def abort(self, exc: BaseException) -> None:
-        with self._scheduler._lock:
-            self._fail(exc)
-
     def release(self) -> None:
         """The waiter is done with the temp file: close it once no worker writes to it any more."""
         s = self._scheduler
         with s._lock:
-            if self.queued:
+            if self.done < self.size:  # the waiter gave up: stop the pieces still running or queued
                 self._fail(RemoteUnavailable(f"{self.name}: transfer abandoned"))
             s._transfers.discard(self)
             self._released = True
@@ -228,6 +224,8 @@ class Transfer:
             try:
                 self._read(pos, piece.end, sink, time.monotonic() + s.timeout)
                 flush()
+                if pos < piece.end:
+                    raise RemoteUnavailable(f"{self.name}: the range ended early at byte {pos}")
             except RemoteUnavailable as exc:
                 flush()  # bytes that arrived before the failure are good: resume after them
                 if self.error is not None:
