@@ -166,3 +166,31 @@ def test_read_ahead_and_connection_knobs_three_ways() -> None:
     for bad in ({"read_ahead": "all"}, {"max_connections": 0}):
         with pytest.raises(UsageError):
             validate_config(MountConfig(view="hub-cache", mountpoint="/mnt/hf", **bad))
+
+
+@pytest.mark.timeout(60)
+def test_blobs_read_ahead_are_protected_from_eviction_until_opened(hub: HubEmulator, tmp_path: Path) -> None:
+    from hffs_neuron.remote import HubHttp, HubRepo
+    from hffs_neuron.store import BlobStore
+
+    files = {"a.bin": os.urandom(MiB), "b.bin": os.urandom(MiB)}
+    hub.add_repo("Org/Protect", files)
+    http = HubHttp(hub.url, "", read_timeout=5, operation_timeout=10)
+    repo = HubRepo(http, "model", "Org/Protect")
+    store = BlobStore(tmp_path / "store", max_connections=2, timeout=10)
+    try:
+        a, b = repo.stat("a.bin"), repo.stat("b.bin")
+        store.prefetch(a.content_id or "", repo, a)
+        deadline = time.monotonic() + 30
+        while store.scheduler.read_ahead_status()["done"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        store.materialize(b.content_id or "", repo, b)  # an ordinary fetch, not open any more
+        store.evict_if_needed(0)
+        assert store.has(a.content_id or "") and not store.has(b.content_id or "")  # a: read ahead, kept
+        store.materialize(a.content_id or "", repo, a)  # opened now: an ordinary LRU blob again
+        store.evict_if_needed(0)
+        assert not store.has(a.content_id or "")
+    finally:
+        store.close()
+        http.close()

@@ -219,10 +219,6 @@ class BlobStore:
                     if attempt + 1 == _VERIFY_ATTEMPTS:
                         raise
                     logger.warning("%s; fetching it again", exc)
-        if fetch.read_ahead and fetch.priority == READ_AHEAD:
-            # Not opened yet: a future mtime keeps it out of every process's LRU eviction for a while.
-            now = time.time()
-            os.utime(path, (now, now + constants.READ_AHEAD_PROTECT))
         self.evict_if_needed()
         return path
 
@@ -277,6 +273,10 @@ class BlobStore:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
             if entry.digest and actual != entry.digest.hexdigest:
                 raise IntegrityError(f"{entry.path}: content does not match its {entry.digest.algo}; discarded")
+            if fetch.priority == READ_AHEAD:
+                # Not opened yet: a future mtime keeps it out of every process's LRU eviction for a while.
+                now = time.time()
+                os.utime(fd, (now, now + constants.READ_AHEAD_PROTECT))
             os.fsync(fd)  # the one fsync of the blob: completeness is judged by size after a crash
             os.fchmod(fd, 0o444)  # blobs are immutable
             os.replace(tmp, path)
