@@ -2,7 +2,7 @@
 """Benchmarks, side by side with their baselines, in one run, against the local Hub emulator.
 
     .venv/bin/python scripts/bench.py [--size-mb 1024] [--rows 1,2,3] [--json out.json]
-    .venv/bin/python scripts/bench.py --rows 3n,9 --net 100,20   # simulated network: Mbit/s per
+    .venv/bin/python scripts/bench.py --rows 3n,9 --net 100,20   # simulated network: MB/s per
                                                                  # connection, ms per request
 
 Each row prints the project's figure, the baseline's and the ratio (see the README table). Sizes are
@@ -180,7 +180,7 @@ class Bench:
             )
         mbps, ms = (float(x) for x in self.args.net.split(","))
         self.hub.set_network(conn_mbps=mbps, latency_ms=ms)
-        return f"{mbps:g} Mbit/s per connection, {ms:g} ms per request"
+        return f"{mbps:g} MB/s per connection, {ms:g} ms per request"
 
     def row_3n(self) -> None:
         """Row 3 under the simulated network: many connections against hf_hub_download's one."""
