@@ -16,6 +16,7 @@ from . import constants
 from .errors import UsageError
 
 VIEWS = ("neff", "hub-cache")
+READ_AHEAD_MODES = ("shards", "snapshot", "off")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGTP]?)(i?B?)?\s*$", re.IGNORECASE)
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$", re.IGNORECASE)
 
@@ -67,6 +68,8 @@ class MountConfig:
     max_threads: int = 64
     metrics_addr: str | None = constants.METRICS_ADDR or None  # HOST:PORT serving /metrics; None: off
     max_resolutions_per_s: float = constants.MAX_RESOLUTIONS_PER_S  # hub-cache: new repo/revision lookups
+    max_connections: int = constants.MAX_CONNECTIONS
+    read_ahead: str = constants.READ_AHEAD
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -113,5 +116,9 @@ def validate_config(config: MountConfig) -> None:
         raise UsageError(f"--backing {config.backing}: not a directory")
     if config.max_resolutions_per_s < 0:
         raise UsageError(f"--max-resolutions-per-s {config.max_resolutions_per_s}: use 0 (no limit) or more")
+    if config.max_connections < 1:
+        raise UsageError(f"--max-connections {config.max_connections}: must be at least 1")
+    if config.read_ahead not in READ_AHEAD_MODES:
+        raise UsageError(f"--read-ahead {config.read_ahead!r}: use one of {', '.join(READ_AHEAD_MODES)}")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"bad log level {config.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

@@ -7,6 +7,7 @@ environment only changes the default.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 
@@ -57,11 +58,23 @@ MAX_LISTING_PAGES = _env_int("HFFS_MAX_LISTING_PAGES", 1000)
 MAX_RESOLUTIONS_PER_S = _env_float("HFFS_MAX_RESOLUTIONS_PER_S", 20.0)
 MAX_CONCURRENT_RESOLUTIONS = _env_int("HFFS_MAX_CONCURRENT_RESOLUTIONS", 8)
 
-# Parallel Range downloads of one large blob.
-CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 32 * 1024 * 1024)
-DOWNLOAD_CONCURRENCY = _env_int("HFFS_DOWNLOAD_CONCURRENCY", 8)
-# Objects below this size are fetched with one GET.
+# Parallel Range downloads of one large blob, in pieces of this size: small enough that the pieces
+# ahead of the one being verified fit the in-memory reorder buffer (no read-back) on a few connections.
+CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 8 * 1024 * 1024)
+# Objects from this size are always split into CHUNK_SIZE ranges (smaller ones from 8 MiB only over
+# connections that are idle).
 PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
+# The one budget of upstream connections of a daemon (transfers, read-ahead, listings): by default four
+# per core, at most 32 (a 2-core host: 8; 8 cores and up: 32).
+MAX_CONNECTIONS = _env_int("HFFS_MAX_CONNECTIONS", min(32, 4 * (os.cpu_count() or 1)))
+# What opening a Hub file reads ahead in the background: "shards" (the rest of its shard set),
+# "snapshot" (every file of its snapshot) or "off".
+READ_AHEAD = os.environ.get("HFFS_READ_AHEAD", "shards")
+# Blobs fetched by read-ahead and not opened yet are not evicted for this long (seconds).
+READ_AHEAD_PROTECT = _env_float("HFFS_READ_AHEAD_PROTECT", 600.0)
+# This host's name in temp-file names of a cache directory shared by several hosts (cluster
+# filesystems); the override exists for tests that run two "hosts" on one machine.
+HOST_NAME = os.environ.get("HFFS_HOST_NAME") or socket.gethostname()
 
 # Resolve local-layer paths one component at a time even where openat2 exists (tests of the fallback;
 # a kernel or sandbox whose openat2 misbehaves). "1" forces the walk.

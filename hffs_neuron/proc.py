@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
+import re
 from pathlib import Path
+
+from . import constants
 
 
 def pid_alive(pid: int) -> bool:
@@ -30,9 +32,9 @@ def pid_alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
 
 
-#: This host's name: temp files and NEFF layers carry it, so hosts sharing a cache directory (a cluster
-#: filesystem) never clean up or reuse each other's.
-HOST = socket.gethostname() or "localhost"
+#: This host's name, safe in file names: temp files and NEFF layers carry it, so hosts sharing a cache
+#: directory (a cluster filesystem) never clean up or reuse each other's.
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", constants.HOST_NAME or "localhost")
 
 
 def pid_start_time(pid: int) -> int:

@@ -97,6 +97,12 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics (default: off)",
     )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=constants.MAX_CONNECTIONS,
+        help="upstream connections of the daemon (default: 4 per core, at most 32)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=constants.MAX_RESOLUTIONS_PER_S,
         metavar="N",
         help="Hub lookups of repos/revisions not seen yet, per second (0: no limit); beyond: EAGAIN",
+    )
+    hub.add_argument(
+        "--read-ahead",
+        choices=("shards", "snapshot", "off"),
+        default=constants.READ_AHEAD,
+        help="on open, fetch the rest of the file's shard set (default), its whole snapshot, or nothing",
     )
     _common_mount_options(hub)
 
@@ -211,6 +223,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
         "log_level": args.log_level,
         "timeout": parse_duration(args.timeout),
         "metrics_addr": args.metrics_addr,
+        "max_connections": args.max_connections,
     }
     parse_size(args.cache_size)
     if args.view == "neff":
@@ -223,6 +236,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
             repos=args.repo,
             max_resolutions_per_s=args.max_resolutions_per_s,
         )
+        options.update(read_ahead=args.read_ahead)
     token = _token(args)
     validate_config(MountConfig(view=args.view, mountpoint=os.path.abspath(args.mountpoint), source=source, **options))
     return args.view, args.mountpoint, source, token, options
@@ -278,7 +292,7 @@ def _render_status(states: list[dict], as_json: bool) -> str:
             lines.append("  errors " + "  ".join(f"{k} {v}" for k, v in sorted(c["errors"].items())))
         ra = s.get("read_ahead", {})
         if any(ra.values()):
-            lines.append(f"  read-ahead queued {ra['queued']}  running {ra['in_flight']}  done {ra['done']}")
+            lines.append(f"  read-ahead queued {ra['queued']}  in flight {ra['in_flight']}  done {ra['done']}")
         pub = s.get("publish", {})
         if pub.get("mode", "off") != "off":
             lines.append(
@@ -424,7 +438,8 @@ _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other":
                  "show_model_area": "--show-model-area", "foreground": "--foreground"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
                   "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group",
-                  "max_resolutions_per_s"}  # fmt: skip
+                  "max_resolutions_per_s",
+                  "max_connections", "read_ahead"}  # fmt: skip
 
 
 def _is_token_key(key: str) -> bool:

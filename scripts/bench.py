@@ -2,6 +2,8 @@
 """Benchmarks, side by side with their baselines, in one run, against the local Hub emulator.
 
     .venv/bin/python scripts/bench.py [--size-mb 1024] [--rows 1,2,3] [--json out.json]
+    .venv/bin/python scripts/bench.py --rows 3n,9 --net 100,20   # simulated network: MB/s per
+                                                                 # connection, ms per request
 
 Each row prints the project's figure, the baseline's and the ratio (see the README table). Sizes are
 parameters; the defaults fit a 2-core machine in a few minutes. Nothing here asserts: tests do that.
@@ -163,6 +165,90 @@ class Bench:
             ">= 0.7",
         )
         self.unmount(handle)
+
+    def network(self) -> str | None:
+        """Apply `--net MBPS,MS` to the emulator; returns a label, or None when not asked for.
+
+        Raises SystemExit with a clear message when the emulator has no network simulation.
+        """
+        if not self.args.net:
+            return None
+        if not hasattr(self.hub, "set_network"):
+            raise SystemExit(
+                "bench: --net needs the emulator's network simulation (HubEmulator.set_network(conn_mbps=...,"
+                " latency_ms=...)), which this checkout's emulator does not have"
+            )
+        mbps, ms = (float(x) for x in self.args.net.split(","))
+        self.hub.set_network(conn_mbps=mbps, latency_ms=ms)
+        return f"{mbps:g} MB/s per connection, {ms:g} ms per request"
+
+    def row_3n(self) -> None:
+        """Row 3 under the simulated network: many connections against hf_hub_download's one."""
+        label = self.network()
+        if label is None:
+            print("  3n skipped: needs --net MBPS,MS")
+            return
+        size = self.args.net_size_mb * MiB
+        self.big_repo("bench/big-net", size)
+        handle = self.mount("hub-cache", "hub3n")
+        path = self.snapshot_file(Path(handle.mountpoint), "bench/big-net", "model.safetensors")
+        cold = dd_read(path)
+        env = dict(os.environ, HF_HUB_CACHE=str(self.work / "plain-cache-3n"))
+        script = "from huggingface_hub import hf_hub_download as d; d('bench/big-net', 'model.safetensors')"
+        base = timed([PY, "-c", script], env=env) - self.python_startup(env)
+        measure = f"cold read {self.args.net_size_mb} MiB LFS, {label} (s)"
+        self.report("3n", measure, cold, base, "s", cold / base, "<= 0.3")
+        self.unmount(handle)
+        self.hub.set_network(conn_mbps=None, latency_ms=0)
+
+    def row_9(self) -> None:
+        """from_pretrained of a >= 500 MB checkpoint in >= 10 shards, mount vs plain HF_HUB_CACHE."""
+        try:
+            import torch  # noqa: F401
+            import transformers  # noqa: F401
+        except ImportError:
+            print("  9 skipped: torch/transformers not installed (HFFS_SKIP_ML=1?)")
+            return
+        model_dir = self.work / "gpt2-shards"
+        build = f"""
+import torch, transformers
+torch.manual_seed(0)
+cfg = transformers.GPT2Config(n_embd=1024, n_layer=8, n_head=16)
+transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_size="50MB")
+"""
+        subprocess.run([PY, "-c", build], check=True)
+        files = {p.name: p for p in model_dir.iterdir()}
+        total = sum(p.stat().st_size for p in files.values())
+        shards = sum(1 for name in files if name.endswith(".safetensors"))
+        self.hub.add_repo("bench/gpt2-shards", files)
+        label = self.network() or "loopback"
+        load = (
+            "import time, transformers as t; s = time.perf_counter(); "
+            "t.AutoModelForCausalLM.from_pretrained('bench/gpt2-shards'); print(time.perf_counter() - s)"
+        )
+
+        def run(cache: str) -> float:
+            env = dict(os.environ, HF_HUB_CACHE=cache)
+            out = subprocess.run([PY, "-c", load], check=True, capture_output=True, text=True, env=env)
+            return float(out.stdout.strip().splitlines()[-1])
+
+        ours_cold = base_cold = ours_warm = base_warm = float("inf")
+        upstream = 0.0
+        for attempt in range(self.args.repeat):
+            handle = self.mount("hub-cache", f"hub9-{attempt}")
+            plain = str(self.work / f"plain-cache-9-{attempt}")
+            self.hub.reset_stats()
+            ours_cold = min(ours_cold, run(handle.mountpoint))
+            upstream = max(upstream, self.hub.bytes_served("bench/gpt2-shards") / total)
+            base_cold = min(base_cold, run(plain))
+            ours_warm, base_warm = min(ours_warm, run(handle.mountpoint)), min(base_warm, run(plain))
+            self.unmount(handle)
+        if label != "loopback":
+            self.hub.set_network(conn_mbps=None, latency_ms=0)
+        what = f"from_pretrained {total / 1e6:.0f} MB in {shards} shards, {label}"
+        self.report("9", f"{what}, cold (s)", ours_cold, base_cold, "s", ours_cold / base_cold, "<= 0.8")
+        self.report("9", f"{what}, warm (s)", ours_warm, base_warm, "s", ours_warm / base_warm, "<= 1.05")
+        self.report("9", f"{what}, cold: upstream bytes / size", upstream, 1.0, "x", upstream, "= 1.00")
 
     def python_startup(self, env: dict) -> float:
         return min(timed([PY, "-c", "import huggingface_hub"], env=env) for _ in range(2))
@@ -340,7 +426,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the big blob (rows 1-4, 8)")
     parser.add_argument("--files", type=int, default=10_000, help="entries for rows 5-6")
-    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="also 3n (needs --net)")
+    parser.add_argument("--net", default=None, metavar="MBPS,MS", help="simulate a network for rows 3n and 9")
+    parser.add_argument("--net-size-mb", type=int, default=512, help="size of the blob of row 3n")
+    parser.add_argument("--repeat", type=int, default=2, help="row 9: best of this many runs")
     parser.add_argument("--json", default=None, help="write all rows to this file")
     parser.add_argument("--work-dir", default=None, help="where to put data (default: system temp)")
     args = parser.parse_args()
@@ -358,6 +447,10 @@ def main() -> int:
             bench.row_7()
         if "8" in wanted:
             bench.row_8()
+        if "3n" in wanted:
+            bench.row_3n()
+        if "9" in wanted:
+            bench.row_9()
     finally:
         bench.close()
     if args.json:

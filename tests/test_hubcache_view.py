@@ -160,7 +160,8 @@ def test_layout_from_the_shell_before_any_fetch(
 ) -> None:
     files: dict[str, bytes] = model["files"]
     commit = model["commit"]
-    m = mount_hub_cache(repos=["Org/Model"])  # pre-pinned: listed at the root before any lookup
+    # Pre-pinned: listed at the root before any lookup. No read-ahead: only what is opened is fetched.
+    m = mount_hub_cache(repos=["Org/Model"], read_ahead="off")
     root = m.mountpoint
     assert os.listdir(root) == ["models--Org--Model"]
 

@@ -48,7 +48,7 @@ def make_http(url: str, token: str = "", **kwargs: object) -> HubHttp:
 
 def make_store(root: str | os.PathLike, **kwargs: object) -> BlobStore:
     """Small chunks so that files of a few MiB already take the parallel Range path."""
-    options: dict = dict(chunk_size=MiB, concurrency=4, parallel_threshold=2 * MiB)
+    options: dict = dict(chunk_size=MiB, max_connections=4, parallel_threshold=2 * MiB)
     options.update(kwargs)
     return BlobStore(root, **options)
 
@@ -150,7 +150,7 @@ def test_big_file_parallel_ranges(hub: HubEmulator, tmp_path: Path) -> None:
     hub.add_repo("Org/Big", {"model.safetensors": source})  # a Path: linked into the emulator, not copied
     http = make_http(hub.url, read_timeout=10, operation_timeout=120)
     repo = HubRepo(http, "model", "Org/Big")
-    store = make_store(tmp_path / "store", chunk_size=8 * MiB, concurrency=4, parallel_threshold=16 * MiB)
+    store = make_store(tmp_path / "store", chunk_size=8 * MiB, max_connections=4, parallel_threshold=16 * MiB)
     try:
         path = fetch(store, repo, "model.safetensors")
         assert path.stat().st_size == size
@@ -251,7 +251,7 @@ def _child_fetch(url: str, root: str, repo_id: str, name: str) -> None:
     """Fetch `name` into the store at `root` (the parent kills this process mid-transfer)."""
     http = make_http(url, read_timeout=120, operation_timeout=300)
     repo = HubRepo(http, "model", repo_id)
-    fetch(make_store(root, concurrency=2), repo, name)
+    fetch(make_store(root, max_connections=2), repo, name)
 
 
 @pytest.mark.timeout(120)

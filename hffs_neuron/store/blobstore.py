@@ -2,14 +2,17 @@
 
 Layout under the store root:
 
-    blobs/<k[:2]>/<key>      complete, verified blobs (the only files ever served)
-    tmp/<key>.<pid>.<rand>   one private temp file per writer, renamed into blobs/ when verified
-    locks/<key>.lock         fcntl lock: held exclusively while fetching (single-flight), shared
-                             while a blob is open in some process (never evicted then)
+    blobs/<k[:2]>/<key>             complete, verified blobs (the only files ever served)
+    tmp/<key>.<host>.<pid>.<rand>   one private temp file per writer, renamed into blobs/ when verified
+    locks/<key>.lock                fcntl lock: held exclusively while fetching (single-flight), shared
+                                    while a blob is open in some process (never evicted then)
 
 Correctness never depends on the lock: a writer only ever renames its own verified temp file into
 place, so even where `flock` is a no-op (some network filesystems) nobody sees a partial blob; the lock
-only avoids duplicate transfers.
+only avoids duplicate transfers. Temp names carry the host, so that several hosts can share one cache
+directory (a cluster filesystem): start-up cleanup removes only this host's dead writers' files.
+
+Transfers go through the daemon's one `TransferScheduler` (connection budget, priorities, read-ahead).
 """
 
 from __future__ import annotations
@@ -24,15 +27,16 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import constants
 from ..errors import CacheFull, HffsError, IntegrityError, RemoteUnavailable
-from ..proc import pid_alive
+from ..proc import HOST, pid_alive
 from ..remote.base import Digest, Remote, RemoteEntry
+from .scheduler import FOREGROUND, READ_AHEAD, Transfer, TransferScheduler
 
 logger = logging.getLogger(__name__)
 
@@ -40,8 +44,8 @@ _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _LOCK_POLL = 0.05
 # Transfers of one blob tried before a size/hash mismatch is reported (as IntegrityError, EIO).
 _VERIFY_ATTEMPTS = 2
-# The slowest transfer rate a fetch deadline allows for (bytes/s), on top of OPERATION_TIMEOUT.
-_MIN_RATE = 1024 * 1024
+# Temp files older than this are removed at start-up whatever host wrote them (seconds).
+_TMP_MAX_AGE = 24 * 3600
 
 
 def blob_key(content_id: str) -> str:
@@ -49,11 +53,6 @@ def blob_key(content_id: str) -> str:
     if _SAFE_KEY.match(content_id):
         return content_id
     return "h" + hashlib.sha256(content_id.encode()).hexdigest()
-
-
-def fetch_deadline(size: int) -> float:
-    """Monotonic deadline for fetching `size` bytes: generous for big blobs, never infinite."""
-    return time.monotonic() + constants.OPERATION_TIMEOUT + size / _MIN_RATE
 
 
 def new_hasher(digest: Digest, size: int) -> hashlib._Hash:
@@ -65,17 +64,6 @@ def new_hasher(digest: Digest, size: int) -> hashlib._Hash:
     return hashlib.new(digest.algo)
 
 
-def _hash_range(fd: int, start: int, end: int, h: hashlib._Hash) -> None:
-    """Feed bytes [start, end) of `fd` to `h` (they were just written: read from the page cache)."""
-    position = start
-    while position < end:
-        data = os.pread(fd, min(8 * 1024 * 1024, end - position), position)
-        if not data:
-            break
-        h.update(data)
-        position += len(data)
-
-
 @dataclass
 class FetchProgress:
     """An in-flight fetch, for status output and progress bars."""
@@ -85,6 +73,20 @@ class FetchProgress:
     total: int
     done: int = 0
     started: float = field(default_factory=time.time)
+
+
+@dataclass
+class _Fetch:
+    """The one in-process fetch of a key that every other thread asking for it waits on."""
+
+    future: Future
+    progress: FetchProgress
+    priority: int
+    transfer: Transfer | None = None
+    alive: float = field(default_factory=time.monotonic)  # the fetching thread's last sign of life
+
+    def __post_init__(self) -> None:
+        self.read_ahead = self.priority == READ_AHEAD  # started by read-ahead (its failure is nobody's)
 
 
 @dataclass
@@ -105,22 +107,25 @@ class BlobStore:
         *,
         max_size: int | None = None,
         chunk_size: int = constants.CHUNK_SIZE,
-        concurrency: int = constants.DOWNLOAD_CONCURRENCY,
+        max_connections: int = constants.MAX_CONNECTIONS,
         parallel_threshold: int = constants.PARALLEL_THRESHOLD,
+        timeout: float = constants.OPERATION_TIMEOUT,
     ):
         self.root = Path(root)
         self.max_size = max_size
-        self.chunk_size = max(1024 * 1024, chunk_size)
-        self.concurrency = max(1, concurrency)
-        self.parallel_threshold = parallel_threshold
+        self.timeout = timeout
+        self.scheduler = TransferScheduler(
+            max_connections,
+            chunk_size=max(1024 * 1024, chunk_size),
+            parallel_threshold=parallel_threshold,
+            timeout=timeout,
+        )
         for sub in ("blobs", "tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.stats = StoreStats()
         self._lock = threading.Lock()
-        self._inflight: dict[str, Future] = {}  # key -> the one in-process fetch everyone waits on
-        self._progress: dict[str, FetchProgress] = {}
+        self._inflight: dict[str, _Fetch] = {}  # key -> the one in-process fetch everyone waits on
         self._pins: dict[str, tuple[int, int]] = {}  # key -> (lock fd holding LOCK_SH, open count)
-        self._pool = ThreadPoolExecutor(max_workers=self.concurrency, thread_name_prefix="hffs-range")
         self._clean_tmp()
 
     # -- paths ----------------------------------------------------------------------------------
@@ -134,52 +139,72 @@ class BlobStore:
         return self.blob_path(key).exists()
 
     # -- fetching -------------------------------------------------------------------------------
-    def materialize(self, key: str, remote: Remote, entry: RemoteEntry, deadline: float | None = None) -> Path:
+    def materialize(self, key: str, remote: Remote, entry: RemoteEntry, priority: int = FOREGROUND) -> Path:
         """Return the path of the complete, verified blob `key` holding `entry`'s bytes.
 
-        Fetches it at most once however many threads and processes ask at the same time; waits are
-        bounded by `deadline` (default: `fetch_deadline(entry.size)`).
+        Fetches it at most once however many threads and processes ask at the same time. A foreground
+        call waits at most the store's `timeout` for the bytes to start arriving and for each further
+        byte (queued time does not count); one that finds the blob being read ahead promotes that
+        transfer to the front and waits for it, and retries itself if that read-ahead fails.
         """
         key = blob_key(key)
         path = self.blob_path(key)
-        if self._is_complete(path, entry.size):
-            self._touch(path)
+        if priority == FOREGROUND:
+            self.scheduler.cancel_read_ahead(key)
+        for _ in range(2):
+            if self._is_complete(path, entry.size):
+                self._touch(path)
+                with self._lock:
+                    self.stats.hits += 1
+                return path
             with self._lock:
-                self.stats.hits += 1
-            return path
-        deadline = deadline or fetch_deadline(entry.size)
-        with self._lock:
-            self.stats.misses += 1
-            future = self._inflight.get(key)
-            leader = future is None
-            if leader:
-                future = Future()
-                self._inflight[key] = future
-                self._progress[key] = FetchProgress(key, entry.path, entry.size)
-        if not leader:
-            return self._wait(future, deadline, entry)
-        try:
-            result = self._fetch_locked(key, remote, entry, deadline)
-            future.set_result(result)
-            return result
-        except BaseException as exc:
-            future.set_exception(exc)
-            raise
-        finally:
-            with self._lock:
-                self._inflight.pop(key, None)
-                self._progress.pop(key, None)
+                self.stats.misses += 1
+                fetch = self._inflight.get(key)
+                leader = fetch is None
+                if leader:
+                    fetch = _Fetch(Future(), FetchProgress(key, entry.path, entry.size), priority)
+                    self._inflight[key] = fetch
+                elif priority < fetch.priority:
+                    fetch.priority = priority
+                    if fetch.transfer is not None:
+                        self.scheduler.promote(fetch.transfer)
+            if not leader:
+                try:
+                    return self._wait(fetch, entry)
+                except HffsError:
+                    if not (fetch.read_ahead and priority == FOREGROUND):
+                        raise
+                    continue  # a read-ahead failed: nobody's error, this open fetches itself
+            try:
+                result = self._fetch_locked(key, remote, entry, fetch)
+                fetch.future.set_result(result)
+                return result
+            except BaseException as exc:
+                fetch.future.set_exception(exc)
+                raise
+            finally:
+                with self._lock:
+                    self._inflight.pop(key, None)
+        raise RemoteUnavailable(f"{entry.path}: read-ahead and open both failed")
 
-    @staticmethod
-    def _wait(future: Future, deadline: float, entry: RemoteEntry) -> Path:
-        try:
-            return future.result(timeout=max(0.0, deadline - time.monotonic()))
-        except TimeoutError as exc:
-            raise RemoteUnavailable(f"{entry.path}: timed out waiting for the download") from exc
+    def _wait(self, fetch: _Fetch, entry: RemoteEntry) -> Path:
+        """Wait for another thread's fetch; it enforces the deadlines, this only checks it is alive."""
+        while True:
+            try:
+                return fetch.future.result(timeout=_LOCK_POLL * 5)
+            except TimeoutError:
+                if time.monotonic() - fetch.alive > self.timeout:
+                    raise RemoteUnavailable(f"{entry.path}: the download it waits for stopped reporting") from None
 
-    def _fetch_locked(self, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> Path:
+    def prefetch(self, key: str, remote: Remote, entry: RemoteEntry) -> None:
+        """Queue a read-ahead of `key` (nothing if it is complete or queued); failures are only logged."""
+        key = blob_key(key)
+        if not self._is_complete(self.blob_path(key), entry.size):
+            self.scheduler.read_ahead(key, lambda: self.materialize(key, remote, entry, READ_AHEAD))
+
+    def _fetch_locked(self, key: str, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> Path:
         path = self.blob_path(key)
-        with self._exclusive(key, deadline, entry.path):
+        with self._exclusive(key, entry.path, fetch):
             # Another process may have finished it while we waited for the lock.
             if self._is_complete(path, entry.size):
                 self._touch(path)
@@ -187,11 +212,11 @@ class BlobStore:
             self._make_room(entry)
             for attempt in range(_VERIFY_ATTEMPTS):
                 try:
-                    self._download(key, remote, entry, deadline)
+                    self._download(key, remote, entry, fetch)
                     break
                 except IntegrityError as exc:
                     # Bytes damaged in transit are discarded; a fresh transfer usually succeeds.
-                    if attempt + 1 == _VERIFY_ATTEMPTS or time.monotonic() >= deadline:
+                    if attempt + 1 == _VERIFY_ATTEMPTS:
                         raise
                     logger.warning("%s; fetching it again", exc)
                 except Exception as exc:
@@ -228,28 +253,62 @@ class BlobStore:
         return error
 
     @contextmanager
-    def _exclusive(self, key: str, deadline: float, name: str) -> Iterator[None]:
+    def _exclusive(self, key: str, name: str, fetch: _Fetch) -> Iterator[None]:
+        """The key's lock, waited for while the holder's temp file grows (or for `timeout` without)."""
         fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            _flock_by(fd, fcntl.LOCK_EX, deadline, f"{name}: timed out waiting for another process's download")
+            seen, since = None, time.monotonic()
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    pass
+                now = fetch.alive = time.monotonic()
+                mark = self._tmp_progress(key)
+                if mark != seen:
+                    seen, since = mark, now
+                elif now - since > self.timeout:
+                    raise RemoteUnavailable(
+                        f"{name}: another process's download of it made no progress for {self.timeout:.0f}s"
+                    )
+                time.sleep(_LOCK_POLL)
             yield
         finally:
             os.close(fd)  # closing releases the flock; a killed holder releases it the same way
 
-    def _download(self, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> None:
+    def _tmp_progress(self, key: str) -> tuple:
+        """What changes while some writer (any process, any host) fills a temp file of `key`."""
+        marks = []
+        for tmp in (self.root / "tmp").glob(f"{key}.*"):
+            try:
+                st = tmp.stat()
+            except FileNotFoundError:
+                continue
+            marks.append((tmp.name, st.st_mtime_ns, st.st_blocks))
+        return tuple(sorted(marks))
+
+    def _tmp_name(self, key: str) -> str:
+        return f"{key}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
+
+    def _download(self, key: str, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> None:
         path = self.blob_path(key)
         path.parent.mkdir(exist_ok=True, mode=0o700)
-        tmp = self.root / "tmp" / f"{key}.{os.getpid()}.{secrets.token_hex(4)}"
+        tmp = self.root / "tmp" / self._tmp_name(key)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            actual = self._fill(fd, key, remote, entry, deadline)
+            actual = self._fill(fd, remote, entry, fetch)
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
             if entry.digest and actual != entry.digest.hexdigest:
                 raise IntegrityError(f"{entry.path}: content does not match its {entry.digest.algo}; discarded")
-            os.fsync(fd)
-            os.chmod(tmp, 0o444)  # blobs are immutable
+            if fetch.priority == READ_AHEAD:
+                # Not opened yet: a future mtime keeps it out of every process's LRU eviction for a while.
+                now = time.time()
+                os.utime(fd, (now, now + constants.READ_AHEAD_PROTECT))
+            os.fsync(fd)  # the one fsync of the blob: completeness is judged by size after a crash
+            os.fchmod(fd, 0o444)  # blobs are immutable
             os.replace(tmp, path)
             _fsync_dir(path.parent)
             with self._lock:
@@ -262,55 +321,43 @@ class BlobStore:
             except FileNotFoundError:
                 pass
 
-    def _fill(self, fd: int, key: str, remote: Remote, entry: RemoteEntry, deadline: float) -> str | None:
-        """Download `entry` into `fd`; return the hex digest of what was written (None: nothing to verify).
+    def _fill(self, fd: int, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> str | None:
+        """Download `entry` into `fd` through the scheduler; return the hex digest of what was written.
 
-        Hashing overlaps the transfer: inline for one stream, range by range (in order, while later ranges
-        are still downloading) for parallel fetches, so verification adds almost no time.
+        This thread verifies while the scheduler's workers download: bytes reach the hash in order,
+        from memory (or read back from the page cache where the reorder buffer was full).
         """
-        progress = self._progress.get(key)
-        aborted = threading.Event()
-        size = entry.size
-        hasher = new_hasher(entry.digest, size) if entry.digest else None
-
-        def sink(offset: int, data: bytes) -> None:
-            if aborted.is_set():  # another range failed: stop this one at its next chunk
-                raise RemoteUnavailable(f"{entry.path}: download aborted")
-            os.pwrite(fd, data, offset)
-            with self._lock:
-                self.stats.bytes_fetched += len(data)
-                if progress:
-                    progress.done += len(data)
-
-        if size < self.parallel_threshold or self.concurrency == 1:
-
-            def hashing_sink(offset: int, data: bytes) -> None:
-                sink(offset, data)
-                if hasher:
-                    hasher.update(data)  # one stream delivers bytes in order, resuming without overlap
-
-            remote.read_range(entry, 0, size, hashing_sink, deadline)
+        hasher = new_hasher(entry.digest, entry.size) if entry.digest else None
+        if entry.size == 0:
             return hasher.hexdigest() if hasher else None
-        os.ftruncate(fd, size)  # sparse: ranges land in place
-        ranges = [(start, min(start + self.chunk_size, size)) for start in range(0, size, self.chunk_size)]
-        futures = [self._pool.submit(remote.read_range, entry, a, b, sink, deadline) for a, b in ranges]
-        errors = []
-        for (start, end), fut in zip(ranges, futures, strict=True):
-            try:
-                fut.result(timeout=max(0.0, deadline - time.monotonic()) + 1)
-                if hasher and not errors:
-                    _hash_range(fd, start, end, hasher)
-            except Exception as exc:  # noqa: BLE001 - collect, cancel the rest, raise the first
-                errors.append(exc)
-                aborted.set()
-                for other in futures:
-                    other.cancel()
-        if errors:
-            # The caller closes `fd` next: wait until no range thread can write to it any more. Each
-            # one stops at its next chunk (sink raises) or at its own read timeout and deadline.
-            wait(futures)
-            first = errors[0]
-            raise first if isinstance(first, HffsError) else RemoteUnavailable(f"{entry.path}: {first}")
+
+        def read(start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
+            remote.read_range(entry, start, end, sink, deadline)
+
+        # The transfer writes through its own descriptor, closed only when its last worker is done.
+        with self._lock:
+            priority = fetch.priority
+        transfer = self.scheduler.start(entry.path, entry.size, os.dup(fd), read, priority)
+        with self._lock:
+            fetch.transfer = transfer
+            if fetch.priority != priority:
+                self.scheduler.promote(transfer)
+        last_touch = time.monotonic()
+
+        def beat() -> None:
+            nonlocal last_touch
+            now = fetch.alive = time.monotonic()
+            if now - last_touch > 1.0:  # queued, not stalled: tell other processes' waiters so
+                os.utime(fd)
+                last_touch = now
+
+        try:
+            transfer.consume(hasher.update if hasher else None, beat)
+        finally:
+            transfer.release()
+            with self._lock:
+                self.stats.bytes_fetched += transfer.done
+                fetch.transfer = None
         return hasher.hexdigest() if hasher else None
 
     @staticmethod
@@ -346,7 +393,8 @@ class BlobStore:
 
     def in_flight(self) -> list[FetchProgress]:
         with self._lock:
-            return [FetchProgress(p.key, p.name, p.total, p.done, p.started) for p in self._progress.values()]
+            fetches = [(f.progress, f.transfer) for f in self._inflight.values()]
+        return [FetchProgress(p.key, p.name, p.total, t.done if t else 0, p.started) for p, t in fetches]
 
     # -- pins (open blobs are never evicted, by this or any other process) -----------------------
     def pin(self, key: str) -> None:
@@ -358,7 +406,7 @@ class BlobStore:
         # Taken outside self._lock: it may wait for another process's fetch or eviction of this key,
         # and every other thread of this store must keep going meanwhile.
         new_fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        deadline = time.monotonic() + constants.OPERATION_TIMEOUT
+        deadline = time.monotonic() + self.timeout
         try:
             _flock_by(new_fd, fcntl.LOCK_SH, deadline, f"blob {key[:16]}: timed out waiting for another process")
         except BaseException:
@@ -405,9 +453,12 @@ class BlobStore:
         blobs = sorted(self.blobs(), key=lambda item: item[1].st_mtime)
         total = sum(st.st_size for _, st in blobs)
         freed = 0
+        now = time.time()
         for path, st in blobs:
             if total <= limit:
                 break
+            if st.st_mtime > now:
+                continue  # fetched ahead and not opened yet: protected until its mtime
             if self._try_evict(path):
                 total -= st.st_size
                 freed += st.st_size
@@ -438,23 +489,59 @@ class BlobStore:
         finally:
             os.close(fd)
 
+    def can_hold(self, extra: int) -> bool:
+        """Would `extra` more bytes fit under the size limit without evicting a blob in use anywhere?
+
+        In use: open or being fetched in any process (its lock is held), or protected read-ahead.
+        """
+        if self.max_size is None:
+            return True
+        now = time.time()
+        in_use = 0
+        for path, st in self.blobs():
+            if st.st_mtime > now or not self._lock_free(path.name):
+                in_use += st.st_size
+        return in_use + extra <= self.max_size
+
+    def _lock_free(self, key: str) -> bool:
+        with self._lock:
+            if key in self._pins or key in self._inflight:
+                return False
+        try:
+            fd = os.open(self._lock_path(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+        finally:
+            os.close(fd)
+
     def _clean_tmp(self) -> None:
-        """Remove temp files left by writers that died (their pid is gone). Never trusted anyway."""
+        """Remove temp files of this host's writers that died, and any older than a day.
+
+        Never trusted anyway; another host's live writer keeps its file (its pid means nothing here).
+        """
+        now = time.time()
         for tmp in (self.root / "tmp").iterdir():
             parts = tmp.name.split(".")
             try:
                 pid = int(parts[-2])
             except (ValueError, IndexError):
                 pid = -1
-            if pid == os.getpid() or pid_alive(pid):
-                continue
+            # Three parts (no host): written before names carried one, so on this host.
+            mine = len(parts) <= 3 or parts[1] == HOST
             try:
-                tmp.unlink()
+                old = now - tmp.stat().st_mtime > _TMP_MAX_AGE
+                if old or (mine and pid != os.getpid() and not pid_alive(pid)):
+                    tmp.unlink()
             except FileNotFoundError:
                 pass
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.scheduler.close()
         with self._lock:
             for fd, _ in self._pins.values():
                 os.close(fd)

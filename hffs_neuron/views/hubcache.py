@@ -23,6 +23,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cachetools import LRUCache
@@ -98,6 +99,9 @@ class RepoState:
 
 
 class HubCacheView(MergedView):
+    # Called with (repo, file) on every open of a blob before it is fetched: the daemon's read-ahead.
+    read_ahead: Callable[[HubRepo, RemoteEntry], None] | None = None
+
     def __init__(
         self,
         http: HubHttp,
@@ -388,6 +392,8 @@ class HubCacheView(MergedView):
             if found is None:
                 raise fs_error(errno.ENOENT)
             repo, entry = found
+            if self.read_ahead is not None:
+                self.read_ahead(repo, entry)
             fd, unpin = self.store.open_blob(name, repo, entry)
             return FileHandle(fd=fd, keep_cache=True, on_release=unpin)
         raise fs_error(errno.ENOENT)

@@ -1,0 +1,431 @@
+"""One scheduler for every upstream transfer of a daemon: one budget of connections, foreground first.
+
+A `Transfer` is one blob being written into its private temp file. Workers (at most `max_connections`
+threads, each holding one upstream connection at a time) take the next piece of the transfer that
+should go first: foreground (an open is waiting) before read-ahead, then the transfer with the fewest
+connections, then the oldest. Pieces are cut when a worker takes them, so a blob of a few tens of MB
+spreads over the connections that are idle at that moment, and a small blob opened while a large one
+downloads gets the next free connection instead of waiting for the whole large blob.
+
+Deadlines measure progress, never size or queueing: a piece that gets no byte for the read timeout is
+retried from the last byte written (not from its start), and gives up after `STALL_RETRIES` attempts in
+a row that brought nothing. A waiting open gives up if its blob has not started arriving within
+`timeout`, or if a connection working on it brought nothing for `timeout`.
+
+The waiting thread (the one that asked for the blob) verifies while the transfer runs: `Transfer.consume`
+hands it the bytes in order, from memory when the workers could keep them (a bounded reorder buffer
+shared by all transfers), read back from the temp file otherwise.
+
+The read-ahead queue lives here too: `read_ahead(key, job)` runs `job` later on a read-ahead thread,
+unless `cancel_read_ahead(key)` took it out (an open of that blob went first).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import HffsError, RemoteUnavailable
+
+logger = logging.getLogger(__name__)
+
+FOREGROUND = 0
+READ_AHEAD = 1
+
+MiB = 1024 * 1024
+# Bytes a worker gathers before it writes them (one pwritev) and hands them over (one lock round).
+_BATCH = MiB
+# Bytes of all transfers held in memory for in-order verification; beyond it the verifier reads back.
+_REORDER_BYTES = 48 * MiB
+# Blobs from this size are split over idle connections, in pieces of at least _PIECE_MIN.
+SPLIT_MIN = 8 * MiB
+_PIECE_MIN = 4 * MiB
+# Attempts in a row that bring no byte before a piece (and so its transfer) fails.
+STALL_RETRIES = 3
+# Idle workers exit after this many seconds.
+_WORKER_IDLE = 60.0
+_POLL = 0.25
+
+# Connections of the daemon's budget kept for listings and metadata, so lookups never queue behind
+# downloads.
+METADATA_CONNECTIONS = 2
+
+ReadRange = Callable[[int, int, Callable[[int, bytes], None], float], None]
+
+
+def transfer_connections(max_connections: int) -> int:
+    """The share of a daemon's connection budget (`--max-connections`) that transfers may use."""
+    return max(1, max_connections - METADATA_CONNECTIONS)
+
+
+def _describe(exc: BaseException) -> str:
+    """A message that always names the cause (some exceptions, e.g. TimeoutError(), have no text)."""
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text and not isinstance(exc, HffsError) else text or type(exc).__name__
+
+
+@dataclass
+class _Piece:
+    start: int
+    end: int
+    written: int  # bytes [start, written) are in the temp file
+    batches: deque = field(default_factory=deque)  # (offset, [bytes...], length) kept for the verifier
+
+
+class Transfer:
+    """One blob being downloaded into `fd` by the scheduler's workers."""
+
+    def __init__(self, scheduler: TransferScheduler, name: str, size: int, fd: int, read: ReadRange, priority: int):
+        self.name = name
+        self.size = size
+        self.priority = priority
+        self._scheduler = scheduler
+        self._fd = fd
+        self._read = read
+        self.seq = 0
+        self.pieces: list[_Piece] = []
+        self.next_offset = 0
+        self.active = 0  # connections working on it now
+        self.done = 0  # bytes written
+        self.error: BaseException | None = None
+        self.first_byte: float | None = None
+        self.last_progress: float | None = None  # a byte arrived or a connection started on it
+        self.start_by: float | None = None  # an open waits this long for the first byte
+        self.keep_bytes = True
+        self._released = False
+
+    @property
+    def queued(self) -> bool:
+        return self.error is None and self.next_offset < self.size
+
+    def consume(self, update: Callable[[bytes], None] | None, beat: Callable[[], None]) -> None:
+        """Wait until every byte is in the temp file, feeding them in order to `update` (if given).
+
+        `beat()` is called at every wake-up (under the scheduler lock: keep it short), so that others
+        waiting for this thread can tell it is alive.
+
+        Raises the transfer's error, or `RemoteUnavailable` when the waits documented in the module
+        docstring run out (then the transfer is aborted).
+        """
+        s = self._scheduler
+        if update is None:
+            with s._lock:
+                self.keep_bytes = False
+        pos, index = 0, 0
+        while pos < self.size:
+            with s._lock:
+                while True:
+                    beat()
+                    if self.error is not None:
+                        raise self.error
+                    if index < len(self.pieces):
+                        piece = self.pieces[index]
+                        if piece.batches or piece.written > pos:
+                            break
+                    self._check_waits()
+                    s._progress.wait(_POLL)
+                if piece.batches and piece.batches[0][0] == pos:
+                    _, datas, length = piece.batches.popleft()
+                    s._buffered -= length
+                    upto = None
+                else:  # dropped from memory (or never kept): read back what is written
+                    upto = piece.batches[0][0] if piece.batches else piece.written
+            if upto is None:
+                if update is not None:
+                    for data in datas:
+                        update(data)
+                pos += length
+            else:
+                if update is not None:
+                    _read_back(self._fd, pos, upto, update)
+                pos = upto
+            if pos >= piece.end:
+                index += 1
+
+    def _check_waits(self) -> None:
+        now = time.monotonic()
+        timeout = self._scheduler.timeout
+        if self.first_byte is None and self.start_by is not None and now > self.start_by:
+            where = "waiting for the server" if self.active else "queued for a connection"
+            self._fail(RemoteUnavailable(f"{self.name}: no byte arrived within {timeout:.0f}s ({where})"))
+        elif self.active and self.last_progress is not None and now - self.last_progress > timeout:
+            self._fail(RemoteUnavailable(f"{self.name}: no progress for {timeout:.0f}s"))
+        if self.error is not None:
+            raise self.error
+
+    def _fail(self, exc: BaseException) -> None:
+        """Record the first error and stop every piece (called with the scheduler lock held)."""
+        if self.error is None:
+            self.error = exc
+            s = self._scheduler
+            for piece in self.pieces:
+                s._buffered -= sum(length for _, _, length in piece.batches)
+                piece.batches.clear()
+            s._progress.notify_all()
+
+    def release(self) -> None:
+        """The waiter is done with the temp file: close it once no worker writes to it any more."""
+        s = self._scheduler
+        with s._lock:
+            if self.done < self.size:  # the waiter gave up: stop the pieces still running or queued
+                self._fail(RemoteUnavailable(f"{self.name}: transfer abandoned"))
+            s._transfers.discard(self)
+            self._released = True
+            close = self.active == 0
+        if close:
+            os.close(self._fd)
+
+    # -- worker side --------------------------------------------------------------------------------
+    def run_piece(self, piece: _Piece) -> None:
+        s = self._scheduler
+        pos = piece.start
+        batch: list[bytes] = []
+        batch_len = 0
+
+        def flush() -> None:
+            nonlocal pos, batch, batch_len
+            if not batch_len:
+                return
+            _pwrite_all(self._fd, batch, pos)
+            with s._lock:
+                now = time.monotonic()
+                if self.first_byte is None:
+                    self.first_byte = now
+                self.last_progress = now
+                piece.written = pos + batch_len
+                self.done += batch_len
+                s.bytes_transferred += batch_len
+                if self.keep_bytes and self.error is None and s._buffered + batch_len <= _REORDER_BYTES:
+                    piece.batches.append((pos, batch, batch_len))
+                    s._buffered += batch_len
+                s._progress.notify_all()
+            pos += batch_len
+            batch, batch_len = [], 0
+
+        def sink(offset: int, data: bytes) -> None:
+            nonlocal batch_len
+            if self.error is not None:
+                raise RemoteUnavailable(f"{self.name}: transfer stopped")
+            if offset != pos + batch_len:
+                raise RemoteUnavailable(f"{self.name}: bytes at offset {offset}, expected {pos + batch_len}")
+            batch.append(data)
+            batch_len += len(data)
+            if batch_len >= _BATCH or len(batch) >= 512:  # 512: well below IOV_MAX for pwritev
+                flush()
+
+        fruitless = 0
+        while pos < piece.end and self.error is None:
+            before = pos
+            try:
+                self._read(pos, piece.end, sink, time.monotonic() + s.timeout)
+                flush()
+                if pos < piece.end:
+                    raise RemoteUnavailable(f"{self.name}: the range ended early at byte {pos}")
+            except RemoteUnavailable as exc:
+                flush()  # bytes that arrived before the failure are good: resume after them
+                if self.error is not None:
+                    break
+                fruitless = 0 if pos > before else fruitless + 1
+                if fruitless >= STALL_RETRIES:
+                    raise RemoteUnavailable(f"{exc} (no byte in {STALL_RETRIES} attempts in a row)") from exc
+                logger.info("%s: %s; resuming at byte %d", self.name, exc, pos)
+
+
+class TransferScheduler:
+    """At most `max_connections` transfers' pieces at once, foreground first; plus the read-ahead queue."""
+
+    def __init__(
+        self,
+        max_connections: int,
+        *,
+        chunk_size: int,
+        parallel_threshold: int,
+        timeout: float,
+    ):
+        self.max_connections = max(1, max_connections)
+        self.chunk_size = chunk_size
+        self.parallel_threshold = parallel_threshold
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)  # workers wait for pieces
+        self._progress = threading.Condition(self._lock)  # verifiers wait for bytes
+        self._transfers: set[Transfer] = set()
+        self._seq = 0
+        self._workers = 0
+        self._idle = 0
+        self._buffered = 0
+        self._closed = False
+        self.bytes_transferred = 0
+        # Read-ahead: key -> job, run in order by at most max_connections threads.
+        self._ahead: OrderedDict[str, tuple[Callable[[], None], bool]] = OrderedDict()
+        self._ahead_threads = 0
+        self._ahead_running = 0  # blobs being read ahead
+        self._ahead_busy = 0  # read-ahead threads running a job
+        self.read_ahead_done = 0
+
+    # -- transfers ----------------------------------------------------------------------------------
+    def start(self, name: str, size: int, fd: int, read: ReadRange, priority: int = FOREGROUND) -> Transfer:
+        """Queue the download of bytes [0, size) into `fd` (which the transfer now owns: see `release`)."""
+        transfer = Transfer(self, name, size, fd, read, priority)
+        with self._lock:
+            if self._closed:
+                raise RemoteUnavailable(f"{name}: the mount is shutting down")
+            self._seq += 1
+            transfer.seq = self._seq
+            if priority == FOREGROUND:
+                transfer.start_by = time.monotonic() + self.timeout
+            self._transfers.add(transfer)
+            self._wake_worker()
+        return transfer
+
+    def promote(self, transfer: Transfer) -> None:
+        """An open now waits for `transfer`: foreground priority, and the open's wait for a first byte."""
+        with self._lock:
+            if transfer.priority != FOREGROUND:
+                transfer.priority = FOREGROUND
+                if transfer.first_byte is None:
+                    transfer.start_by = time.monotonic() + self.timeout
+                self._work.notify()
+
+    def _wake_worker(self) -> None:
+        if self._idle:
+            self._work.notify()
+        elif self._workers < self.max_connections:
+            self._workers += 1
+            threading.Thread(target=self._worker, name="hffs-transfer", daemon=True).start()
+
+    def _next_piece(self) -> tuple[Transfer, _Piece] | None:
+        runnable = [t for t in self._transfers if t.queued]
+        if not runnable:
+            return None
+        t = min(runnable, key=lambda t: (t.priority, t.active, t.seq))
+        remaining = t.size - t.next_offset
+        if t.size >= self.parallel_threshold:
+            length = self.chunk_size
+        elif t.size >= SPLIT_MIN and len(runnable) == 1:
+            free = self.max_connections - (self._workers - self._idle)  # connections nobody uses now
+            length = max(_PIECE_MIN, -(-remaining // (free + 1)))
+        else:
+            length = remaining
+        length = min(length, remaining)
+        piece = _Piece(t.next_offset, t.next_offset + length, t.next_offset)
+        t.next_offset = piece.end
+        t.pieces.append(piece)
+        t.active += 1
+        t.last_progress = time.monotonic()  # queued time never counts against a transfer
+        if any(other.queued for other in self._transfers):
+            self._wake_worker()
+        return t, piece
+
+    def _worker(self) -> None:
+        while True:
+            with self._lock:
+                job = self._next_piece()
+                while job is None:
+                    if self._closed:
+                        self._workers -= 1
+                        return
+                    self._idle += 1
+                    woken = self._work.wait(_WORKER_IDLE)
+                    self._idle -= 1
+                    job = self._next_piece()
+                    if job is None and not woken:
+                        self._workers -= 1
+                        return
+            transfer, piece = job
+            try:
+                transfer.run_piece(piece)
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiter, who raises it
+                with self._lock:
+                    transfer._fail(
+                        exc if isinstance(exc, HffsError) else RemoteUnavailable(f"{transfer.name}: {_describe(exc)}")
+                    )
+            finally:
+                with self._lock:
+                    transfer.active -= 1
+                    close = transfer._released and transfer.active == 0
+                    self._progress.notify_all()
+                if close:
+                    os.close(transfer._fd)
+
+    def in_flight_bytes(self) -> int:
+        with self._lock:
+            return sum(t.done for t in self._transfers)
+
+    # -- read-ahead ---------------------------------------------------------------------------------
+    def read_ahead(self, key: str, job: Callable[[], None], counted: bool = True) -> None:
+        """Run `job` on a read-ahead thread after every read-ahead queued before it (once per key).
+
+        `counted`: a blob, shown in `read_ahead_status` (not a planning step).
+        """
+        with self._lock:
+            if self._closed or key in self._ahead:
+                return
+            self._ahead[key] = (job, counted)
+            if self._ahead_threads < self.max_connections and self._ahead_threads <= self._ahead_busy:
+                self._ahead_threads += 1
+                threading.Thread(target=self._ahead_loop, name="hffs-read-ahead", daemon=True).start()
+
+    def cancel_read_ahead(self, key: str) -> None:
+        """An open of `key` goes first: drop its queued read-ahead."""
+        with self._lock:
+            self._ahead.pop(key, None)
+
+    def _ahead_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._closed or not self._ahead:
+                    self._ahead_threads -= 1
+                    return
+                _, (job, counted) = self._ahead.popitem(last=False)
+                self._ahead_running += counted
+                self._ahead_busy += 1
+            try:
+                job()
+                with self._lock:
+                    self.read_ahead_done += counted
+            except Exception as exc:  # noqa: BLE001 - a failed read-ahead is nobody's error
+                logger.info("read-ahead: %s", _describe(exc))
+            finally:
+                with self._lock:
+                    self._ahead_running -= counted
+                    self._ahead_busy -= 1
+
+    def read_ahead_status(self) -> dict[str, int]:
+        with self._lock:
+            return {"queued": len(self._ahead), "in_flight": self._ahead_running, "done": self.read_ahead_done}
+
+    def close(self) -> None:
+        """Unmount: drop queued read-ahead, stop every transfer (their waiters get EIO)."""
+        with self._lock:
+            self._closed = True
+            self._ahead.clear()
+            for transfer in list(self._transfers):
+                transfer._fail(RemoteUnavailable(f"{transfer.name}: the mount is shutting down"))
+            self._work.notify_all()
+
+
+def _pwrite_all(fd: int, datas: list[bytes], offset: int) -> None:
+    written = os.pwritev(fd, datas, offset)
+    total = sum(len(d) for d in datas)
+    if written < total:  # rare short write: finish the rest piece by piece
+        rest = b"".join(datas)[written:]
+        while rest:
+            n = os.pwrite(fd, rest, offset + written)
+            written += n
+            rest = rest[n:]
+
+
+def _read_back(fd: int, start: int, end: int, update: Callable[[bytes], None]) -> None:
+    """Feed bytes [start, end) of `fd` to `update` (just written: they come from the page cache)."""
+    while start < end:
+        data = os.pread(fd, min(8 * MiB, end - start), start)
+        if not data:
+            raise RemoteUnavailable(f"temp file shorter than expected at byte {start}")
+        update(data)
+        start += len(data)

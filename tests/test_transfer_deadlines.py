@@ -1,0 +1,162 @@
+"""Deadlines that measure progress (issue 11, item 7), against the emulator's latency, stall and
+truncate faults: a small file opened behind a large slow one still arrives, a transfer that takes
+longer than --timeout in total succeeds while it progresses, a stalled one fails within --timeout with
+a message naming the cause, and retries resume instead of restarting (emulator byte accounting)."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Mounts
+
+from hffs_neuron.errors import RemoteUnavailable
+from hffs_neuron.remote import HubHttp, HubRepo
+from hffs_neuron.store import BlobStore
+from hffs_neuron.testing.hub_emulator import HubEmulator
+
+MiB = 1024 * 1024
+
+
+@pytest.mark.timeout(120)
+def test_small_file_behind_a_large_slow_one_through_the_mount(
+    hub: HubEmulator, mounts: Mounts, tmp_path: Path, runtime_env: dict[str, str]
+) -> None:
+    big, mid = os.urandom(60 * MiB), os.urandom(3 * MiB)
+    hub.add_repo("Org/Slow", {"big.bin": big, "mid.bin": mid})
+    # Every range of big.bin waits 1 s before its first byte: in 4 MiB ranges over 2 connections the
+    # whole blob takes ~8 s, well over the mount's 3 s --timeout, while it keeps progressing.
+    hub.faults.add("*/big.bin", "latency", seconds=1.0, methods=("GET",))
+    env = dict(runtime_env, HFFS_CHUNK_SIZE=str(4 * MiB), HFFS_PARALLEL_THRESHOLD=str(8 * MiB))
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    handle = mounts("hub-cache", backing=str(backing), env=env, timeout=3, max_connections=4)
+    repo = Path(handle.mountpoint) / "models--Org--Slow"
+    snap = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    results: dict[str, bytes | BaseException] = {}
+
+    def read(name: str) -> None:
+        try:
+            results[name] = (snap / name).read_bytes()
+        except OSError as exc:
+            results[name] = exc
+
+    first = threading.Thread(target=read, args=("big.bin",))
+    first.start()
+    time.sleep(1.5)  # big.bin holds both connections now
+    read("mid.bin")
+    first.join(90)
+    assert results["mid.bin"] == mid, results["mid.bin"]
+    assert results["big.bin"] == big, f"big.bin: {results['big.bin']}"
+    assert hub.bytes_served("big.bin") == len(big) and hub.bytes_served("mid.bin") == len(mid)
+
+
+def make_repo(hub: HubEmulator, files: dict[str, bytes], **http_options: object) -> HubRepo:
+    hub.add_repo("Org/Faulty", files)
+    options: dict = dict(connect_timeout=2, read_timeout=1, operation_timeout=5, max_retries=1)
+    options.update(http_options)
+    return HubRepo(HubHttp(hub.url, "", **options), "model", "Org/Faulty")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("parallel", [False, True])
+def test_retries_resume_and_transfer_the_size_once(hub: HubEmulator, tmp_path: Path, parallel: bool) -> None:
+    data = os.urandom(12 * MiB + 5)
+    repo = make_repo(hub, {"cut.bin": data})
+    # Eight bodies in a row cut in half: more than one request's retries allow, so the store resumes.
+    hub.faults.add("*/cut.bin", "truncate", count=8)
+    threshold = 2 * MiB if parallel else 64 * MiB
+    store = BlobStore(
+        tmp_path / "store", chunk_size=4 * MiB, parallel_threshold=threshold, max_connections=2, timeout=5
+    )
+    try:
+        entry = repo.stat("cut.bin")
+        path = store.materialize(entry.content_id or "", repo, entry)
+        assert path.read_bytes() == data
+        assert hub.faults.rules()[0].fired == 8
+        assert hub.bytes_served("cut.bin") == len(data)  # every byte crossed the wire once
+    finally:
+        store.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_transfer_fails_within_the_timeout_naming_the_cause(hub: HubEmulator, tmp_path: Path) -> None:
+    repo = make_repo(hub, {"stuck.bin": os.urandom(MiB)}, read_timeout=30, operation_timeout=30)
+    hub.faults.add("*/stuck.bin", "stall", seconds=40, methods=("GET",))
+    store = BlobStore(tmp_path / "store", max_connections=2, timeout=2)
+    entry = repo.stat("stuck.bin")
+    started = time.monotonic()
+    try:
+        with pytest.raises(RemoteUnavailable) as caught:
+            store.materialize(entry.content_id or "", repo, entry)
+    finally:
+        store.close()
+    assert time.monotonic() - started < 15  # --timeout (2 s) bounds it, not the 30 s read timeout
+    message = str(caught.value)
+    assert message.startswith("stuck.bin: ") and "no byte arrived within 2s" in message, message
+    assert list((tmp_path / "store" / "tmp").iterdir()) == []
+
+
+@pytest.mark.timeout(60)
+def test_a_truncated_then_refused_transfer_names_the_http_cause(hub: HubEmulator, tmp_path: Path) -> None:
+    repo = make_repo(hub, {"gone.bin": os.urandom(2 * MiB)})
+    hub.faults.add("*/gone.bin", "status", status=503, methods=("GET",))
+    store = BlobStore(tmp_path / "store", max_connections=2, timeout=5)
+    entry = repo.stat("gone.bin")
+    try:
+        with pytest.raises(RemoteUnavailable) as caught:
+            store.materialize(entry.content_id or "", repo, entry)
+    finally:
+        store.close()
+    assert "HTTP 503" in str(caught.value), str(caught.value)
+
+
+# -- the scheduler's order ---------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_blob_of_tens_of_mb_splits_over_idle_connections(hub: HubEmulator, tmp_path: Path) -> None:
+    data = os.urandom(24 * MiB + 11)
+    repo = make_repo(hub, {"mid.bin": data}, read_timeout=10, operation_timeout=30)
+    store = BlobStore(tmp_path / "store", max_connections=4, timeout=10)  # default 64 MiB threshold
+    try:
+        entry = repo.stat("mid.bin")
+        assert store.materialize(entry.content_id or "", repo, entry).read_bytes() == data
+    finally:
+        store.close()
+    assert len(hub.requests("mid.bin", "GET")) > 1  # several ranges at once
+    assert hub.bytes_served("mid.bin") == len(data)
+
+
+@pytest.mark.timeout(90)
+def test_an_open_jumps_the_read_ahead_queue_and_joins_a_read_ahead_in_flight(hub: HubEmulator, tmp_path: Path) -> None:
+    files = {f"s{i}.bin": os.urandom(MiB + i) for i in range(6)}
+    repo = make_repo(hub, files, read_timeout=10, operation_timeout=30)
+    hub.faults.add("*/s*.bin", "latency", seconds=0.5, methods=("GET",))  # one at a time, slowly
+    store = BlobStore(tmp_path / "store", max_connections=1, timeout=10)
+    entries = {name: repo.stat(name) for name in files}
+    try:
+        for entry in entries.values():
+            store.prefetch(entry.content_id or "", repo, entry)
+        time.sleep(0.2)  # s0 is being read ahead now; s1..s5 are queued
+        opened = store.materialize(entries["s5.bin"].content_id or "", repo, entries["s5.bin"])
+        assert opened.read_bytes() == files["s5.bin"]
+        # s1 is being read ahead (or next in the queue): the open joins it, no second transfer.
+        assert (
+            store.materialize(entries["s1.bin"].content_id or "", repo, entries["s1.bin"]).read_bytes()
+            == (files["s1.bin"])
+        )
+        deadline = time.monotonic() + 30
+        while any(store.scheduler.read_ahead_status()[k] for k in ("queued", "in_flight")):
+            assert time.monotonic() < deadline, "read-ahead did not finish"
+            time.sleep(0.1)
+    finally:
+        store.close()
+    for name, data in files.items():
+        assert hub.bytes_served(f"/{name}") == len(data), name
+    # s5 left the queue for the open: fetched right after the one in flight, before s1..s4.
+    order = [r.path.rsplit("/", 1)[-1] for r in hub.requests("/resolve/", "GET")]
+    assert order == ["s0.bin", "s5.bin", "s1.bin", "s2.bin", "s3.bin", "s4.bin"], order
