@@ -81,6 +81,7 @@ class MountRuntime:
         self._reporter: threading.Thread | None = None
         self.device: int | None = None  # st_dev of the live mount, to notice a lazy detach
         self.telemetry = telemetry.Telemetry()
+        self.telemetry.provide("read_ahead", self.store.scheduler.read_ahead_status)
         self.metrics: telemetry.Metrics | None = None
         self.status_server: telemetry.StatusServer | None = None
         self._start_telemetry()
@@ -157,7 +158,7 @@ class MountRuntime:
         if config.read_ahead != "off":
             from .views.shardsets import ReadAhead
 
-            view.read_ahead = ReadAhead(self.store, config.read_ahead, view.local_path).opened
+            view.read_ahead = ReadAhead(self.store, config.read_ahead, view).opened
         return view
 
     def _check_download_access(self, view: Any, repo_type: str, repo_id: str, revision: str) -> None:
@@ -215,7 +216,6 @@ class MountRuntime:
             "transfers": {"http": {"count": s.fetches, "bytes": s.bytes_fetched}, "xet": {"count": 0, "bytes": 0}},
             "in_flight": [dataclasses.asdict(p) for p in self.store.in_flight()],
             "metrics_addr": self.metrics.address if self.metrics else None,
-            "read_ahead": self.store.scheduler.read_ahead_status(),
         }
         status.update(self.telemetry.sections())
         return status

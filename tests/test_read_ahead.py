@@ -159,7 +159,7 @@ def test_read_ahead_and_connection_knobs_three_ways() -> None:
     from hffs_neuron.errors import UsageError
     from mountctl.cli import build_parser, mount_helper_argv
 
-    argv = mount_helper_argv(["hub-cache", "/mnt/hf", "-o", "read_ahead=off,max_connections=4"])
+    argv, _ = mount_helper_argv(["hub-cache", "/mnt/hf", "-o", "read_ahead=off,max_connections=4"])
     assert argv[argv.index("--read-ahead") + 1] == "off" and argv[argv.index("--max-connections") + 1] == "4"
     args = build_parser().parse_args(argv)
     assert (args.read_ahead, args.max_connections) == ("off", 4)

@@ -216,6 +216,21 @@ class MergedView:
             return rel
         return f"{self.upper}/{rel}" if rel else self.upper
 
+    def layer_has(self, path: str) -> bool:
+        """Is there a local entry at view path `path` (any kind; a symlink is not followed)?"""
+        try:
+            return self.local.exists(self._rel(path))
+        except (OSError, ValueError):
+            return False
+
+    def open_layer_file(self, path: str) -> int | None:
+        """A read-only fd of the regular local file at view path `path`; None if there is none (a
+        symlink there is not followed: None too)."""
+        try:
+            return self.local.open(self._rel(path), os.O_RDONLY)
+        except (OSError, ValueError):
+            return None
+
     def _lstat(self, rel: str) -> os.stat_result | None:
         """lstat in the layer: None when absent (or below a non-directory); a planted symlink on the
         way is ELOOP, never followed and never mistaken for absence."""

@@ -28,6 +28,7 @@ from ..remote.hub import HubRepo
 from ..store.blobstore import BlobStore, blob_key
 from ..store.scheduler import READ_AHEAD
 from .hubcache import repo_folder
+from .merged import MergedView
 
 logger = logging.getLogger(__name__)
 
@@ -81,10 +82,10 @@ def _weight_map_files(entry: RemoteEntry, read_index: Callable[[RemoteEntry], by
 class ReadAhead:
     """The read-ahead policy of a hub-cache mount (`--read-ahead shards|snapshot`)."""
 
-    def __init__(self, store: BlobStore, mode: str, local_path: Callable[[str], str]):
+    def __init__(self, store: BlobStore, mode: str, layer: MergedView):
         self.store = store
         self.mode = mode
-        self._local_path = local_path  # the view's path in its backing (files there are never fetched)
+        self._layer = layer  # the view: blobs its backing already holds are never fetched
         self._planned: set[tuple[str, str]] = set()  # (commit, path) already covered by a plan
         self._lock = threading.Lock()
 
@@ -103,15 +104,15 @@ class ReadAhead:
         files = {e.path: e for e in repo.files()}
         folder = repo_folder(repo.repo_type, repo.repo_id)
 
-        def local(member: RemoteEntry) -> str | None:
-            path = self._local_path(f"{folder}/blobs/{member.content_id}")
-            return path if os.path.lexists(path) else None
+        def local(member: RemoteEntry) -> bool:
+            return self._layer.layer_has(f"{folder}/blobs/{member.content_id}")
 
         def read_index(index: RemoteEntry) -> bytes:
-            path = local(index)
-            if path is None:
+            fd = self._layer.open_layer_file(f"{folder}/blobs/{index.content_id}")
+            if fd is None:  # not in the backing (or a link there, never followed): the store's copy
                 path = self.store.materialize(index.content_id or "", repo, index, READ_AHEAD)
-            with open(path, "rb") as f:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
                 return f.read(_MAX_INDEX_BYTES)
 
         members = sorted(files) if self.mode == "snapshot" else shard_set(entry.path, files, read_index)
