@@ -31,6 +31,7 @@ logger = logging.getLogger("hffs_neuron.daemon")
 # Mount-time resolution of the bucket / pinned repos: deadline (seconds) and retries.
 SETUP_TIMEOUT = 10.0
 SETUP_RETRIES = 2
+_NO_PUBLISH = {"mode": "off", "published": 0, "pending": 0}
 
 
 class MountRuntime:
@@ -50,7 +51,10 @@ class MountRuntime:
         self.store = BlobStore(cache_dir / "blobs-store", max_size=parse_size(config.cache_size))
         self.meta = MetadataCache(ttl=config.metadata_ttl, negative_ttl=config.negative_ttl)
         self.view = self._build_view_failing_fast(cache_dir)
-        self.ops = FuseOperations(self.view, negative_timeout=min(config.negative_ttl, 5.0), on_init=self._on_init)
+        self.publisher = self._neff_follow_and_publish()
+        # The kernel's negative entries must not add to --negative-ttl: a module published by another node
+        # shows within the TTL (probe mode) plus a second, kernel caches included.
+        self.ops = FuseOperations(self.view, negative_timeout=config.negative_ttl / 2, on_init=self._on_init)
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._reporter: threading.Thread | None = None
@@ -115,6 +119,20 @@ class MountRuntime:
             self._check_download_access(view, *spec)
         return view
 
+    def _neff_follow_and_publish(self) -> Any:
+        """NEFF view: probe mode for names published elsewhere, and the publisher if `--publish`."""
+        if self.config.view != "neff":
+            return None
+        from .neff_publisher import NeffPublisher
+        from .views.neff_probe import NameProber
+
+        self.view.prober = NameProber(self.view.remote, self.config.negative_ttl)
+        if not self.config.publish:
+            return None
+        publisher = NeffPublisher(self.view.local_root, self.view.remote)
+        self.view.on_change = publisher.notify
+        return publisher
+
     def _check_download_access(self, view: Any, repo_type: str, repo_id: str, revision: str) -> None:
         """Read one byte of a pinned gated repo: its metadata is public, its files are not.
 
@@ -135,6 +153,8 @@ class MountRuntime:
             raise RemoteAccessDenied(f"{repo_type} {repo.repo_id} is gated: {exc}") from exc
 
     def _on_init(self) -> None:
+        if self.publisher is not None:
+            self.publisher.start()
         self.ready.set()
         self._reporter = threading.Thread(target=self._report_loop, name="hffs-stats", daemon=True)
         self._reporter.start()
@@ -162,6 +182,8 @@ class MountRuntime:
                 "http_requests": self.http.requests_sent,
             },
             "in_flight": [dataclasses.asdict(p) for p in self.store.in_flight()],
+            "publish": self.publisher.stats() if self.publisher else {**_NO_PUBLISH, "failed": []},
+            "follow": "probe" if self.config.view == "neff" else "ttl",
         }
 
     def attached(self) -> bool:
@@ -199,6 +221,8 @@ class MountRuntime:
         state = read_state(self.config.mountpoint)
         if state is not None and state.get("pid") == os.getpid():
             forget_state(self.config.mountpoint)
+        if self.publisher is not None:
+            self.publisher.close()
         self.store.close()
         self.http.close()
 

@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     neff.add_argument("--prefix", default=None, help="mount this folder of the bucket")
     neff.add_argument("--read-only", action="store_true", help="refuse writes with EROFS")
     neff.add_argument("--show-model-area", action="store_true", help="also show the per-model area, read-only")
+    neff.add_argument(
+        "--publish",
+        action=argparse.BooleanOptionalAction,
+        default=constants.PUBLISH,
+        help="publish local modules to the bucket once complete (default: $HFFS_PUBLISH, else off)",
+    )
     _common_mount_options(neff)
     hub = views.add_parser("hub-cache", help="a lazy, case-insensitive HF_HUB_CACHE")
     hub.add_argument("mountpoint")
@@ -158,7 +164,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
     parse_size(args.cache_size)
     if args.view == "neff":
         source = args.bucket_id
-        options.update(prefix=args.prefix, read_only=args.read_only, show_model_area=args.show_model_area)
+        options.update(
+            prefix=args.prefix, read_only=args.read_only, show_model_area=args.show_model_area, publish=args.publish
+        )
     else:
         source = ""
         options.update(backing=os.path.abspath(args.backing) if args.backing else None, repos=args.repo)
@@ -305,7 +313,8 @@ _GENERIC_OPTIONS = {
     "sync", "async", "loop",
 }  # fmt: skip
 _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other": "--allow-other",
-                 "show_model_area": "--show-model-area", "foreground": "--foreground"}  # fmt: skip
+                 "show_model_area": "--show-model-area", "foreground": "--foreground",
+                 "publish": "--publish", "nopublish": "--no-publish"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
                   "endpoint", "token_file", "log_file", "log_level", "timeout"}  # fmt: skip
 

@@ -1198,14 +1198,14 @@ class HubEmulator:
         canonical, directory = self._get_bucket(bucket_id)
         key = f"bucket:{canonical.lower()}"
         if req.method in ("GET", "HEAD") and not rest:
-            files = self._bucket_listing(directory, "", recursive=True)
+            sizes = [p.stat().st_size for p in directory.rglob("*") if p.is_file()]  # no hashing: just totals
             return _json(
                 {
                     "id": canonical,
                     "private": False,
                     "createdAt": _iso(directory.stat().st_ctime),
-                    "size": sum(i["size"] for i in files),
-                    "totalFiles": len(files),
+                    "size": sum(sizes),
+                    "totalFiles": len(sizes),
                 }
             )
         if req.method in ("GET", "HEAD") and rest[:1] == ["tree"]:
