@@ -65,16 +65,19 @@ class NameProber:
     def probe(self, parent: str, name: str) -> bool:
         """`name` is missing from `parent`'s listing: ask upstream if that listing is old enough.
 
-        Returns True if `parent`'s children changed (the caller looks `name` up again).
+        Returns True if `name` is now among `parent`'s children (found by this probe or a concurrent
+        one): the caller looks it up again.
         """
         target = _probe_target(parent, name)
         if target is None:
             return False
         with self._lock:
             seen = self._seen.get(parent)
-            now = time.monotonic()
-            if seen is None or now - seen.since < self.negative_ttl or target in self._recent:
+            if seen is None:
                 return False
+            now = time.monotonic()
+            if now - seen.since < self.negative_ttl or target in self._recent:
+                return name in seen.merged
             future = self._inflight.get(target)
             leader = future is None
             if leader:
@@ -82,42 +85,42 @@ class NameProber:
                     return False
                 future = Future()
                 self._inflight[target] = future
+                self.probes += 1
         if not leader:
-            return future.result(timeout=constants.OPERATION_TIMEOUT)
-        changed = False
-        try:
-            changed = self._probe(seen, parent, name, target)
-        finally:
-            with self._lock:
-                self._recent[target] = True
-                self._inflight.pop(target, None)
-            future.set_result(changed)
-        return changed
-
-    def _probe(self, seen: _Seen, parent: str, name: str, target: str) -> bool:
+            future.result(timeout=constants.OPERATION_TIMEOUT)
+        else:
+            try:
+                self._probe(seen, parent, name, target)
+            finally:
+                with self._lock:
+                    self._recent[target] = True
+                    self._inflight.pop(target, None)
+                future.set_result(None)
         with self._lock:
-            self.probes += 1
+            seen = self._seen.get(parent)
+            return seen is not None and name in seen.merged
+
+    def _probe(self, seen: _Seen, parent: str, name: str, target: str) -> None:
         try:
             entries = self.remote.list(target)
         except RemoteNotFound:
             entries = []
         except HffsError as exc:  # transient: answer from the listing; the next probe may do better
             logger.debug("probe of %s failed: %s", target, exc)
-            return False
+            return
         if target == parent:  # a small directory (the root, one module) listed again: it replaces
             merged = {e.name: e for e in entries}
         elif entries:  # a module found in a large version directory: added to it
             merged = {**seen.merged, name: RemoteEntry(path=target, is_dir=True)}
         else:
-            return False
+            return
         with self._lock:
             if self._seen.get(parent) is not seen:  # the listing was reloaded meanwhile: it is newer
-                return False
+                return
             seen.merged = merged
             if target == parent:
                 seen.since = time.monotonic()
         logger.debug("probe of %s: %s %s", target, name, "found" if name in merged else "absent")
-        return name in merged
 
     def _take_token(self, now: float) -> bool:
         self._tokens = min(PROBE_BURST, self._tokens + (now - self._refilled) * PROBE_RATE)
