@@ -224,6 +224,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         for f in s.get("in_flight", []):
             pct = 100 * f["done"] / f["total"] if f["total"] else 100
             print(f"  fetching {f['name']}: {_human(f['done'])} / {_human(f['total'])} ({pct:.0f}%)")
+        publish = s.get("publish") or {}
+        if publish.get("mode", "off") != "off":
+            print(
+                f"  publish {publish['mode']}: {publish['published']} published, {publish['pending']} pending, "
+                f"{len(publish['failed'])} failed"
+            )
+            for failure in publish["failed"]:
+                print(f"  not published {failure['module']}: {failure['reason']}")
+        if s.get("follow"):
+            print(f"  follow upstream: {s['follow']}")
         if s.get("log_file"):
             print(f"  log {s['log_file']}")
     return 0
