@@ -31,6 +31,7 @@ logger = logging.getLogger("hffs_neuron.daemon")
 # Mount-time resolution of the bucket / pinned repos: deadline (seconds) and retries.
 SETUP_TIMEOUT = 10.0
 SETUP_RETRIES = 2
+KERNEL_NEGATIVE_TIMEOUT = 1.0
 _NO_PUBLISH = {"mode": "off", "published": 0, "pending": 0}
 
 
@@ -52,9 +53,10 @@ class MountRuntime:
         self.meta = MetadataCache(ttl=config.metadata_ttl, negative_ttl=config.negative_ttl)
         self.view = self._build_view_failing_fast(cache_dir)
         self.publisher = self._neff_follow_and_publish()
-        # The kernel's negative entries must not add to --negative-ttl: a module published by another node
-        # shows within the TTL (probe mode) plus a second, kernel caches included.
-        self.ops = FuseOperations(self.view, negative_timeout=config.negative_ttl / 2, on_init=self._on_init)
+        # A module published by another node must show within --negative-ttl + 1 s, kernel caches included:
+        # the daemon's answer may be a TTL old, so the kernel keeps a "not found" a second at most.
+        negative_timeout = min(config.negative_ttl / 2, KERNEL_NEGATIVE_TIMEOUT)
+        self.ops = FuseOperations(self.view, negative_timeout=negative_timeout, on_init=self._on_init)
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._reporter: threading.Thread | None = None
