@@ -31,8 +31,8 @@ logger = logging.getLogger("hffs_neuron.daemon")
 # Mount-time resolution of the bucket / pinned repos: deadline (seconds) and retries.
 SETUP_TIMEOUT = 10.0
 SETUP_RETRIES = 2
+# Longest the kernel keeps a "not found" (seconds; at most half of --negative-ttl too).
 KERNEL_NEGATIVE_TIMEOUT = 1.0
-_NO_PUBLISH = {"mode": "off", "published": 0, "pending": 0}
 
 
 class MountRuntime:
@@ -184,7 +184,9 @@ class MountRuntime:
                 "http_requests": self.http.requests_sent,
             },
             "in_flight": [dataclasses.asdict(p) for p in self.store.in_flight()],
-            "publish": self.publisher.stats() if self.publisher else {**_NO_PUBLISH, "failed": []},
+            "publish": self.publisher.stats()
+            if self.publisher
+            else {"mode": "off", "published": 0, "pending": 0, "failed": []},
             "follow": "probe" if self.config.view == "neff" else "ttl",
         }
 

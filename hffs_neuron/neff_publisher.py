@@ -141,13 +141,14 @@ class NeffPublisher:
                 if self._blocked is not None:
                     self._fail(module, self._blocked)
                     continue
-                if publish.already_published(self.bucket, module, files):
+                files = publish.unpublished(self.bucket, module, files)
+                if not files:
                     self._done(module)
                     continue
             except Exception as exc:  # noqa: BLE001 - the bucket check failed: retry or report
                 self._failure([module], exc)
                 continue
-            ready.append((module, [(str(f), publish.remote_path(self.bucket, f"{module}/{f.name}")) for f in files]))
+            ready.append((module, publish.additions(self.bucket, module, files)))
         if not ready:
             return
         try:

@@ -75,17 +75,22 @@ def publishable_files(module_dir: Path) -> tuple[str | None, list[Path]]:
     return None, sorted(files)
 
 
-def already_published(bucket: Bucket, module: str, files: Sequence[Path]) -> bool:
-    """True if the bucket holds every one of `files` under `module`, with the same sizes."""
+def unpublished(bucket: Bucket, module: str, files: Sequence[Path]) -> list[Path]:
+    """The `files` of `module` the bucket lacks or holds with another size (none: already published).
+
+    After an interrupted publish (the rest uploaded, the marker not) only what is missing goes again.
+    """
     try:
-        remote = {e.name: e for e in bucket.list(module) if not e.is_dir}
+        remote = {e.name: e.size for e in bucket.list(module) if not e.is_dir}
     except RemoteNotFound:
-        return False
-    return all(f.name in remote and remote[f.name].size == f.stat().st_size for f in files)
+        return list(files)
+    return [f for f in files if remote.get(f.name) != f.stat().st_size]
 
 
-def remote_path(bucket: Bucket, rel: str) -> str:
-    return f"{bucket.prefix}/{rel}" if bucket.prefix else rel
+def additions(bucket: Bucket, module: str, files: Sequence[Path]) -> Additions:
+    """(local path, path in the bucket) of each of a module's `files`."""
+    prefix = f"{bucket.prefix}/" if bucket.prefix else ""
+    return [(str(f), f"{prefix}{module}/{f.name}") for f in files]
 
 
 def upload_to_bucket(api: Any, bucket_id: str, additions: Additions) -> None:
@@ -113,12 +118,14 @@ def plan_push(upper: Path, bucket: Bucket) -> PushPlan:
     plan = PushPlan()
     for rel in local_modules(upper):
         reason, files = publishable_files(upper / rel)
-        if reason is None and already_published(bucket, rel, files):
-            reason = "already published (same files and sizes in the bucket)"
+        if reason is None:
+            files = unpublished(bucket, rel, files)
+            if not files:
+                reason = "already published (same files and sizes in the bucket)"
         if reason:
             plan.skipped.append((rel, reason))
             continue
-        plan.upload.append((rel, [(str(f), remote_path(bucket, f"{rel}/{f.name}")) for f in files]))
+        plan.upload.append((rel, additions(bucket, rel, files)))
     return plan
 
 

@@ -203,6 +203,17 @@ def test_transient_failures_are_retried(hub: HubEmulator, mounts: Mounts, seam_e
     assert state_of(mp)["publish"]["failed"] == []
 
 
+def test_an_interrupted_publish_sends_only_what_is_missing(
+    hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str]
+) -> None:
+    bucket = build_neff_bucket(hub)
+    env = dict(seam_env, HFFS_TEST_UPLOAD_FAIL="503@2")  # the done marker's call fails once
+    mp = Path(mounts("neff", bucket["bucket_id"], publish=True, env=env).mountpoint)
+    module = compile_module(mp, module_name(11))
+    wait_for((hub.bucket_dir(bucket["bucket_id"]) / module / "model.done").exists, 20, "the module in the bucket")
+    assert uploads(env) == [sorted(f"{module}/{n}" for n in BODY), [f"{module}/model.done"], [f"{module}/model.done"]]
+
+
 def test_already_published_module_is_not_uploaded_again(
     hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str]
 ) -> None:

@@ -4,8 +4,8 @@ Put this directory on a daemon's PYTHONPATH with HFFS_TEST_BUCKETS=<emulator roo
 imports `sitecustomize` at start, and this one replaces only `hffs_neuron.publish.upload_to_bucket`,
 the one function that performs the `batch_bucket_files` call, with one that writes each file into the
 emulator's bucket directory (temp file + rename, as a real upload appears whole). Every call is recorded
-as a JSON line in HFFS_TEST_UPLOAD_LOG. HFFS_TEST_UPLOAD_FAIL="<status>[x<count>]" makes the first
-<count> calls (default: all) fail with that HTTP status, as the Hub would answer.
+as a JSON line in HFFS_TEST_UPLOAD_LOG. HFFS_TEST_UPLOAD_FAIL makes calls fail with an HTTP status, as
+the Hub would answer: "<status>" every call, "<status>x<n>" the first n, "<status>@<k>" the k-th only.
 """
 
 from __future__ import annotations
@@ -22,14 +22,22 @@ if _buckets:
     from hffs_neuron import publish
 
     _fail = os.environ.get("HFFS_TEST_UPLOAD_FAIL", "")
-    _status, _, _count = _fail.partition("x")
-    _failures_left = [int(_count) if _count else (1 << 30) if _status else 0]
+    _status, _, _only = _fail.partition("@")
+    _status, _, _first = _status.partition("x")
+    _calls = [0]
+
+    def _fails(call: int) -> bool:
+        if not _status:
+            return False
+        if _only:
+            return call == int(_only)
+        return not _first or call <= int(_first)
 
     def upload_to_bucket(api: object, bucket_id: str, additions: list[tuple[str, str]]) -> None:
         with open(os.environ["HFFS_TEST_UPLOAD_LOG"], "a") as log:
             log.write(json.dumps({"bucket": bucket_id, "add": [dest for _, dest in additions]}) + "\n")
-        if _failures_left[0] > 0:
-            _failures_left[0] -= 1
+        _calls[0] += 1
+        if _fails(_calls[0]):
             request = httpx2.Request("POST", f"http://hub/api/buckets/{bucket_id}/batch")
             raise HfHubHTTPError(f"{_status} injected", response=httpx2.Response(int(_status), request=request))
         for src, dest in additions:
