@@ -16,6 +16,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,12 +70,12 @@ def compile_module(mp: Path, name: str, neff: bytes = NEFF, *, release_lock: boo
     return f"{VERSION}/{name}"
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):  # noqa: ANN001, ANN201
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> None:
+    """Poll `predicate` until it is true; fail the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
+        if predicate():
+            return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
