@@ -127,9 +127,12 @@ def test_push_selects_complete_modules_and_is_idempotent(hub: HubEmulator, mount
     assert modules["complete"] not in skipped
 
     plan = push(state, api=api)
-    assert len(api.calls) == 1
-    bucket_id, added = api.calls[0]
-    assert bucket_id == bucket["bucket_id"]
+    # Two calls: every other file first, the done markers only once those succeeded.
+    assert len(api.calls) == 2
+    assert {bucket_id for bucket_id, _ in api.calls} == {bucket["bucket_id"]}
+    assert all(not dest.endswith("/model.done") for _, dest in api.calls[0][1])
+    assert all(dest.endswith("/model.done") for _, dest in api.calls[1][1])
+    added = api.calls[0][1] + api.calls[1][1]
     destinations = sorted(dest for _, dest in added)
     expected = [
         f"{modules['complete']}/{n}" for n in ("compile_flags.json", "model.done", "model.hlo_module.pb", "model.neff")
@@ -142,7 +145,7 @@ def test_push_selects_complete_modules_and_is_idempotent(hub: HubEmulator, mount
         assert api.uploaded[dest] == (mp / dest).read_bytes()
 
     again = push(state, api=api)
-    assert len(api.calls) == 1  # nothing new: no upload call at all
+    assert len(api.calls) == 2  # nothing new: no upload call at all
     assert again.upload == []
     assert "already published" in dict(again.skipped)[modules["complete"]]
     assert "already published" in dict(again.skipped)[noisy]
@@ -170,7 +173,10 @@ def test_push_with_prefix(hub: HubEmulator, mount_neff: MountFn) -> None:
     module = _write_module(mp, "MODULE_66666666666666666666+ffffffff", {"model.neff": b"neff6", "model.done": b""})
     api = FakeApi(hub)
     push(_state_of(mp), api=api)
-    assert sorted(dest for _, dest in api.calls[0][1]) == [f"team-a/{module}/model.done", f"team-a/{module}/model.neff"]
+    assert [dest for _, add in api.calls for _, dest in add] == [
+        f"team-a/{module}/model.neff",
+        f"team-a/{module}/model.done",
+    ]
     assert (hub.bucket_dir("org/shared") / "team-a" / module / "model.neff").read_bytes() == b"neff6"
     assert push(_state_of(mp), api=api).upload == []
 

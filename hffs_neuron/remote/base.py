@@ -12,9 +12,12 @@ logger = logging.getLogger(__name__)
 _MAX_NAME_BYTES = 255  # NAME_MAX on Linux
 
 
+XET = "xet"  # Digest algo of bucket files: hashed from the complete file (see store/verify.py)
+
+
 @dataclass(frozen=True)
 class Digest:
-    """A content hash the downloaded bytes must match: `algo` is "sha256" or "git-sha1"."""
+    """A content hash the downloaded bytes must match: `algo` is "sha256", "git-sha1" or "xet"."""
 
     algo: str
     hexdigest: str

@@ -32,7 +32,8 @@ from pathlib import Path
 from .. import constants
 from ..errors import CacheFull, HffsError, IntegrityError, RemoteUnavailable
 from ..proc import pid_alive
-from ..remote.base import Digest, Remote, RemoteEntry
+from ..remote.base import XET, Digest, Remote, RemoteEntry
+from .verify import verify_download
 
 logger = logging.getLogger(__name__)
 
@@ -246,8 +247,7 @@ class BlobStore:
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
-            if entry.digest and actual != entry.digest.hexdigest:
-                raise IntegrityError(f"{entry.path}: content does not match its {entry.digest.algo}; discarded")
+            verify_download(tmp, entry, actual)
             os.fsync(fd)
             os.chmod(tmp, 0o444)  # blobs are immutable
             os.replace(tmp, path)
@@ -271,7 +271,7 @@ class BlobStore:
         progress = self._progress.get(key)
         aborted = threading.Event()
         size = entry.size
-        hasher = new_hasher(entry.digest, size) if entry.digest else None
+        hasher = new_hasher(entry.digest, size) if entry.digest and entry.digest.algo != XET else None
 
         def sink(offset: int, data: bytes) -> None:
             if aborted.is_set():  # another range failed: stop this one at its next chunk

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any, Union
 from urllib.parse import parse_qs, quote, unquote, urlencode, urlsplit
 
+import hf_xet
+
 logger = logging.getLogger(__name__)
 
 #: Files at least this large are stored as LFS files by default (the Hub's own rule of thumb).
@@ -621,7 +623,7 @@ class HubEmulator:
         self._repos: dict[str, _Repo] = {}
         self._trees: dict[str, _TreeIndex] = {}
         self._overrides: dict[str, list[dict[str, Any]]] = {}
-        self._hashes: dict[str, tuple[int, int, str]] = {}  # abs path -> (size, mtime_ns, sha256)
+        self._hashes: dict[str, tuple[int, int, str]] = {}  # "algo:abs path" -> (size, mtime_ns, hash)
         self._stats_lock = threading.Condition()
         self._records: list[RequestRecord] = []
         self._active = 0  # responses being written right now
@@ -883,24 +885,28 @@ class HubEmulator:
                         return f"{ns.name}/{b.name}", b
         return None
 
-    def _content_sha256(self, path: Path, st: os.stat_result) -> str:
-        """sha256 of a bucket file, cached by (size, mtime_ns): rewriting the file invalidates it."""
-        key = str(path)
+    def _content_hash(self, path: Path, st: os.stat_result, algo: str = "sha256") -> str:
+        """sha256 (the ETag) or xet hash (the listing's ``xetHash``, computed as clients do with
+        ``hf_xet.hash_files``) of a bucket file, cached by (size, mtime_ns): rewriting it invalidates it."""
+        key = f"{algo}:{path}"
         with self._lock:
             cached = self._hashes.get(key)
         if cached is not None and cached[:2] == (st.st_size, st.st_mtime_ns):
             return cached[2]
-        sha256, _ = _hash_file(path, with_git_sha1=False)
+        if algo == "xet":
+            digest = hf_xet.hash_files([str(path)])[0].hash
+        else:
+            digest = _hash_file(path, with_git_sha1=False)[0]
         with self._lock:
-            self._hashes[key] = (st.st_size, st.st_mtime_ns, sha256)
-        return sha256
+            self._hashes[key] = (st.st_size, st.st_mtime_ns, digest)
+        return digest
 
     def _bucket_file_item(self, directory: Path, rel: str, st: os.stat_result) -> dict[str, Any]:
         return {
             "type": "file",
             "path": rel,
             "size": st.st_size,
-            "xetHash": self._content_sha256(directory / rel, st),
+            "xetHash": self._content_hash(directory / rel, st, "xet"),
             "mtime": _iso(st.st_mtime),
             "uploadedAt": _iso(st.st_mtime),
         }
@@ -1192,14 +1198,14 @@ class HubEmulator:
         canonical, directory = self._get_bucket(bucket_id)
         key = f"bucket:{canonical.lower()}"
         if req.method in ("GET", "HEAD") and not rest:
-            files = self._bucket_listing(directory, "", recursive=True)
+            sizes = [p.stat().st_size for p in directory.rglob("*") if p.is_file()]  # no hashing: just totals
             return _json(
                 {
                     "id": canonical,
                     "private": False,
                     "createdAt": _iso(directory.stat().st_ctime),
-                    "size": sum(i["size"] for i in files),
-                    "totalFiles": len(files),
+                    "size": sum(sizes),
+                    "totalFiles": len(sizes),
                 }
             )
         if req.method in ("GET", "HEAD") and rest[:1] == ["tree"]:
@@ -1231,7 +1237,7 @@ class HubEmulator:
         if target is None or not target.is_file():
             raise _HubError(404, "EntryNotFound", "Entry not found")
         st = target.stat()
-        sha256 = self._content_sha256(target, st)
+        sha256 = self._content_hash(target, st)
         return _file_response(target, st.st_size, sha256, req, {"Accept-Ranges": "bytes"})
 
 
