@@ -144,10 +144,16 @@ def test_poison_is_never_published(hub: HubEmulator, mounts: Mounts, seam_env: d
     no_done = mp / VERSION / module_name(4)
     no_done.mkdir()
     (no_done / "model.neff").write_bytes(b"neff without its done marker")
-    # A complete module that kept a log of warnings and a FUSE hidden file: published without them.
+    # A complete module that kept a log of warnings, and a file deleted while still open (libfuse keeps it
+    # as .fuse_hidden*: often a held lock) that holds it back until the holder lets go: then it is
+    # published, without the log.
     noisy = compile_module(mp, module_name(5))
     (mp / noisy / "model.log").write_bytes(b"WARNING: something\n")
-    (mp / noisy / ".fuse_hidden0000000a00000001").write_bytes(b"x")
+    hidden = mp / noisy / ".fuse_hidden0000000a00000001"
+    hidden.write_bytes(b"x")
+    time.sleep(2.5)  # debounce (1 s) and then some
+    assert not (bucket_dir / noisy).exists()
+    hidden.unlink()  # the last close: libfuse removes the hidden file
 
     wait_for((bucket_dir / noisy / "model.done").exists, 15, "the complete module in the bucket")
     time.sleep(2.5)  # debounce (1 s) and then some: whatever would be published has been
@@ -213,6 +219,26 @@ def test_an_interrupted_publish_sends_only_what_is_missing(
     module = compile_module(mp, module_name(11))
     wait_for((hub.bucket_dir(bucket["bucket_id"]) / module / "model.done").exists, 20, "the module in the bucket")
     assert uploads(env) == [sorted(f"{module}/{n}" for n in BODY), [f"{module}/model.done"], [f"{module}/model.done"]]
+
+
+def test_publisher_uploads_regular_files_only(
+    hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A client plants a symlink to a root-only file in a module being compiled: the publisher (push's code)
+    never follows it and publishes the module's regular files."""
+    bucket = build_neff_bucket(hub)
+    bucket_dir = hub.bucket_dir(bucket["bucket_id"])
+    mp = Path(mounts("neff", bucket["bucket_id"], publish=True, env=seam_env).mountpoint)
+    secret = tmp_path / "root-only"
+    secret.write_bytes(b"root's secret")
+    secret.chmod(0o600)
+    name = module_name(12)
+    (mp / VERSION / name).mkdir(parents=True)
+    os.symlink(secret, mp / VERSION / name / "wrapped_neff.hlo")
+    module = compile_module(mp, name)
+    wait_for((bucket_dir / module / "model.done").exists, 15, "the module in the bucket")
+    assert uploads(seam_env) == [sorted(f"{module}/{n}" for n in BODY), [f"{module}/model.done"]]
+    assert not (bucket_dir / module / "wrapped_neff.hlo").exists()
 
 
 def test_already_published_module_is_not_uploaded_again(

@@ -18,7 +18,9 @@ import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
 
-from hffs_neuron.publish import push
+from hffs_neuron.publish import UPLOAD_BATCH_FILES, additions, publish_modules, push
+from hffs_neuron.remote.bucket import Bucket
+from hffs_neuron.remote.http import HubHttp
 from hffs_neuron.runtime import read_states
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
@@ -36,11 +38,13 @@ class FakeApi(HfApi):
         super().__init__(endpoint=hub.url, **kwargs)
         self.hub = hub
         self.calls: list[tuple[str, list[tuple[str, str]]]] = []
+        self.fds_during_calls: list[int] = []  # fds open in this process while each call ran
         self.uploaded: dict[str, bytes] = {}  # destination -> bytes read from the source given
 
     def batch_bucket_files(self, bucket_id: str, *, add: Any = None, copy: Any = None, delete: Any = None, **_: Any):
         assert not copy and not delete  # push only ever adds
         add = [(str(src), dest) for src, dest in add or []]
+        self.fds_during_calls.append(len(os.listdir("/proc/self/fd")))
         self.calls.append((bucket_id, add))
         root = self.hub.bucket_dir(bucket_id)
         for src, dest in add:
@@ -293,3 +297,35 @@ def test_upload_opens_files_without_following_symlinks(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         _open_module_files(upper, f"{VERSION}/MODULE_2", ["model.neff"])
     assert len(os.listdir("/proc/self/fd")) == open_fds  # failed opens leave no fd behind
+
+
+def test_publish_modules_bounds_fds_and_sends_markers_after_the_rest(hub: HubEmulator, tmp_path: Path) -> None:
+    """300 modules (600 files) go in calls of at most UPLOAD_BATCH_FILES files, each batch's done markers in
+    a call after its other files; no more fds are held during a call than it uploads, none afterwards."""
+    bucket = Bucket(HubHttp(hub.url), build_neff_bucket(hub)["bucket_id"])
+    upper = tmp_path / "upper"
+    modules = []
+    for i in range(300):
+        rel = f"{VERSION}/MODULE_{i:020d}+{i:08x}"
+        (upper / rel).mkdir(parents=True)
+        (upper / rel / "model.neff").write_bytes(b"neff %d" % i)
+        (upper / rel / "model.done").write_bytes(b"")
+        modules.append((rel, additions(bucket, upper, rel, ["model.done", "model.neff"])))
+    api = FakeApi(hub)
+    open_fds = len(os.listdir("/proc/self/fd"))
+
+    assert publish_modules(api, bucket, upper, modules) == {}  # nothing changed since the check
+
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    sent = [[dest for _, dest in add] for _, add in api.calls]
+    assert all(0 < len(call) <= UPLOAD_BATCH_FILES for call in sent)
+    for call, fds in zip(sent, api.fds_during_calls, strict=True):
+        assert fds <= open_fds + len(call) + 1  # (+1: the listing's own fd)
+    position = {dest: n for n, call in enumerate(sent) for dest in call}
+    assert len(position) == 600
+    for rel, _ in modules:
+        assert position[f"{rel}/model.neff"] < position[f"{rel}/model.done"]
+    assert all(
+        all(d.endswith("/model.done") for d in call) != all(d.endswith("/model.neff") for d in call) for call in sent
+    )
+    assert api.uploaded[f"{modules[299][0]}/model.neff"] == b"neff 299"
