@@ -53,6 +53,7 @@ class MountConfig:
     prefix: str | None = None
     read_only: bool = False
     show_model_area: bool = False
+    publish: bool = constants.PUBLISH
     backing: str | None = None
     repos: list[str] = field(default_factory=list)  # "type:id@rev" or "id@rev"
     cache_dir: str = str(constants.CACHE_DIR)
@@ -107,6 +108,8 @@ def validate_config(config: MountConfig) -> None:
 
     if config.view == "neff":
         check_bucket_id(config.source)
+    elif config.publish:
+        raise UsageError("--publish works on NEFF mounts only")
     for spec in config.repos:
         parse_repo_spec(spec)
     parse_size(config.cache_size)

@@ -36,6 +36,8 @@ CACHE_SIZE = os.environ.get("HFFS_CACHE_SIZE", "50G")
 METADATA_TTL = _env_float("HFFS_METADATA_TTL", 60.0)
 # How long "does not exist" is trusted (most Neuron cache probes are misses).
 NEGATIVE_TTL = _env_float("HFFS_NEGATIVE_TTL", 5.0)
+# NEFF mounts: publish local modules to the bucket as soon as they are complete (`--publish`).
+PUBLISH = os.environ.get("HFFS_PUBLISH", "").strip().lower() in ("1", "true", "yes", "on")
 # Content at a pinned commit never changes: its metadata can be kept for a long time.
 PINNED_TTL = _env_float("HFFS_PINNED_TTL", 24 * 3600.0)
 METADATA_CACHE_ENTRIES = _env_int("HFFS_METADATA_CACHE_ENTRIES", 100_000)

@@ -46,6 +46,8 @@ logger = logging.getLogger("hffs_neuron.daemon")
 # Mount-time resolution of the bucket / pinned repos: deadline (seconds) and retries.
 SETUP_TIMEOUT = 10.0
 SETUP_RETRIES = 2
+# Longest the kernel keeps a "not found" (seconds; at most half of --negative-ttl too).
+KERNEL_NEGATIVE_TIMEOUT = 1.0
 
 
 class MountRuntime:
@@ -75,13 +77,22 @@ class MountRuntime:
             ttl=config.metadata_ttl, negative_ttl=config.negative_ttl, wait_timeout=config.timeout
         )
         self.view = self._build_view_failing_fast(cache_dir)
-        self.ops = FuseOperations(self.view, negative_timeout=min(config.negative_ttl, 5.0), on_init=self._on_init)
+        self.publisher = self._neff_follow_and_publish()
+        # A module published by another node must show within --negative-ttl + 1 s, kernel caches included:
+        # the daemon's answer may be a TTL old, so the kernel keeps a "not found" a second at most.
+        negative_timeout = min(config.negative_ttl / 2, KERNEL_NEGATIVE_TIMEOUT)
+        self.ops = FuseOperations(self.view, negative_timeout=negative_timeout, on_init=self._on_init)
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._reporter: threading.Thread | None = None
         self.device: int | None = None  # st_dev of the live mount, to notice a lazy detach
         self.telemetry = telemetry.Telemetry()
         self.telemetry.provide("read_ahead", self.store.scheduler.read_ahead_status)
+        # `publish` and `follow` stay neutral ("off", "ttl") but on NEFF mounts (probe mode, --publish).
+        if self.publisher is not None:
+            self.telemetry.provide("publish", self.publisher.stats)
+        if config.view == "neff":
+            self.telemetry.provide("follow", lambda: "probe")
         self.metrics: telemetry.Metrics | None = None
         self.status_server: telemetry.StatusServer | None = None
         self._start_telemetry()
@@ -161,6 +172,20 @@ class MountRuntime:
             view.read_ahead = ReadAhead(self.store, config.read_ahead, view).opened
         return view
 
+    def _neff_follow_and_publish(self) -> Any:
+        """NEFF view: probe mode for names published elsewhere, and the publisher if `--publish`."""
+        if self.config.view != "neff":
+            return None
+        from .neff_publisher import NeffPublisher
+        from .views.neff_probe import NameProber
+
+        self.view.prober = NameProber(self.view.remote, self.config.negative_ttl)
+        if not self.config.publish:
+            return None
+        publisher = NeffPublisher(os.path.join(self.view.state_dir, self.view.upper), self.view.remote)
+        self.view.on_change = publisher.notify
+        return publisher
+
     def _check_download_access(self, view: Any, repo_type: str, repo_id: str, revision: str) -> None:
         """Read one byte of a pinned gated repo: its metadata is public, its files are not.
 
@@ -171,6 +196,8 @@ class MountRuntime:
             repo.check_download_access()
 
     def _on_init(self) -> None:
+        if self.publisher is not None:
+            self.publisher.start()
         self.ready.set()
         self._reporter = threading.Thread(target=self._report_loop, name="hffs-stats", daemon=True)
         self._reporter.start()
@@ -195,7 +222,7 @@ class MountRuntime:
             "updated": time.time(),
             "log_file": self.config.log_file,
             "cache_dir": self.config.cache_dir,
-            "layer_dir": getattr(self.view, "state_dir", None) or getattr(self.view, "local_root", None),
+            "layer_dir": getattr(self.view, "state_dir", None) or self.view.local.root,
             "options": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("mountpoint",)},
             "cache": {
                 "dir": self.config.cache_dir,
@@ -274,6 +301,8 @@ class MountRuntime:
         if state is not None and state.get("pid") == os.getpid():
             forget_state(self.config.mountpoint)
         self.view.close()
+        if self.publisher is not None:
+            self.publisher.close()
         self.store.close()
         self.http.close()
 

@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     neff.add_argument("--prefix", default=None, help="mount this folder of the bucket")
     neff.add_argument("--read-only", action="store_true", help="refuse writes with EROFS")
     neff.add_argument("--show-model-area", action="store_true", help="also show the per-model area, read-only")
+    neff.add_argument(
+        "--publish",
+        action=argparse.BooleanOptionalAction,
+        default=constants.PUBLISH,
+        help="publish local modules to the bucket once complete (default: $HFFS_PUBLISH, else off)",
+    )
     _common_mount_options(neff)
     hub = views.add_parser("hub-cache", help="a lazy, case-insensitive HF_HUB_CACHE")
     hub.add_argument("mountpoint")
@@ -228,7 +234,9 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
     parse_size(args.cache_size)
     if args.view == "neff":
         source = args.bucket_id
-        options.update(prefix=args.prefix, read_only=args.read_only, show_model_area=args.show_model_area)
+        options.update(
+            prefix=args.prefix, read_only=args.read_only, show_model_area=args.show_model_area, publish=args.publish
+        )
     else:
         source = ""
         options.update(
@@ -299,11 +307,14 @@ def _render_status(states: list[dict], as_json: bool) -> str:
                 f"  publish ({pub['mode']}): published {pub['published']}  pending {pub['pending']}  "
                 f"failed {len(pub['failed'])}"
             )
+            lines += [f"  not published {f['module']}: {f['reason']}" for f in pub["failed"]]
         for lock in s.get("stale_locks", []):
             lines.append(f"  stale lock {lock['path']} (pid {lock['pid']}, {lock['age_s']:.0f}s old)")
         for f in s.get("in_flight", []):
             pct = 100 * f["done"] / f["total"] if f["total"] else 100
             lines.append(f"  fetching {f['name']}: {_human(f['done'])} / {_human(f['total'])} ({pct:.0f}%)")
+        if s.get("follow"):
+            lines.append(f"  follow upstream: {s['follow']}")
         if s.get("metrics_addr"):
             lines.append(f"  metrics http://{s['metrics_addr']}/metrics")
         if s.get("log_file"):
@@ -435,7 +446,8 @@ _GENERIC_OPTIONS = {
     "sync", "async", "loop",
 }  # fmt: skip
 _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other": "--allow-other",
-                 "show_model_area": "--show-model-area", "foreground": "--foreground"}  # fmt: skip
+                 "show_model_area": "--show-model-area", "foreground": "--foreground",
+                 "publish": "--publish", "nopublish": "--no-publish"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
                   "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group",
                   "max_resolutions_per_s",

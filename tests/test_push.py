@@ -18,7 +18,9 @@ import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
 
-from hffs_neuron.publish import push
+from hffs_neuron.publish import UPLOAD_BATCH_FILES, additions, publish_modules, push
+from hffs_neuron.remote.bucket import Bucket
+from hffs_neuron.remote.http import HubHttp
 from hffs_neuron.runtime import read_states
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
@@ -36,11 +38,13 @@ class FakeApi(HfApi):
         super().__init__(endpoint=hub.url, **kwargs)
         self.hub = hub
         self.calls: list[tuple[str, list[tuple[str, str]]]] = []
+        self.fds_during_calls: list[int] = []  # fds open in this process while each call ran
         self.uploaded: dict[str, bytes] = {}  # destination -> bytes read from the source given
 
     def batch_bucket_files(self, bucket_id: str, *, add: Any = None, copy: Any = None, delete: Any = None, **_: Any):
         assert not copy and not delete  # push only ever adds
         add = [(str(src), dest) for src, dest in add or []]
+        self.fds_during_calls.append(len(os.listdir("/proc/self/fd")))
         self.calls.append((bucket_id, add))
         root = self.hub.bucket_dir(bucket_id)
         for src, dest in add:
@@ -127,9 +131,12 @@ def test_push_selects_complete_modules_and_is_idempotent(hub: HubEmulator, mount
     assert modules["complete"] not in skipped
 
     plan = push(state, api=api)
-    assert len(api.calls) == 1
-    bucket_id, added = api.calls[0]
-    assert bucket_id == bucket["bucket_id"]
+    # Two calls: every other file first, the done markers only once those succeeded.
+    assert len(api.calls) == 2
+    assert {bucket_id for bucket_id, _ in api.calls} == {bucket["bucket_id"]}
+    assert all(not dest.endswith("/model.done") for _, dest in api.calls[0][1])
+    assert all(dest.endswith("/model.done") for _, dest in api.calls[1][1])
+    added = api.calls[0][1] + api.calls[1][1]
     destinations = sorted(dest for _, dest in added)
     expected = [
         f"{modules['complete']}/{n}" for n in ("compile_flags.json", "model.done", "model.hlo_module.pb", "model.neff")
@@ -142,7 +149,7 @@ def test_push_selects_complete_modules_and_is_idempotent(hub: HubEmulator, mount
         assert api.uploaded[dest] == (mp / dest).read_bytes()
 
     again = push(state, api=api)
-    assert len(api.calls) == 1  # nothing new: no upload call at all
+    assert len(api.calls) == 2  # nothing new: no upload call at all
     assert again.upload == []
     assert "already published" in dict(again.skipped)[modules["complete"]]
     assert "already published" in dict(again.skipped)[noisy]
@@ -170,7 +177,10 @@ def test_push_with_prefix(hub: HubEmulator, mount_neff: MountFn) -> None:
     module = _write_module(mp, "MODULE_66666666666666666666+ffffffff", {"model.neff": b"neff6", "model.done": b""})
     api = FakeApi(hub)
     push(_state_of(mp), api=api)
-    assert sorted(dest for _, dest in api.calls[0][1]) == [f"team-a/{module}/model.done", f"team-a/{module}/model.neff"]
+    assert [dest for _, add in api.calls for _, dest in add] == [
+        f"team-a/{module}/model.neff",
+        f"team-a/{module}/model.done",
+    ]
     assert (hub.bucket_dir("org/shared") / "team-a" / module / "model.neff").read_bytes() == b"neff6"
     assert push(_state_of(mp), api=api).upload == []
 
@@ -287,3 +297,35 @@ def test_upload_opens_files_without_following_symlinks(tmp_path: Path) -> None:
     with pytest.raises(OSError):
         _open_module_files(upper, f"{VERSION}/MODULE_2", ["model.neff"])
     assert len(os.listdir("/proc/self/fd")) == open_fds  # failed opens leave no fd behind
+
+
+def test_publish_modules_bounds_fds_and_sends_markers_after_the_rest(hub: HubEmulator, tmp_path: Path) -> None:
+    """300 modules (600 files) go in calls of at most UPLOAD_BATCH_FILES files, each batch's done markers in
+    a call after its other files; no more fds are held during a call than it uploads, none afterwards."""
+    bucket = Bucket(HubHttp(hub.url), build_neff_bucket(hub)["bucket_id"])
+    upper = tmp_path / "upper"
+    modules = []
+    for i in range(300):
+        rel = f"{VERSION}/MODULE_{i:020d}+{i:08x}"
+        (upper / rel).mkdir(parents=True)
+        (upper / rel / "model.neff").write_bytes(b"neff %d" % i)
+        (upper / rel / "model.done").write_bytes(b"")
+        modules.append((rel, additions(bucket, upper, rel, ["model.done", "model.neff"])))
+    api = FakeApi(hub)
+    open_fds = len(os.listdir("/proc/self/fd"))
+
+    assert publish_modules(api, bucket, upper, modules) == {}  # nothing changed since the check
+
+    assert len(os.listdir("/proc/self/fd")) == open_fds
+    sent = [[dest for _, dest in add] for _, add in api.calls]
+    assert all(0 < len(call) <= UPLOAD_BATCH_FILES for call in sent)
+    for call, fds in zip(sent, api.fds_during_calls, strict=True):
+        assert fds <= open_fds + len(call) + 1  # (+1: the listing's own fd)
+    position = {dest: n for n, call in enumerate(sent) for dest in call}
+    assert len(position) == 600
+    for rel, _ in modules:
+        assert position[f"{rel}/model.neff"] < position[f"{rel}/model.done"]
+    assert all(
+        all(d.endswith("/model.done") for d in call) != all(d.endswith("/model.neff") for d in call) for call in sent
+    )
+    assert api.uploaded[f"{modules[299][0]}/model.neff"] == b"neff 299"

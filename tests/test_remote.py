@@ -17,6 +17,7 @@ from huggingface_hub import constants as hf_constants
 
 from hffs_neuron.errors import RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, UsageError
 from hffs_neuron.remote import Bucket, HubHttp, HubRepo, RemoteEntry, is_safe_path, token_fingerprint
+from hffs_neuron.remote.base import Digest
 from hffs_neuron.testing.hub_emulator import HubEmulator, git_blob_sha1
 
 CONFIG = b'{"model_type": "llama"}'
@@ -379,7 +380,9 @@ def test_bucket_entries_and_bytes(hub: HubEmulator, http: HubHttp, bucket_files:
     entry = bucket.stat("foo/a.bin")
     data = bucket_files["foo/a.bin"]
     assert (entry.size, entry.is_dir) == (len(data), False)
-    assert entry.content_id == hf_xet.hash_files([str(hub.bucket_dir("Org/Cache") / "foo/a.bin")])[0].hash
+    on_disk_path = hub.bucket_dir("org/cache") / "foo/a.bin"
+    assert entry.content_id == hf_xet.hash_files([str(on_disk_path)])[0].hash  # a real xet hash, as the Hub lists
+    assert entry.digest == Digest("xet", entry.content_id)  # what the store verifies the bytes against
     on_disk = (hub.bucket_dir("org/cache") / "foo/a.bin").stat().st_mtime
     assert entry.mtime is not None and abs(entry.mtime - on_disk) < 2
     assert read_all(bucket, entry) == data

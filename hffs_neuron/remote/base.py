@@ -25,9 +25,12 @@ def is_sha256(value: object) -> bool:
     return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
+XET = "xet"  # Digest algo of bucket files: hashed from the complete file (see store/verify.py)
+
+
 @dataclass(frozen=True)
 class Digest:
-    """A content hash the downloaded bytes must match: `algo` is "sha256" or "git-sha1"."""
+    """A content hash the downloaded bytes must match: `algo` is "sha256", "git-sha1" or "xet"."""
 
     algo: str
     hexdigest: str

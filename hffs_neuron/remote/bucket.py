@@ -9,7 +9,7 @@ from datetime import datetime
 from urllib.parse import quote
 
 from ..errors import RemoteNotFound, UsageError
-from .base import RemoteEntry, is_safe_path, is_sha256
+from .base import XET, Digest, RemoteEntry, is_safe_path, is_sha256
 from .http import HubHttp
 
 logger = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ class Bucket:
         if prefix and not is_safe_path(prefix):
             raise UsageError(f"invalid bucket prefix {prefix!r}")
         self._http = http
+        self.endpoint = http.endpoint
         self.bucket_id = bucket_id
+        self._warned_unhashed = False
         self.prefix = prefix
         info = http.get_json(f"api/buckets/{bucket_id}", what=f"bucket {bucket_id}")
         canonical = info.get("id") if isinstance(info, dict) else None
@@ -69,11 +71,18 @@ class Bucket:
         xet_hash = item.get("xetHash")
         if xet_hash is not None and not is_sha256(xet_hash):
             raise ValueError(f"invalid xet hash {str(xet_hash)[:80]!r}")
+        if not xet_hash and not self._warned_unhashed:
+            # Real buckets always send one; without it only the size can be checked.
+            self._warned_unhashed = True
+            logger.warning(
+                "bucket %s: files listed without a xetHash (e.g. %s) are verified by size only", self.bucket_id, path
+            )
         return RemoteEntry(
             path=path,
             is_dir=False,
             size=int(item.get("size", 0)),
-            content_id=item.get("xetHash"),
+            content_id=xet_hash,
+            digest=Digest(XET, xet_hash) if xet_hash else None,
             mtime=_parse_time(item.get("mtime") or item.get("uploadedAt")),
         )
 

@@ -35,8 +35,9 @@ from pathlib import Path
 from .. import constants
 from ..errors import CacheFull, HffsError, IntegrityError, RemoteUnavailable
 from ..proc import HOST, pid_alive
-from ..remote.base import Digest, Remote, RemoteEntry
+from ..remote.base import XET, Digest, Remote, RemoteEntry
 from .scheduler import FOREGROUND, READ_AHEAD, Transfer, TransferScheduler
+from .verify import verify_download
 
 logger = logging.getLogger(__name__)
 
@@ -301,8 +302,7 @@ class BlobStore:
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
-            if entry.digest and actual != entry.digest.hexdigest:
-                raise IntegrityError(f"{entry.path}: content does not match its {entry.digest.algo}; discarded")
+            verify_download(tmp, entry, actual)
             if fetch.priority == READ_AHEAD:
                 # Not opened yet: a future mtime keeps it out of every process's LRU eviction for a while.
                 now = time.time()
@@ -327,7 +327,8 @@ class BlobStore:
         This thread verifies while the scheduler's workers download: bytes reach the hash in order,
         from memory (or read back from the page cache where the reorder buffer was full).
         """
-        hasher = new_hasher(entry.digest, entry.size) if entry.digest else None
+        # A xet hash is computed over the finished file (store/verify.py), not streamed.
+        hasher = new_hasher(entry.digest, entry.size) if entry.digest and entry.digest.algo != XET else None
         if entry.size == 0:
             return hasher.hexdigest() if hasher else None
 

@@ -23,6 +23,7 @@ import logging
 import os
 import posixpath
 import threading
+from typing import TYPE_CHECKING
 
 from cachetools import LRUCache
 
@@ -31,8 +32,12 @@ from ..remote.base import Remote, RemoteEntry
 from ..store.blobstore import BlobStore, blob_key
 from ..store.metacache import MetadataCache
 from .creators import Caller
+from .layer_events import LayerEvents
 from .localfs import LocalTree
 from .merged import FileHandle, MergedView, VNode, fs_error
+
+if TYPE_CHECKING:
+    from .neff_probe import NameProber
 
 logger = logging.getLogger(__name__)
 
@@ -51,8 +56,10 @@ def is_lock_name(name: str) -> bool:
     return name.endswith(".lock") or name == "lock"
 
 
-class NeffView(MergedView):
+class NeffView(LayerEvents, MergedView):
     hides_virtual = True
+    #: Probe mode (`NameProber`, set by the daemon): names published upstream after a listing was cached.
+    prober: NameProber | None = None
 
     def __init__(
         self,
@@ -98,7 +105,8 @@ class NeffView(MergedView):
             except RemoteNotFound:
                 return {}
 
-        return self.meta.get(self._listing_key(path), load, ttl=self.listing_ttl)
+        listing = self.meta.get(self._listing_key(path), load, ttl=self.listing_ttl)
+        return self.prober.listing(path, listing) if self.prober else listing
 
     def _is_model_area(self, path: str) -> bool:
         parts = path.split("/")
@@ -149,6 +157,9 @@ class NeffView(MergedView):
             return VNode("dir")
         parent, name = posixpath.split(path)
         entry = self._visible_children(parent).get(name)
+        if entry is None and self.prober is not None and self.prober.probe(parent, name):
+            self.bump_generation()
+            entry = self._visible_children(parent).get(name)
         if entry is None:
             return None
         if entry.is_dir:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,7 +29,7 @@ from hffs_neuron.testing.emulator.protocol import (
     json_response,
     truthy,
 )
-from hffs_neuron.testing.emulator.repos import FileSource, hash_file
+from hffs_neuron.testing.emulator.repos import FileSource
 
 if TYPE_CHECKING:
     from hffs_neuron.testing.emulator.hub import HubEmulator
@@ -45,16 +44,10 @@ class BucketStore:
 
     def __init__(self, hub: HubEmulator) -> None:
         self.hub = hub
-        self._lock = threading.Lock()
-        self._hashes: dict[str, tuple[int, int, str]] = {}  # abs path -> (size, mtime_ns, sha256)
 
     @property
     def _buckets(self) -> Path:
         return self.hub.root / "buckets"
-
-    def clear(self) -> None:
-        with self._lock:
-            self._hashes.clear()
 
     def add(self, bucket_id: str, files: Mapping[str, FileSource] | None) -> Path:
         """See :meth:`HubEmulator.add_bucket`."""
@@ -105,21 +98,10 @@ class BucketStore:
             raise HubError(404, "RepoNotFound", f"Bucket {bucket_id} not found")
         return found
 
-    def content_sha256(self, path: Path, st: os.stat_result) -> str:
-        """sha256 of a bucket file, cached by (size, mtime_ns): rewriting the file invalidates it."""
-        key = str(path)
-        with self._lock:
-            cached = self._hashes.get(key)
-        if cached is not None and cached[:2] == (st.st_size, st.st_mtime_ns):
-            return cached[2]
-        sha256, _ = hash_file(path, with_git_sha1=False)
-        with self._lock:
-            self._hashes[key] = (st.st_size, st.st_mtime_ns, sha256)
-        return sha256
-
     def content_hash(self, path: Path, st: os.stat_result) -> str:
-        """The ``xetHash`` of a bucket file: its Xet hash with Xet on, else its sha256 (cheaper, unique)."""
-        return self.hub.xet_bridge.hash_of(path, st) if self.hub.xet else self.content_sha256(path, st)
+        """The ``xetHash`` of a bucket file: its Xet hash, as the Hub lists it (also with Xet off: mounts
+        verify bucket bytes against it)."""
+        return self.hub.xet_bridge.hash_of(path, st)
 
     def _file_item(self, directory: Path, rel: str, st: os.stat_result) -> dict[str, Any]:
         return {

@@ -132,7 +132,6 @@ class HubEmulator:
         """
         with self._lock:
             self.repos.clear()
-            self.buckets.clear()
             self.xet_bridge.clear()
             self._overrides.clear()
             for child in self.root.iterdir():

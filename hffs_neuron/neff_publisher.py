@@ -1,0 +1,208 @@
+"""Publish-on-completion (`mount neff --publish`): local modules go to the bucket once the compiler is done.
+
+Fed by the NEFF view's write events (a written file closed, a rename, an unlink: `notify(path)`), each
+module is looked at again about a second after its last event; a complete one (the rule `push` uses) is
+uploaded unless the bucket already holds the same files and sizes. Pending work is derived from the local
+layer at start, so it survives a restart. Transient failures retry with backoff, a bounded number of
+times; permanent ones (no write access, bucket gone) are logged once with the fix, shown in status, and
+stop further uploads until the next mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from . import publish
+from .errors import RemoteAccessDenied, RemoteNotFound
+from .remote.bucket import Bucket
+from .views.neff import MODULE_PREFIX, VERSION_PREFIX
+
+logger = logging.getLogger(__name__)
+
+DEBOUNCE_S = 1.0
+RETRY_BASE_S = 1.0
+RETRY_MAX_S = 60.0
+MAX_ATTEMPTS = 8
+_JOIN_TIMEOUT = 5.0
+
+
+class PermanentError(Exception):
+    """An upload failure that retrying cannot fix; `bucket_wide` ones stop all further uploads."""
+
+    def __init__(self, reason: str, *, bucket_wide: bool):
+        super().__init__(reason)
+        self.bucket_wide = bucket_wide
+
+
+def classify(exc: BaseException, bucket_id: str) -> PermanentError | None:
+    """The permanent failure `exc` stands for, or None if it is worth retrying."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, RemoteAccessDenied) or status in (401, 403):
+        return PermanentError(
+            f"no write access to bucket {bucket_id} ({exc}); remount with a token that can write to it "
+            "(--token-file / HF_TOKEN): pending modules are published at start",
+            bucket_wide=True,
+        )
+    if isinstance(exc, RemoteNotFound) or status == 404:
+        return PermanentError(
+            f"bucket {bucket_id} not found ({exc}); was it deleted or renamed? Mount an existing bucket",
+            bucket_wide=True,
+        )
+    if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):
+        return PermanentError(f"the Hub refused the upload (HTTP {status}): {exc}", bucket_wide=False)
+    return None
+
+
+class NeffPublisher:
+    """A queue of local modules to publish, worked by one thread (uploads are serialized)."""
+
+    def __init__(self, upper: str | Path, bucket: Bucket, *, api: Any = None, debounce: float = DEBOUNCE_S):
+        self.upper = Path(upper)
+        self.bucket = bucket
+        self.debounce = debounce
+        self._api = api
+        self._cond = threading.Condition()
+        self._due: dict[str, float] = {}  # module -> monotonic time to look at it
+        self._attempts: dict[str, int] = {}
+        self._published: set[str] = set()
+        self._failed: dict[str, str] = {}  # module -> reason
+        self._blocked: str | None = None  # a bucket-wide permanent failure
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="hffs-publish", daemon=True)
+
+    # -- interface --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Queue every module of the local layer (what is already in the bucket is skipped), then work."""
+        with self._cond:
+            for module in publish.local_modules(self.upper):
+                self._due.setdefault(module, 0.0)
+        self._thread.start()
+
+    def notify(self, path: str) -> None:
+        """The local layer changed at mount-relative `path`: look at its module after the debounce."""
+        parts = path.split("/")
+        if len(parts) < 2 or not parts[0].startswith(VERSION_PREFIX) or not parts[1].startswith(MODULE_PREFIX):
+            return
+        module = f"{parts[0]}/{parts[1]}"
+        with self._cond:
+            self._due[module] = time.monotonic() + self.debounce
+            self._attempts.pop(module, None)
+            self._cond.notify()
+
+    def stats(self) -> dict:
+        with self._cond:
+            return {
+                "mode": "on-completion",
+                "published": len(self._published),
+                "pending": len(self._due),
+                "failed": [{"module": m, "reason": r} for m, r in sorted(self._failed.items())],
+            }
+
+    def close(self) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify()
+        if self._thread.is_alive():
+            self._thread.join(_JOIN_TIMEOUT)  # an upload in flight is bounded by the client's own timeouts
+
+    # -- the worker -------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                due = self._take_due()
+                while not due and not self._stop:
+                    self._cond.wait(self._wait_time())
+                    due = self._take_due()
+                if self._stop:
+                    return
+            self._publish(due)
+
+    def _take_due(self) -> list[str]:
+        now = time.monotonic()
+        due = sorted(m for m, t in self._due.items() if t <= now)
+        for module in due:
+            del self._due[module]
+        return due
+
+    def _wait_time(self) -> float | None:
+        return max(0.0, min(self._due.values()) - time.monotonic()) if self._due else None
+
+    def _publish(self, modules: list[str]) -> None:
+        ready: list[tuple[str, publish.Additions]] = []
+        for module in modules:
+            try:
+                local = publish.publishable_files(self.upper, module)
+                if local.reason is not None:
+                    continue  # not complete (yet): its next event brings it back
+                if self._blocked is not None:
+                    self._fail(module, self._blocked)
+                    continue
+                files = publish.unpublished(self.bucket, module, local.files)
+                if not files:
+                    self._done(module)
+                    continue
+            except Exception as exc:  # noqa: BLE001 - the bucket check failed: retry or report
+                self._failure([module], exc)
+                continue
+            ready.append((module, publish.additions(self.bucket, self.upper, module, files)))
+        if not ready:
+            return
+        try:
+            changed = publish.publish_modules(self._client(), self.bucket, self.upper, ready)
+        except Exception as exc:  # noqa: BLE001 - classified: retried with backoff or reported
+            self._failure([m for m, _ in ready], exc)
+            return
+        for module, files in ready:
+            if module in changed:  # a file swapped or removed after the check: its next event brings it back
+                logger.warning("not publishing %s: %s", module, changed[module])
+                continue
+            logger.info("published %s (%d files)", module, len(files))
+            self._done(module)
+
+    def _client(self) -> Any:
+        if self._api is None:
+            from huggingface_hub import HfApi
+
+            self._api = HfApi(endpoint=self.bucket.endpoint)
+        return self._api
+
+    def _done(self, module: str) -> None:
+        with self._cond:
+            self._published.add(module)
+            self._failed.pop(module, None)
+            self._attempts.pop(module, None)
+
+    def _fail(self, module: str, reason: str) -> None:
+        with self._cond:
+            self._failed[module] = reason
+            self._published.discard(module)
+
+    def _failure(self, modules: list[str], exc: BaseException) -> None:
+        permanent = classify(exc, self.bucket.bucket_id)
+        if permanent is not None:
+            if permanent.bucket_wide:
+                if self._blocked is None:
+                    logger.error("publishing stopped: %s", permanent)
+                self._blocked = str(permanent)
+            else:
+                logger.error("not publishing %s: %s", ", ".join(modules), permanent)
+            for module in modules:
+                self._fail(module, str(permanent))
+            return
+        with self._cond:
+            for module in modules:
+                attempt = self._attempts.get(module, 0) + 1
+                if attempt >= MAX_ATTEMPTS:
+                    self._attempts.pop(module, None)
+                    reason = f"gave up after {attempt} attempts: {exc}"
+                    logger.error("not publishing %s: %s (its next change retries)", module, reason)
+                    self._failed[module] = reason
+                    continue
+                self._attempts[module] = attempt
+                wait = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1))
+                logger.warning("publishing %s failed (%s); retry %d in %.0f s", module, exc, attempt, wait)
+                self._due.setdefault(module, time.monotonic() + wait)

@@ -1,0 +1,51 @@
+"""Write events of a merged view's local layer, for whoever must react to them (the NEFF publisher).
+
+A mixin placed before `MergedView` in a view's bases: after a file written through the view is closed,
+a rename, or an unlink (a compiler removing its lock), it calls `on_change(path)` with the mount-relative
+path. Nothing is reported while `on_change` is None.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from .creators import Caller
+from .merged import _WRITE_FLAGS, FileHandle
+
+
+class LayerEvents:
+    #: Set by the daemon; called from FUSE worker threads, so it must return quickly.
+    on_change: Callable[[str], None] | None = None
+
+    def create(self, path: str, flags: int, mode: int, caller: Caller | None = None) -> FileHandle:
+        return self._report_on_close(path, super().create(path, flags, mode, caller))  # type: ignore[misc]
+
+    def open(self, path: str, flags: int, caller: Caller | None = None) -> FileHandle:
+        handle = super().open(path, flags, caller)  # type: ignore[misc]
+        return self._report_on_close(path, handle) if flags & _WRITE_FLAGS else handle
+
+    def rename(self, old: str, new: str, caller: Caller | None = None, *, noreplace: bool = False) -> None:
+        super().rename(old, new, caller, noreplace=noreplace)  # type: ignore[misc]
+        self._report(old)
+        self._report(new)
+
+    def unlink(self, path: str, caller: Caller | None = None) -> None:
+        super().unlink(path, caller)  # type: ignore[misc]
+        self._report(path)
+
+    def _report(self, path: str) -> None:
+        if self.on_change is not None:
+            self.on_change(path)
+
+    def _report_on_close(self, path: str, handle: FileHandle) -> FileHandle:
+        if self.on_change is None:
+            return handle
+        previous = handle.on_release
+
+        def released() -> None:
+            if previous is not None:
+                previous()
+            self._report(path)
+
+        handle.on_release = released
+        return handle

@@ -1,0 +1,143 @@
+"""Probe mode: a module published by another node shows within `--negative-ttl`, without relisting.
+
+A `neuronxcc-*` directory may hold 10,000 modules: relisting it whenever a compiler misses would cost
+thousands of listing requests. Instead, a lookup of a name missing from a cached listing that is older
+than the negative TTL asks about that name alone: the one module's listing for a `MODULE_*` (or for a
+file inside a module), the small root listing for a `neuronxcc-*` version. What a probe finds is laid over
+the cached listing until that listing is reloaded. Probes of one target are single-flight, each target
+is probed at most once per negative TTL, and all probes together are rate-bounded.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from cachetools import LRUCache, TTLCache
+
+from .. import constants
+from ..errors import HffsError, RemoteNotFound
+from ..remote.base import Remote, RemoteEntry
+from .neff import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
+
+logger = logging.getLogger(__name__)
+
+PROBE_RATE = 20.0  # probes per second, sustained
+PROBE_BURST = 40
+_MAX_LISTINGS = 4096
+_MAX_RECENT = 65536
+
+
+@dataclass
+class _Seen:
+    listing: dict[str, RemoteEntry]  # the cached listing object, as the metadata cache holds it
+    since: float  # monotonic time it was first seen (just after it was loaded)
+    merged: dict[str, RemoteEntry]  # the listing with what probes found since
+
+
+class NameProber:
+    def __init__(self, remote: Remote, negative_ttl: float):
+        self.remote = remote
+        self.negative_ttl = negative_ttl
+        self.probes = 0  # upstream probe requests made
+        self._lock = threading.Lock()
+        self._seen: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # path -> _Seen
+        self._recent: TTLCache = TTLCache(maxsize=_MAX_RECENT, ttl=max(negative_ttl, 1e-3), timer=time.monotonic)
+        self._inflight: dict[str, Future] = {}
+        self._tokens = float(PROBE_BURST)
+        self._refilled = time.monotonic()
+
+    def listing(self, path: str, listing: dict[str, RemoteEntry]) -> dict[str, RemoteEntry]:
+        """The children of `path` to show: the cached `listing` plus what probes found since it was loaded.
+
+        Returns the same object until a probe adds something, so callers can memoize on identity.
+        """
+        with self._lock:
+            seen = self._seen.get(path)
+            if seen is None or seen.listing is not listing:
+                seen = _Seen(listing, time.monotonic(), listing)
+                self._seen[path] = seen
+            return seen.merged
+
+    def probe(self, parent: str, name: str) -> bool:
+        """`name` is missing from `parent`'s listing: ask upstream if that listing is old enough.
+
+        Returns True if `name` is now among `parent`'s children (found by this probe or a concurrent
+        one): the caller looks it up again.
+        """
+        target = _probe_target(parent, name)
+        if target is None:
+            return False
+        with self._lock:
+            seen = self._seen.get(parent)
+            if seen is None:
+                return False
+            now = time.monotonic()
+            if now - seen.since < self.negative_ttl or target in self._recent:
+                return name in seen.merged
+            future = self._inflight.get(target)
+            leader = future is None
+            if leader:
+                if not self._take_token(now):
+                    return False
+                future = Future()
+                self._inflight[target] = future
+                self.probes += 1
+        if not leader:
+            future.result(timeout=constants.OPERATION_TIMEOUT)
+        else:
+            try:
+                self._probe(seen, parent, name, target)
+            finally:
+                with self._lock:
+                    self._recent[target] = True
+                    self._inflight.pop(target, None)
+                future.set_result(None)
+        with self._lock:
+            seen = self._seen.get(parent)
+            return seen is not None and name in seen.merged
+
+    def _probe(self, seen: _Seen, parent: str, name: str, target: str) -> None:
+        try:
+            entries = self.remote.list(target)
+        except RemoteNotFound:
+            entries = []
+        except HffsError as exc:  # transient: answer from the listing; the next probe may do better
+            logger.debug("probe of %s failed: %s", target, exc)
+            return
+        if target == parent:  # a small directory (the root, one module) listed again: it replaces
+            merged = {e.name: e for e in entries}
+        elif entries:  # a module found in a large version directory: added to it
+            merged = {**seen.merged, name: RemoteEntry(path=target, is_dir=True)}
+        else:
+            return
+        with self._lock:
+            if self._seen.get(parent) is not seen:  # the listing was reloaded meanwhile: it is newer
+                return
+            seen.merged = merged
+            if target == parent:
+                seen.since = time.monotonic()
+        logger.debug("probe of %s: %s %s", target, name, "found" if name in merged else "absent")
+
+    def _take_token(self, now: float) -> bool:
+        self._tokens = min(PROBE_BURST, self._tokens + (now - self._refilled) * PROBE_RATE)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+def _probe_target(parent: str, name: str) -> str | None:
+    """What to list to learn about `parent/name` (None: not a name other nodes publish)."""
+    parts = parent.split("/") if parent else []
+    if not parts:
+        return "" if name.startswith(VERSION_PREFIX) else None
+    if len(parts) == 1 and parts[0].startswith(VERSION_PREFIX) and name.startswith(MODULE_PREFIX):
+        return f"{parent}/{name}"
+    if len(parts) == 2 and parts[0].startswith(VERSION_PREFIX) and parts[1].startswith(MODULE_PREFIX):
+        return None if is_lock_name(name) or name == "model.log" else parent
+    return None
