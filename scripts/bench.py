@@ -57,6 +57,17 @@ def make_file(path: Path, size: int) -> None:
             written += n
 
 
+def load_seconds(repo_id: str, cache: str) -> float:
+    """Seconds of `from_pretrained(repo_id)` in a fresh process with HF_HUB_CACHE=`cache` (timed inside it)."""
+    load = (
+        "import sys, time, transformers as t; s = time.perf_counter(); "
+        "t.AutoModelForCausalLM.from_pretrained(sys.argv[1]); print(time.perf_counter() - s)"
+    )
+    env = dict(os.environ, HF_HUB_CACHE=cache)
+    out = subprocess.run([PY, "-c", load, repo_id], check=True, capture_output=True, text=True, env=env)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
 class Bench:
     def __init__(self, args: argparse.Namespace):
         self.args = args
@@ -222,15 +233,9 @@ transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_
         shards = sum(1 for name in files if name.endswith(".safetensors"))
         self.hub.add_repo("bench/gpt2-shards", files)
         label = self.network() or "loopback"
-        load = (
-            "import time, transformers as t; s = time.perf_counter(); "
-            "t.AutoModelForCausalLM.from_pretrained('bench/gpt2-shards'); print(time.perf_counter() - s)"
-        )
 
         def run(cache: str) -> float:
-            env = dict(os.environ, HF_HUB_CACHE=cache)
-            out = subprocess.run([PY, "-c", load], check=True, capture_output=True, text=True, env=env)
-            return float(out.stdout.strip().splitlines()[-1])
+            return load_seconds("bench/gpt2-shards", cache)
 
         ours_cold = base_cold = ours_warm = base_warm = float("inf")
         upstream = 0.0
@@ -355,15 +360,9 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
         )
         files = {p.name: p for p in model_dir.iterdir()}
         self.hub.add_repo("bench/tiny-llama", files)
-        load = (
-            "import time, transformers as t; s = time.perf_counter(); "
-            "t.AutoModelForCausalLM.from_pretrained('bench/tiny-llama'); print(time.perf_counter() - s)"
-        )
 
         def run(cache: str) -> float:
-            env = dict(os.environ, HF_HUB_CACHE=cache)
-            out = subprocess.run([PY, "-c", load], check=True, capture_output=True, text=True, env=env)
-            return float(out.stdout.strip().splitlines()[-1])
+            return load_seconds("bench/tiny-llama", cache)
 
         # Best of 3, each cold run on a fresh mount and a fresh plain cache: one load is ~3 s of which
         # most is model construction, so single runs are noise-dominated.
