@@ -132,7 +132,10 @@ class FuseOperations(mfusepy.Operations):
                 logger.warning("%s%r: %s", fn.__name__, args, exc)
             raise mfusepy.FuseOSError(count_error(exc.errno)) from None
         except OSError as exc:
-            raise mfusepy.FuseOSError(count_error(errno_of(exc))) from None
+            code = errno_of(exc)
+            if code in (errno.EIO, errno.ENOSPC):  # the local disk failing us: worth a line in the log
+                logger.warning("%s%r: %s", fn.__name__, args, exc)
+            raise mfusepy.FuseOSError(count_error(code)) from None
         except Exception:
             logger.exception("%s%r failed", fn.__name__, args)
             raise mfusepy.FuseOSError(count_error(errno.EIO)) from None

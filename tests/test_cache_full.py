@@ -137,6 +137,7 @@ def test_disk_filling_up_during_a_transfer_is_enospc(tiny_disk: Path, hub: HubEm
         assert info.value.errno == errno.ENOSPC and str(tiny_disk / "store") in str(info.value)
         assert info.value.__cause__ is not None  # raised by the transfer, not by the check before it
         assert list((tiny_disk / "store" / "tmp").iterdir()) == []
+        thread.join(timeout=30)  # the filler's file is closed: unlinking it frees its room
         filler.unlink()
         assert store.materialize(entry.content_id, bucket, entry).read_bytes() == data  # room again
     finally:

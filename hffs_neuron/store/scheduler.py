@@ -50,6 +50,8 @@ STALL_RETRIES = 3
 # Idle workers exit after this many seconds.
 _WORKER_IDLE = 60.0
 _POLL = 0.25
+# How long a failed transfer's waiter waits for its running pieces to stop (seconds).
+_RELEASE_WAIT = 5.0
 
 # Connections of the daemon's budget kept for listings and metadata, so lookups never queue behind
 # downloads.
@@ -98,6 +100,7 @@ class Transfer:
         self.start_by: float | None = None  # an open waits this long for the first byte
         self.keep_bytes = True
         self._released = False
+        self._fd_closed = False
 
     @property
     def queued(self) -> bool:
@@ -169,15 +172,30 @@ class Transfer:
             s._progress.notify_all()
 
     def release(self) -> None:
-        """The waiter is done with the temp file: close it once no worker writes to it any more."""
+        """The waiter is done with the temp file: close it once no worker writes to it any more.
+
+        After a failure, the pieces still running stop at their next chunk: wait a little for them, so
+        the (already unlinked) temp file's disk space is free when the caller retries or reports ENOSPC.
+        A worker stuck in a read closes the file itself when it returns.
+        """
         s = self._scheduler
         with s._lock:
             if self.done < self.size:  # the waiter gave up: stop the pieces still running or queued
                 self._fail(RemoteUnavailable(f"{self.name}: transfer abandoned"))
             s._transfers.discard(self)
             self._released = True
-            close = self.active == 0
-        if close:
+            deadline = time.monotonic() + _RELEASE_WAIT
+            while self.active and time.monotonic() < deadline:
+                s._progress.wait(_POLL)
+            self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        """Close the temp file once released by its waiter and no worker writes to it; exactly once.
+
+        Called with the scheduler lock held, so that when the waiter sees no worker left, the file is
+        closed too (an unlinked temp file's disk space is freed only then)."""
+        if self._released and not self.active and not self._fd_closed:
+            self._fd_closed = True
             os.close(self._fd)
 
     # -- worker side --------------------------------------------------------------------------------
@@ -348,10 +366,8 @@ class TransferScheduler:
             finally:
                 with self._lock:
                     transfer.active -= 1
-                    close = transfer._released and transfer.active == 0
+                    transfer._close_if_done()
                     self._progress.notify_all()
-                if close:
-                    os.close(transfer._fd)
 
     def in_flight_bytes(self) -> int:
         with self._lock:
