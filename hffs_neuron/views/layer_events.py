@@ -1,8 +1,8 @@
 """Write events of a merged view's local layer, for whoever must react to them (the NEFF publisher).
 
 A mixin placed before `MergedView` in a view's bases: after a file written through the view is closed,
-a rename, or an unlink (a compiler removing its lock, or the daemon a stale one), it calls `on_change(path)` with the mount-relative
-path. Nothing is reported while `on_change` is None.
+a rename, or an unlink (a compiler removing its lock, or the daemon a stale one), it calls
+`on_change(path)` with the mount-relative path. Nothing is reported while `on_change` is None.
 """
 
 from __future__ import annotations
