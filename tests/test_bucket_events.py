@@ -1,0 +1,145 @@
+"""Event mode (issue 16 part 2): the bucket's event feed keeps a node's cached listings current, so a
+module another node publishes shows within about a second, without relisting its version directory; a
+deletion disappears the same way. Without the feed the node falls back to TTL + probes (status says
+which). Two "nodes" would be two daemons; here the other node is the bucket itself, written through
+`HfApi.batch_bucket_files` (Xet, against the emulator) or straight into the emulator's bucket directory.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import Mounts
+from huggingface_hub import HfApi
+
+from hffs_neuron.mount import status
+from hffs_neuron.testing.hub_emulator import HubEmulator
+from hffs_neuron.testing.sample_data import COMPILER_VERSIONS, build_neff_bucket
+
+pytestmark = pytest.mark.timeout(120)
+
+VERSION = COMPILER_VERSIONS[0]
+NEFF = os.urandom(200_000)
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> float:
+    """Poll `predicate` until true; returns the seconds it took (fails the test after `timeout`)."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        if predicate():
+            return time.monotonic() - started
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def follow_mode(mp: Path) -> str:
+    (state,) = status(mp)
+    return state["follow"]
+
+
+def readable(path: Path) -> bool:
+    try:
+        return path.read_bytes() == NEFF
+    except FileNotFoundError:
+        return False
+
+
+def gone(path: Path) -> bool:
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return True
+    return False
+
+
+def module_files(name: str) -> dict[str, bytes]:
+    base = f"{VERSION}/{name}"
+    return {
+        f"{base}/model.hlo_module.pb": b"hlo " + name.encode(),
+        f"{base}/model.neff": NEFF,
+        f"{base}/model.done": b"",
+    }
+
+
+def test_event_mode_shows_new_and_deleted_modules_in_seconds(hub: HubEmulator, mounts: Mounts) -> None:
+    bucket = build_neff_bucket(hub)
+    bucket_id = bucket["bucket_id"]
+    hub.bucket_events.enabled = True
+    node_b = Path(mounts("neff", bucket_id, name="b", cache="cache-b").mountpoint)
+    wait_for(lambda: follow_mode(node_b) == "events", 10, "event mode")
+    listed = set(os.listdir(node_b / VERSION))  # node B has listed the version directory
+    uploaded, written = "MODULE_uploaded+0000000a", "MODULE_written+0000000b"
+    assert uploaded not in listed and not (node_b / VERSION / uploaded / "model.done").exists()
+    assert not (node_b / VERSION / written / "model.neff").exists()
+    hub.reset_stats()
+
+    # Another node publishes through the Hub API (Xet upload, batch route).
+    api = HfApi(endpoint=hub.url)
+    api.batch_bucket_files(bucket_id, add=[(data, path) for path, data in module_files(uploaded).items()])
+    seconds = wait_for(lambda: readable(node_b / VERSION / uploaded / "model.neff"), 10, "the uploaded module")
+    assert seconds <= 2.0, f"node B read the uploaded module {seconds:.1f} s after it was published"
+    assert (node_b / VERSION / uploaded / "model.done").exists()
+    assert uploaded in os.listdir(node_b / VERSION)
+
+    # A file written straight into the bucket (found by the emulator's directory poll).
+    bucket_dir = hub.bucket_dir(bucket_id)
+    for path, data in module_files(written).items():
+        (bucket_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (bucket_dir / path).write_bytes(data)
+    seconds = wait_for(lambda: readable(node_b / VERSION / written / "model.neff"), 10, "the written module")
+    assert seconds <= 2.0, f"node B read the written module {seconds:.1f} s after it appeared"
+
+    # The version directory was never listed again: the feed edited the cached listing.
+    assert [r for r in hub.requests("/tree/") if r.path.rstrip("/").endswith(f"/tree/{VERSION}")] == []
+
+    # A deletion disappears, kernel caches included (node B has the file's entry cached).
+    api.batch_bucket_files(bucket_id, delete=list(module_files(uploaded)))
+    seconds = wait_for(lambda: gone(node_b / VERSION / uploaded / "model.neff"), 10, "the deletion")
+    assert seconds <= 2.0, f"the deleted module stayed {seconds:.1f} s on node B"
+    wait_for(lambda: gone(node_b / VERSION / uploaded), 2, "the emptied module directory")
+    with pytest.raises(OSError) as raised:
+        (node_b / VERSION / uploaded / "model.neff").read_bytes()
+    assert raised.value.errno == errno.ENOENT
+    assert uploaded not in os.listdir(node_b / VERSION)
+    assert follow_mode(node_b) == "events"
+
+
+def test_without_the_feed_the_node_falls_back_to_probes(hub: HubEmulator, mounts: Mounts) -> None:
+    bucket = build_neff_bucket(hub)
+    bucket_id = bucket["bucket_id"]
+    hub.bucket_events.enabled = True
+    negative_ttl = 3.0
+    node_b = Path(mounts("neff", bucket_id, name="b", cache="cache-b", negative_ttl=negative_ttl).mountpoint)
+    wait_for(lambda: follow_mode(node_b) == "events", 10, "event mode")
+    os.listdir(node_b / VERSION)
+
+    hub.bucket_events.enabled = False  # the Hub stops serving the feed: sessions end, new ones get 404
+    wait_for(lambda: follow_mode(node_b) == "probe", 10, "probe mode")
+    name = "MODULE_probed+0000000c"
+    assert not (node_b / VERSION / name / "model.done").exists()
+    bucket_dir = hub.bucket_dir(bucket_id)
+    for path, data in module_files(name).items():
+        (bucket_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (bucket_dir / path).write_bytes(data)
+    seconds = wait_for(lambda: readable(node_b / VERSION / name / "model.neff"), 15, "the module by probes", 0.2)
+    # --negative-ttl + 1 s, and a second of margin for a loaded 2-core machine.
+    assert seconds <= negative_ttl + 2.0, f"node B saw the module {seconds:.1f} s after it appeared"
+    assert follow_mode(node_b) == "probe"
+
+
+def test_feed_not_served_means_probe_mode(hub: HubEmulator, mounts: Mounts) -> None:
+    bucket = build_neff_bucket(hub)  # the emulator's feed is off: /events answers 404
+    node = Path(mounts("neff", bucket["bucket_id"]).mountpoint)
+    time.sleep(1.0)
+    assert follow_mode(node) == "probe"
+    assert [r.status for r in hub.requests("/events")] == [404]
+    node_off = Path(mounts("neff", bucket["bucket_id"], name="off", cache="cache-off", follow_events=False).mountpoint)
+    hub.bucket_events.enabled = True
+    time.sleep(1.0)
+    assert follow_mode(node_off) == "probe"
+    assert len(hub.requests("/events")) == 1  # --no-follow-events never asks
