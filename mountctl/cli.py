@@ -334,7 +334,8 @@ def _render_status(states: list[dict], as_json: bool) -> str:
             )
             lines += [f"  not published {f['module']}: {f['reason']}" for f in pub["failed"]]
         for lock in s.get("stale_locks", []):
-            lines.append(f"  stale lock {lock['path']} (pid {lock['pid']}, {lock['age_s']:.0f}s old)")
+            creator = f"pid {lock['pid']}" if lock.get("pid") else "creator unknown"
+            lines.append(f"  stale lock {lock['path']} ({creator}, {lock['age_s']:.0f}s old)")
         for f in s.get("in_flight", []):
             pct = 100 * f["done"] / f["total"] if f["total"] else 100
             lines.append(f"  fetching {f['name']}: {_human(f['done'])} / {_human(f['total'])} ({pct:.0f}%)")

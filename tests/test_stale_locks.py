@@ -8,7 +8,6 @@ The compiler pattern is libneuronxla's: create `MODULE_x/model.hlo_module.pb.loc
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

@@ -169,6 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
                 emu.set_network(**json.loads(body or b"{}"))
             except (TypeError, ValueError) as e:
                 return HubError(400, None, str(e)).response()
+        elif path == "/_emulator/bucket_events":
+            emu.bucket_events.enabled = bool(json.loads(body or b"{}").get("enabled", True))
         elif path == "/_emulator/reset_stats":
             emu.reset_stats()
         elif path == "/_emulator/clear_faults":
