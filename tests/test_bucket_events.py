@@ -143,3 +143,53 @@ def test_feed_not_served_means_probe_mode(hub: HubEmulator, mounts: Mounts) -> N
     time.sleep(1.0)
     assert follow_mode(node_off) == "probe"
     assert len(hub.requests("/events")) == 1  # --no-follow-events never asks
+
+
+def test_changes_edit_cached_listings_under_a_prefix(hub: HubEmulator, tmp_path: Path) -> None:
+    """The view without FUSE: a mount of a prefix applies the changes below it (and only those), a deleted
+    module's emptied directory goes from its version's listing, and the changed paths are invalidated."""
+    from hffs_neuron.remote.bucket import Bucket
+    from hffs_neuron.remote.http import HubHttp
+    from hffs_neuron.store.blobstore import BlobStore
+    from hffs_neuron.store.metacache import MetadataCache
+    from hffs_neuron.views.neff import NeffView
+    from hffs_neuron.views.neff_follow import EventFollow
+
+    old = f"trn1/{VERSION}/MODULE_old+00000001/model.neff"
+    bucket_dir = hub.add_bucket("org/events", {old: b"n", f"trn1/{VERSION}/MODULE_old+00000001/model.done": b""})
+    hub.bucket_events.enabled = True
+    http = HubHttp(hub.url)
+    store = BlobStore(tmp_path / "blobs")
+    view = NeffView(Bucket(http, "org/events", "trn1"), store, MetadataCache(), tmp_path / "layer")
+    invalidated: list[str] = []
+    follow = EventFollow(view, view.remote, hub.url, invalidated.append)
+    view.events_live = follow.live
+    follow.start()
+    try:
+        wait_for(follow.live, 10, "a live session")
+        assert dict(view.readdir(VERSION)).keys() == {"MODULE_old+00000001"}
+        new = f"{VERSION}/MODULE_new+00000002"
+        for name in ("model.neff", "model.done"):
+            (bucket_dir / "trn1" / new).mkdir(parents=True, exist_ok=True)
+            (bucket_dir / "trn1" / new / name).write_bytes(b"new")
+        (bucket_dir / "other").mkdir()
+        (bucket_dir / "other" / "outside.neff").write_bytes(b"x")  # outside the prefix: ignored
+        hub.reset_stats()
+        wait_for(lambda: "MODULE_new+00000002" in dict(view.readdir(VERSION)), 5, "the new module listed")
+        assert view.getattr(f"{new}/model.neff")["st_size"] == 3
+        assert f"{new}/model.neff" in invalidated and VERSION in invalidated and "" in invalidated
+        assert "other" not in dict(view.readdir(""))
+        assert [r for r in hub.requests("/tree/") if r.path.endswith(f"/tree/trn1/{VERSION}")] == []
+
+        (bucket_dir / old).unlink()
+        (bucket_dir / "trn1" / VERSION / "MODULE_old+00000001" / "model.done").unlink()
+        wait_for(lambda: "MODULE_old+00000001" not in dict(view.readdir(VERSION)), 5, "the deleted module gone")
+        with pytest.raises(OSError) as raised:
+            view.getattr(f"{VERSION}/MODULE_old+00000001/model.neff")
+        assert raised.value.errno == errno.ENOENT
+        assert follow.mode() == "events"
+    finally:
+        follow.close()
+        view.close()
+        store.close()
+        http.close()

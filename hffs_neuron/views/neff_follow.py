@@ -13,23 +13,48 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from huggingface_hub._bucket_live_follow import BucketFileChange, BucketFollower
+from huggingface_hub._bucket_live_follow import BucketEventsUnavailable, BucketFileChange, BucketFollower
 
 from ..remote.bucket import Bucket
 from .neff import NeffView
 
 logger = logging.getLogger(__name__)
 
+MAX_FAILED_SESSIONS = 8  # sessions in a row ending in errors (backoff 10 s doubling to 80 s: ~8 minutes)
+
 
 class _Follower(BucketFollower):
     """`subscribed` here means "the current session is live" (the library's: "some session was"), so a
-    broken stream falls back to probes until the next session is ready."""
+    broken stream falls back to probes until the next session is ready. Sessions failing with errors are
+    retried with the library's capped backoff, at most `MAX_FAILED_SESSIONS` times in a row: then the
+    mount stays in probe mode (the library itself retries such errors forever)."""
+
+    failures = 0
+    closing = False
 
     def _follow_once(self) -> bool:
         try:
-            return super()._follow_once()
+            healthy = super()._follow_once()
+        except BucketEventsUnavailable:
+            raise
+        except Exception as exc:
+            self.failures += 1
+            if self.failures >= MAX_FAILED_SESSIONS:
+                logger.warning("bucket %s: event feed failed %d times (%s)", self.bucket_id, self.failures, exc)
+                self.stop()
+            raise
         finally:
             self.subscribed = False
+        if healthy:
+            self.failures = 0
+        return healthy
+
+    def run(self) -> None:
+        try:
+            super().run()
+        finally:
+            if not self.closing:
+                logger.info("bucket %s: not following its event feed; probe mode (TTL + probes)", self.bucket_id)
 
 
 class EventFollow:
@@ -39,6 +64,7 @@ class EventFollow:
         self.invalidate = invalidate
         self.applied = 0  # file changes applied to cached listings
         self._closed = False
+        self._started = False  # the first reconcile (before the first session) has nothing to drop
         self._follower = _Follower(
             endpoint=endpoint,
             bucket_id=bucket.bucket_id,
@@ -53,6 +79,7 @@ class EventFollow:
 
     def close(self) -> None:
         self._closed = True
+        self._follower.closing = True
         self._follower.stop()
 
     def live(self) -> bool:
@@ -87,6 +114,10 @@ class EventFollow:
         logger.debug("bucket events: %d changes applied", len(changes))
 
     def _on_reconcile(self) -> None:
-        """No usable resume point: what is cached may have missed changes."""
+        """No usable resume point: what is cached may have missed changes. Not at the start: listings
+        loaded since the mount came up are as fresh as the resume point the follower just fetched."""
+        if not self._started:
+            self._started = True
+            return
         self.view.forget_listings()
         self.invalidate("")
