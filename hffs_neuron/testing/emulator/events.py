@@ -135,7 +135,9 @@ class BucketEvents:
         if stale:
             yield _event("reset", {"reason": "cursor older than the replay buffer"})
             return
-        feed = self._feeds[directory]
+        feed = self._feeds.get(directory)
+        if feed is None:  # the emulator was reset meanwhile
+            return
         with self._cond:
             replay = [b for b in feed.batches if b[0] > after]
         for seq, _at, items in replay:
