@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import httpx2
 import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
@@ -193,3 +194,50 @@ def test_changes_edit_cached_listings_under_a_prefix(hub: HubEmulator, tmp_path:
         view.close()
         store.close()
         http.close()
+
+
+def read_events(hub: HubEmulator, bucket_id: str, query: str = "") -> list[tuple[str, dict]]:
+    """The events of one session up to its `ready` (the emulator's wire format, read raw)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    url = urlsplit(hub.url)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.request("GET", f"/api/buckets/{bucket_id}/events{query}", headers={"Accept": "text/event-stream"})
+    response = conn.getresponse()
+    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
+    events, name = [], ""
+    try:
+        while True:
+            line = response.fp.readline().decode().rstrip("\r\n")
+            if line.startswith("event: "):
+                name = line[len("event: ") :]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[len("data: ") :])))
+                if name in ("ready", "reset"):
+                    return events
+    finally:
+        conn.close()
+
+
+def test_feed_replays_from_a_cursor_or_an_instant(hub: HubEmulator) -> None:
+    directory = hub.add_bucket("org/replay", {"a/one": b"1"})
+    hub.bucket_events.enabled = True
+    assert read_events(hub, "org/replay") == [("ready", {})]  # nothing changed since following began
+    (directory / "a" / "two").write_bytes(b"22")
+    (directory / "a" / "one").unlink()
+    (ready,) = read_events(hub, "org/replay")  # live only: the changes are before this session
+    cursor = ready[1]["cursor"]
+    replayed = read_events(hub, "org/replay", "?cursor=0")
+    assert [name for name, _ in replayed] == ["changes", "ready"]
+    changes = {c["path"]: c for c in replayed[0][1]["changes"]}
+    assert changes["a/one"] == {"path": "a/one", "op": "delete"}
+    assert changes["a/two"]["op"] == "add" and changes["a/two"]["size"] == 2 and len(changes["a/two"]["xetHash"]) == 64
+    assert replayed[0][1]["cursor"] == cursor == replayed[1][1]["cursor"]
+    assert read_events(hub, "org/replay", f"?cursor={cursor}") == [("ready", {"cursor": cursor})]
+    assert [n for n, _ in read_events(hub, "org/replay", "?since=2000-01-01T00:00:00Z")] == ["changes", "ready"]
+    assert {r.status for r in hub.requests("/events")} == {200}
+    hub.bucket_events.enabled = False
+    response = httpx2.get(f"{hub.url}/api/buckets/org/replay/events", timeout=10)
+    assert response.status_code == 404  # switched off: not served

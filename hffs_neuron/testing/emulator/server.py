@@ -184,7 +184,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _send(self, resp: Response, rec: RequestRecord | None) -> None:
         """Write status, headers and (unless HEAD) the body, applying any body fault."""
         if resp.stream is not None:
-            self._send_stream(resp)
+            self._send_stream(resp, rec)
             return
         emu = self.server.emulator
         length = resp.length
@@ -217,7 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             emu.accounting.end_response()
 
-    def _send_stream(self, resp: Response) -> None:
+    def _send_stream(self, resp: Response, rec: RequestRecord | None) -> None:
         """A long-lived answer (server-sent events): chunked, written as the stream yields, then closed.
         Not counted as a response in flight: a follower holds one for the life of its mount."""
         self.close_connection = True
@@ -227,6 +227,8 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(key, value)
             self.send_header("Transfer-Encoding", "chunked")
             self.end_headers()
+            if rec is not None:
+                rec.status = resp.status
             for chunk in resp.stream or ():
                 self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 self.wfile.flush()
