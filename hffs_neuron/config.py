@@ -54,6 +54,9 @@ class MountConfig:
     read_only: bool = False
     show_model_area: bool = False
     publish: bool = constants.PUBLISH
+    keep_stale_locks: bool = constants.KEEP_STALE_LOCKS
+    stale_lock_grace: float = constants.STALE_LOCK_GRACE
+    follow_events: bool = constants.FOLLOW_EVENTS
     backing: str | None = None
     repos: list[str] = field(default_factory=list)  # "type:id@rev" or "id@rev"
     cache_dir: str = str(constants.CACHE_DIR)
@@ -110,6 +113,8 @@ def validate_config(config: MountConfig) -> None:
         check_bucket_id(config.source)
     elif config.publish:
         raise UsageError("--publish works on NEFF mounts only")
+    if config.stale_lock_grace < 0:
+        raise UsageError(f"--stale-lock-grace {config.stale_lock_grace}: must be 0 or more seconds")
     for spec in config.repos:
         parse_repo_spec(spec)
     parse_size(config.cache_size)

@@ -38,6 +38,13 @@ METADATA_TTL = _env_float("HFFS_METADATA_TTL", 60.0)
 NEGATIVE_TTL = _env_float("HFFS_NEGATIVE_TTL", 5.0)
 # NEFF mounts: publish local modules to the bucket as soon as they are complete (`--publish`).
 PUBLISH = os.environ.get("HFFS_PUBLISH", "").strip().lower() in ("1", "true", "yes", "on")
+# NEFF mounts: a compile lock (`*.lock`) whose creator process is gone is removed this many seconds after
+# it is first seen stale (`--stale-lock-grace`), unless stale locks are kept (`--keep-stale-locks`:
+# only reported).
+STALE_LOCK_GRACE = _env_float("HFFS_STALE_LOCK_GRACE", 10.0)
+KEEP_STALE_LOCKS = os.environ.get("HFFS_KEEP_STALE_LOCKS", "").strip().lower() in ("1", "true", "yes", "on")
+# NEFF mounts: follow the bucket's event feed (`--follow-events`), falling back to probes without it.
+FOLLOW_EVENTS = os.environ.get("HFFS_FOLLOW_EVENTS", "1").strip().lower() not in ("0", "false", "no", "off")
 # Content at a pinned commit never changes: its metadata can be kept for a long time.
 PINNED_TTL = _env_float("HFFS_PINNED_TTL", 24 * 3600.0)
 METADATA_CACHE_ENTRIES = _env_int("HFFS_METADATA_CACHE_ENTRIES", 100_000)

@@ -82,6 +82,7 @@ class MountRuntime:
         # the daemon's answer may be a TTL old, so the kernel keeps a "not found" a second at most.
         negative_timeout = min(config.negative_ttl / 2, KERNEL_NEGATIVE_TIMEOUT)
         self.ops = FuseOperations(self.view, negative_timeout=negative_timeout, on_init=self._on_init)
+        self.stale_locks, self.follow = self._neff_watchers()
         self.ready = threading.Event()
         self._stop = threading.Event()
         self._reporter: threading.Thread | None = None
@@ -92,7 +93,9 @@ class MountRuntime:
         if self.publisher is not None:
             self.telemetry.provide("publish", self.publisher.stats)
         if config.view == "neff":
-            self.telemetry.provide("follow", lambda: "probe")
+            self.telemetry.provide("follow", self.follow.mode if self.follow is not None else lambda: "probe")
+        if self.stale_locks is not None:
+            self.telemetry.provide("stale_locks", self.stale_locks.status)
         self.metrics: telemetry.Metrics | None = None
         self.status_server: telemetry.StatusServer | None = None
         self._start_telemetry()
@@ -186,6 +189,28 @@ class MountRuntime:
         self.view.on_change = publisher.notify
         return publisher
 
+    def _neff_watchers(self) -> tuple[Any, Any]:
+        """NEFF view: the stale compile-lock watch (writable mounts) and event mode (unless
+        --no-follow-events). Both drop the kernel's cached entries of what they change."""
+        if self.config.view != "neff":
+            return None, None
+        from .views.neff_follow import EventFollow
+        from .views.stale_locks import StaleLocks
+
+        stale_locks = None
+        if not self.config.read_only:
+            stale_locks = StaleLocks(
+                self.view,
+                grace=self.config.stale_lock_grace,
+                remove=not self.config.keep_stale_locks,
+                invalidate=self.ops.invalidate,
+            )
+        follow = None
+        if self.config.follow_events:
+            follow = EventFollow(self.view, self.view.remote, self.http.endpoint, self.ops.invalidate)
+            self.view.events_live = follow.live
+        return stale_locks, follow
+
     def _check_download_access(self, view: Any, repo_type: str, repo_id: str, revision: str) -> None:
         """Read one byte of a pinned gated repo: its metadata is public, its files are not.
 
@@ -198,6 +223,9 @@ class MountRuntime:
     def _on_init(self) -> None:
         if self.publisher is not None:
             self.publisher.start()
+        for watcher in (self.stale_locks, self.follow):
+            if watcher is not None:
+                watcher.start()
         self.ready.set()
         self._reporter = threading.Thread(target=self._report_loop, name="hffs-stats", daemon=True)
         self._reporter.start()
@@ -300,6 +328,9 @@ class MountRuntime:
         state = read_state(self.config.mountpoint)
         if state is not None and state.get("pid") == os.getpid():
             forget_state(self.config.mountpoint)
+        for watcher in (self.follow, self.stale_locks):
+            if watcher is not None:
+                watcher.close()
         self.view.close()
         if self.publisher is not None:
             self.publisher.close()

@@ -58,6 +58,11 @@ _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc.argtypes = [ctypes.c_size_t]
 
 
+_invalidate_path = mfusepy._libfuse.fuse_invalidate_path
+_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+_invalidate_path.restype = ctypes.c_int
+
+
 def _relative(path: str | None) -> str:
     if path is None:  # an open file unlinked meanwhile (hard_remove): only its handle is left
         raise mfusepy.FuseOSError(errno.ENOENT)
@@ -94,9 +99,28 @@ class FuseOperations(mfusepy.Operations):
         self._handles: dict[int, FileHandle] = {}
         self._next_fh = 1
         self._lock = threading.Lock()
+        self._fuse: int | None = None  # libfuse's `struct fuse *`, from init until destroy
+        self._fuse_lock = threading.Lock()  # never held by the hot paths (handles have `_lock`)
+
+    def invalidate(self, path: str) -> None:
+        """Drop the kernel's cached attributes (and page cache) of mount-relative `path`, so a change the
+        kernel did not see (a lock removed by the daemon, a file changed upstream) shows at once instead
+        of after the entry timeout. libfuse 3.14's high-level `fuse_invalidate_path`; a path the kernel
+        holds nothing of (never looked up, or only as a negative entry) is a no-op: negative entries
+        last `negative_timeout` (at most a second)."""
+        with self._fuse_lock:
+            if self._fuse is None:
+                return
+            result = _invalidate_path(self._fuse, ("/" + path).encode())
+        if result not in (0, -errno.ENOENT):
+            logger.debug("fuse_invalidate_path(%s): %s", path, os.strerror(-result))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:
+        context = mfusepy._libfuse.fuse_get_context()  # init runs with a context that names the `struct fuse`
+        if context:
+            with self._fuse_lock:
+                self._fuse = context.contents.fuse
         if config is not None:
             config.attr_timeout = self.attr_timeout
             config.entry_timeout = self.attr_timeout
@@ -115,6 +139,8 @@ class FuseOperations(mfusepy.Operations):
             self._on_init()
 
     def destroy(self, path: str) -> None:
+        with self._fuse_lock:
+            self._fuse = None
         with self._lock:
             handles = list(self._handles.values())
             self._handles.clear()

@@ -128,6 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=constants.PUBLISH,
         help="publish local modules to the bucket once complete (default: $HFFS_PUBLISH, else off)",
     )
+    neff.add_argument(
+        "--keep-stale-locks",
+        action=argparse.BooleanOptionalAction,
+        default=constants.KEEP_STALE_LOCKS,
+        help="only report compile locks whose creator is gone, never remove them (default: $HFFS_KEEP_STALE_LOCKS, "
+        "else off: they are removed after --stale-lock-grace)",
+    )
+    neff.add_argument(
+        "--stale-lock-grace",
+        default=str(constants.STALE_LOCK_GRACE),
+        help="seconds a compile lock whose creator is gone stays before it is removed (default: 10)",
+    )
+    neff.add_argument(
+        "--follow-events",
+        action=argparse.BooleanOptionalAction,
+        default=constants.FOLLOW_EVENTS,
+        help="apply the bucket's event feed to cached listings (default: on where the Hub serves it; "
+        "--no-follow-events: TTL + probes only)",
+    )
     _common_mount_options(neff)
     hub = views.add_parser("hub-cache", help="a lazy, case-insensitive HF_HUB_CACHE")
     hub.add_argument("mountpoint")
@@ -235,7 +254,13 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
     if args.view == "neff":
         source = args.bucket_id
         options.update(
-            prefix=args.prefix, read_only=args.read_only, show_model_area=args.show_model_area, publish=args.publish
+            prefix=args.prefix,
+            read_only=args.read_only,
+            show_model_area=args.show_model_area,
+            publish=args.publish,
+            keep_stale_locks=args.keep_stale_locks,
+            stale_lock_grace=parse_duration(args.stale_lock_grace),
+            follow_events=args.follow_events,
         )
     else:
         source = ""
@@ -309,7 +334,8 @@ def _render_status(states: list[dict], as_json: bool) -> str:
             )
             lines += [f"  not published {f['module']}: {f['reason']}" for f in pub["failed"]]
         for lock in s.get("stale_locks", []):
-            lines.append(f"  stale lock {lock['path']} (pid {lock['pid']}, {lock['age_s']:.0f}s old)")
+            creator = f"pid {lock['pid']}" if lock.get("pid") else "creator unknown"
+            lines.append(f"  stale lock {lock['path']} ({creator}, {lock['age_s']:.0f}s old)")
         for f in s.get("in_flight", []):
             pct = 100 * f["done"] / f["total"] if f["total"] else 100
             lines.append(f"  fetching {f['name']}: {_human(f['done'])} / {_human(f['total'])} ({pct:.0f}%)")
@@ -447,10 +473,12 @@ _GENERIC_OPTIONS = {
 }  # fmt: skip
 _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other": "--allow-other",
                  "show_model_area": "--show-model-area", "foreground": "--foreground",
-                 "publish": "--publish", "nopublish": "--no-publish"}  # fmt: skip
+                 "publish": "--publish", "nopublish": "--no-publish",
+                 "keep_stale_locks": "--keep-stale-locks", "nokeep_stale_locks": "--no-keep-stale-locks",
+                 "follow_events": "--follow-events", "nofollow_events": "--no-follow-events"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
                   "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group",
-                  "max_resolutions_per_s",
+                  "max_resolutions_per_s", "stale_lock_grace",
                   "max_connections", "read_ahead"}  # fmt: skip
 
 

@@ -390,12 +390,17 @@ def test_mount_hffs_helper_maps_fstab_options(cli: Cli, bucket: dict) -> None:
     path, data = a_neff(bucket)
     mp = cli.mountpoint()
     cache = cli.tmp / "fstab-cache"
-    opts = f"ro,_netdev,nofail,cache_dir={cache},cache_size=1G,metadata_ttl=30s,publish"
+    opts = (
+        f"ro,_netdev,nofail,cache_dir={cache},cache_size=1G,metadata_ttl=30s,publish,"
+        "stale_lock_grace=3s,keep_stale_locks,nofollow_events"
+    )
     out = cli.ok(f"neff:{BUCKET}", str(mp), "-o", opts, script=MOUNT_HFFS)
     assert "mounted neff view" in out
     assert (mp / path).read_bytes() == data
     assert cli.state(mp)["cache_dir"] == str(cache)
     assert cli.state(mp)["options"]["publish"] is True
+    options = cli.state(mp)["options"]
+    assert (options["stale_lock_grace"], options["keep_stale_locks"], options["follow_events"]) == (3.0, True, False)
     assert "publish (on-completion): published 0" in cli.ok("status", str(mp))
     with pytest.raises(OSError) as exc:
         (mp / "new-file").write_bytes(b"x")

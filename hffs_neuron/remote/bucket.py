@@ -68,7 +68,21 @@ class Bucket:
         path = self._relative(item["path"])
         if item.get("type") == "directory":
             return RemoteEntry(path=path, is_dir=True, mtime=_parse_time(item.get("uploadedAt")))
-        xet_hash = item.get("xetHash")
+        mtime = _parse_time(item.get("mtime") or item.get("uploadedAt"))
+        return self.file_entry(path, int(item.get("size", 0)), item.get("xetHash"), mtime)
+
+    def mount_path(self, full: str) -> str | None:
+        """The mount-relative path of bucket path `full` (from the event feed); None outside the prefix
+        or unsafe."""
+        if not isinstance(full, str) or not is_safe_path(full):
+            return None
+        if self.prefix and not full.startswith(f"{self.prefix}/"):
+            return None
+        return self._relative(full)
+
+    def file_entry(self, path: str, size: int, xet_hash: str | None, mtime: float | None) -> RemoteEntry:
+        """The entry of file `path` (mount-relative); ValueError for a xet hash that is not 64 lowercase
+        hex digits (it becomes a blob name)."""
         if xet_hash is not None and not is_sha256(xet_hash):
             raise ValueError(f"invalid xet hash {str(xet_hash)[:80]!r}")
         if not xet_hash and not self._warned_unhashed:
@@ -80,10 +94,10 @@ class Bucket:
         return RemoteEntry(
             path=path,
             is_dir=False,
-            size=int(item.get("size", 0)),
+            size=size,
             content_id=xet_hash,
             digest=Digest(XET, xet_hash) if xet_hash else None,
-            mtime=_parse_time(item.get("mtime") or item.get("uploadedAt")),
+            mtime=mtime,
         )
 
     def list(self, path: str) -> list[RemoteEntry]:

@@ -95,6 +95,20 @@ class MetadataCache:
             if ttl > 0:
                 self._cache[key] = (time.monotonic() + ttl, value)
 
+    def update(self, key: Hashable, change: Callable[[Any], Any]) -> bool:
+        """Replace the cached value of `key` with `change(value)`, keeping its expiry; a `change` that
+        returns None drops the entry. False (nothing done) when `key` is not cached."""
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is None or isinstance(cached[1], BaseException):
+                return False
+            value = change(cached[1])
+            if value is None:
+                self._cache.pop(key, None)
+            else:
+                self._cache[key] = (cached[0], value)
+            return True
+
     def invalidate(self, predicate: Callable[[Hashable], bool] | None = None) -> None:
         """Drop every entry (or those whose key matches `predicate`), e.g. after a local write."""
         with self._lock:

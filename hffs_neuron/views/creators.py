@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from ..proc import pid_start_time
+from ..proc import pid_alive, pid_start_time
 from .localfs import LocalTree
 
 logger = logging.getLogger(__name__)
@@ -53,6 +53,14 @@ class Creator:
 # second: a pid is reused only after the kernel has cycled through the whole pid space. Not
 # thread-safe: used under CreatorLog's lock.
 _START_TIMES: TTLCache = TTLCache(maxsize=1024, ttl=1.0)
+
+
+def creator_alive(creator: Creator) -> bool | None:
+    """Is the process that created an entry still running? None: unknown (another pid namespace, or no
+    start time recorded). A reused pid has another start time: the creator is gone."""
+    if creator.pid <= 0 or creator.start <= 0:
+        return None
+    return pid_alive(creator.pid) and pid_start_time(creator.pid) == creator.start
 
 
 class CreatorLog:
@@ -118,6 +126,11 @@ class CreatorLog:
     def get(self, path: str) -> Creator | None:
         with self._lock:
             return self._records.get(path)
+
+    def matching(self, suffix: str) -> dict[str, Creator]:
+        """A snapshot of the records whose path ends with `suffix` (e.g. the `*.lock` files)."""
+        with self._lock:
+            return {p: c for p, c in self._records.items() if p.endswith(suffix)}
 
     def record(self, path: str, caller: Caller) -> None:
         with self._lock:

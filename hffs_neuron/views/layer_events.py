@@ -1,15 +1,15 @@
 """Write events of a merged view's local layer, for whoever must react to them (the NEFF publisher).
 
 A mixin placed before `MergedView` in a view's bases: after a file written through the view is closed,
-a rename, or an unlink (a compiler removing its lock), it calls `on_change(path)` with the mount-relative
-path. Nothing is reported while `on_change` is None.
+a rename, or an unlink (a compiler removing its lock, or the daemon a stale one), it calls
+`on_change(path)` with the mount-relative path. Nothing is reported while `on_change` is None.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from .creators import Caller
+from .creators import Caller, Creator
 from .merged import _WRITE_FLAGS, FileHandle
 
 
@@ -32,6 +32,12 @@ class LayerEvents:
     def unlink(self, path: str, caller: Caller | None = None) -> None:
         super().unlink(path, caller)  # type: ignore[misc]
         self._report(path)
+
+    def remove_stale(self, path: str, creator: Creator) -> bool:
+        removed = super().remove_stale(path, creator)  # type: ignore[misc]
+        if removed:
+            self._report(path)  # a lock gone: its module may be complete now
+        return removed
 
     def _report(self, path: str) -> None:
         if self.on_change is not None:

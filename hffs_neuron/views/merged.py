@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from ..errors import HffsError
 from ..proc import HOST, pid_alive
-from .creators import Caller, CreatorLog
+from .creators import Caller, Creator, CreatorLog
 from .localfs import LocalTree
 
 logger = logging.getLogger(__name__)
@@ -222,6 +222,27 @@ class MergedView:
             return self.local.exists(self._rel(path))
         except (OSError, ValueError):
             return False
+
+    def layer_stat(self, path: str) -> os.stat_result | None:
+        """lstat of the local entry at view path `path`; None if there is none."""
+        try:
+            return self._lstat(self._rel(path))
+        except (OSError, ValueError):
+            return None
+
+    def remove_stale(self, path: str, creator: Creator) -> bool:
+        """Remove the local file at `path` if `creator` still made it (a compile lock whose creator is
+        gone); False if it was removed or recreated meanwhile (then by someone else: it stays)."""
+        rel = self._rel(path)
+        with self._locks.hold(path):
+            if self.creators.get(self._key(rel)) != creator:
+                return False
+            try:
+                self.local.unlink(rel)
+            except FileNotFoundError:
+                pass
+            self.creators.forget(self._key(rel))
+        return True
 
     def open_layer_file(self, path: str) -> int | None:
         """A read-only fd of the regular local file at view path `path`; None if there is none (a

@@ -23,6 +23,7 @@ import logging
 import os
 import posixpath
 import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cachetools import LRUCache
@@ -60,6 +61,9 @@ class NeffView(LayerEvents, MergedView):
     hides_virtual = True
     #: Probe mode (`NameProber`, set by the daemon): names published upstream after a listing was cached.
     prober: NameProber | None = None
+    #: Event mode (set by the daemon): True while the bucket's event feed keeps cached listings current;
+    #: probes are then not needed.
+    events_live: Callable[[], bool] = staticmethod(lambda: False)
 
     def __init__(
         self,
@@ -107,6 +111,54 @@ class NeffView(LayerEvents, MergedView):
 
         listing = self.meta.get(self._listing_key(path), load, ttl=self.listing_ttl)
         return self.prober.listing(path, listing) if self.prober else listing
+
+    # -- upstream changes (event mode) ----------------------------------------------------------
+    def apply_remote_change(self, path: str, entry: RemoteEntry | None, *, partial: bool = False) -> list[str]:
+        """File `path` was added or changed upstream (`entry`) or deleted (None): edit the cached listings
+        that show it, without relisting. `partial`: `entry` lacks fields the change did not report, so the
+        parent's listing (a module's: small) is dropped and reloaded on the next lookup instead.
+
+        Returns the paths whose kernel caches must be dropped (the file and its directories).
+        """
+        parent, name = posixpath.split(path)
+        if entry is None:
+            self._edit_listing(parent, lambda listing: {n: e for n, e in listing.items() if n != name})
+            directory = parent
+            while directory and self.meta.peek(self._listing_key(directory)) == {}:  # left empty: gone
+                up, gone = posixpath.split(directory)
+                self._edit_listing(up, lambda listing, gone=gone: {n: e for n, e in listing.items() if n != gone})
+                directory = up
+        elif partial:
+            self.meta.update(self._listing_key(parent), lambda _listing: None)
+        else:
+            self._edit_listing(parent, lambda listing: {**listing, name: entry})
+        if entry is not None:  # its directories exist now (bucket directories are implicit)
+            directory = parent
+            while directory:
+                up, child = posixpath.split(directory)
+                dir_entry = RemoteEntry(path=directory, is_dir=True, mtime=entry.mtime)
+                self._edit_listing(
+                    up,
+                    lambda listing, child=child, d=dir_entry: listing if child in listing else {**listing, child: d},
+                )
+                directory = up
+        self.bump_generation()
+        affected = [path]
+        directory = path
+        while directory:
+            directory = posixpath.dirname(directory)
+            affected.append(directory)
+        return affected
+
+    def forget_listings(self) -> None:
+        """Drop every cached listing (the event feed lost track: the next lookups relist)."""
+        namespace = self.remote.cache_namespace
+        self.meta.invalidate(lambda key: isinstance(key, tuple) and key[:2] == (namespace, "list"))
+        self.bump_generation()
+
+    def _edit_listing(self, path: str, change: Callable[[dict[str, RemoteEntry]], dict[str, RemoteEntry]]) -> None:
+        # A new dict each time: memos compare listings by identity.
+        self.meta.update(self._listing_key(path), change)
 
     def _is_model_area(self, path: str) -> bool:
         parts = path.split("/")
@@ -157,7 +209,7 @@ class NeffView(LayerEvents, MergedView):
             return VNode("dir")
         parent, name = posixpath.split(path)
         entry = self._visible_children(parent).get(name)
-        if entry is None and self.prober is not None and self.prober.probe(parent, name):
+        if entry is None and self.prober is not None and not self.events_live() and self.prober.probe(parent, name):
             self.bump_generation()
             entry = self._visible_children(parent).get(name)
         if entry is None:

@@ -151,7 +151,12 @@ class BucketStore:
             # Buckets here are public and writable by anyone: no token needed for either scope.
             return token_response(self.hub.cas.issue_token(rest[0].split("-")[1]))
         if req.method == "POST" and rest == ["batch"]:
-            return self._batch(directory, req.body)
+            try:
+                return self._batch(directory, req.body)
+            finally:
+                self.hub.bucket_events.scan(directory)  # the feed reports uploads at once
+        if req.method == "GET" and rest == ["events"]:
+            return self.hub.bucket_events.route(directory, req)
         key = bucket_key(canonical)
         if req.method in ("GET", "HEAD") and not rest:
             # Sizes only: hashing every file just to count them would make big buckets slow to describe.
@@ -163,6 +168,7 @@ class BucketStore:
                     "createdAt": iso(directory.stat().st_ctime),
                     "size": sum(sizes),
                     "totalFiles": len(sizes),
+                    "updatedAt": self.hub.bucket_events.updated_at(directory),
                 }
             )
         if req.method in ("GET", "HEAD") and rest[:1] == ["tree"]:

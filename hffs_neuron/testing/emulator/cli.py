@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         default=_XET_DEFAULT,
         help="speak Xet (CAS, xet hashes and tokens, bucket writes); --no-xet serves plain HTTP only",
     )
+    parser.add_argument(
+        "--bucket-events", action="store_true", help="serve the bucket event feed (/api/buckets/{id}/events)"
+    )
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -55,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         latency_ms=args.latency_ms,
         xet=args.xet,
     )
+    emulator.bucket_events.enabled = args.bucket_events
     if args.sample:
         from hffs_neuron.testing.sample_data import build_neff_bucket, build_sharded_model_repo
 

@@ -49,3 +49,7 @@ class EmulatorClient:
 
     def faults_clear(self) -> None:
         self._call("POST", "/_emulator/clear_faults")
+
+    def set_bucket_events(self, enabled: bool) -> None:
+        """Serve the bucket event feed (``/api/buckets/{id}/events``) or answer it with 404."""
+        self._call("POST", "/_emulator/bucket_events", {"enabled": enabled})

@@ -26,6 +26,7 @@ from urllib.parse import urlencode
 from hffs_neuron.testing.emulator.accounting import Accounting, RequestRecord
 from hffs_neuron.testing.emulator.buckets import BucketStore, bucket_key
 from hffs_neuron.testing.emulator.cas import CasStore
+from hffs_neuron.testing.emulator.events import BucketEvents
 from hffs_neuron.testing.emulator.faults import FaultInjector
 from hffs_neuron.testing.emulator.network import NetworkProfile
 from hffs_neuron.testing.emulator.protocol import (
@@ -91,6 +92,7 @@ class HubEmulator:
         self._init_root()
         self.repos = RepoStore(self)
         self.buckets = BucketStore(self)
+        self.bucket_events = BucketEvents(self)
         self.cas = CasStore(self, xet_token_ttl)
         self.xet_bridge = XetBridge(self)
 
@@ -132,6 +134,7 @@ class HubEmulator:
         """
         with self._lock:
             self.repos.clear()
+            self.bucket_events.clear()
             self.xet_bridge.clear()
             self._overrides.clear()
             for child in self.root.iterdir():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +33,7 @@ class Response:
     status: int
     headers: dict[str, str]
     body: bytes | FileBody | list[bytes | FileBody] = b""  # a list: parts written in order (multipart)
+    stream: Iterator[bytes] | None = None  # instead of a body: chunks sent as they come (event feeds)
 
     @property
     def length(self) -> int:

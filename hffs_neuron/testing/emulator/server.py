@@ -169,6 +169,8 @@ class _Handler(BaseHTTPRequestHandler):
                 emu.set_network(**json.loads(body or b"{}"))
             except (TypeError, ValueError) as e:
                 return HubError(400, None, str(e)).response()
+        elif path == "/_emulator/bucket_events":
+            emu.bucket_events.enabled = bool(json.loads(body or b"{}").get("enabled", True))
         elif path == "/_emulator/reset_stats":
             emu.reset_stats()
         elif path == "/_emulator/clear_faults":
@@ -181,6 +183,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, resp: Response, rec: RequestRecord | None) -> None:
         """Write status, headers and (unless HEAD) the body, applying any body fault."""
+        if resp.stream is not None:
+            self._send_stream(resp, rec)
+            return
         emu = self.server.emulator
         length = resp.length
         fault = None
@@ -211,6 +216,29 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
         finally:
             emu.accounting.end_response()
+
+    def _send_stream(self, resp: Response, rec: RequestRecord | None) -> None:
+        """A long-lived answer (server-sent events): chunked, written as the stream yields, then closed.
+        Not counted as a response in flight: a follower holds one for the life of its mount."""
+        self.close_connection = True
+        try:
+            self.send_response(resp.status)
+            for key, value in resp.headers.items():
+                self.send_header(key, value)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            if rec is not None:
+                rec.status = resp.status
+            for chunk in resp.stream or ():
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+        except OSError as e:  # the client went away
+            logger.debug("stream %s ended: %s", self.path, e)
+        finally:
+            close = getattr(resp.stream, "close", None)
+            if close is not None:
+                close()
 
     def _write_body(
         self, body: bytes | FileBody | list[bytes | FileBody], count: int, corrupt: bool, rec: RequestRecord | None

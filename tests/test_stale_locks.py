@@ -1,0 +1,149 @@
+"""Stale compile locks (issue 16 part 3): a `*.lock` whose creator is gone is reported, then removed after
+the grace (the kernel's cached entry with it), so compilers waiting on it proceed; a live creator's lock
+is never touched; `--keep-stale-locks` only reports.
+
+The compiler pattern is libneuronxla's: create `MODULE_x/model.hlo_module.pb.lock`, poll
+`os.path.exists` on it while another process holds it.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import Mounts
+
+from hffs_neuron.mount import status
+from hffs_neuron.testing.hub_emulator import HubEmulator
+from hffs_neuron.testing.sample_data import COMPILER_VERSIONS, build_neff_bucket
+
+pytestmark = pytest.mark.timeout(120)
+
+VERSION = COMPILER_VERSIONS[0]
+GRACE = 2.0
+
+# Process A: a compiler that takes the module's lock, then hangs (killed by the test).
+HOLDER = """
+import os, sys, time
+module = sys.argv[1]
+os.makedirs(module, exist_ok=True)
+open(os.path.join(module, "model.hlo_module.pb.lock"), "w").close()
+open(os.path.join(module, "model.hlo_module.pb"), "wb").write(b"hlo")
+print("locked", flush=True)
+time.sleep(3600)
+"""
+
+# Process B: a compiler waiting for the lock as libneuronxla does (existence polled), then compiling.
+WAITER = """
+import os, sys, time
+lock = sys.argv[1]
+started = time.monotonic()
+while os.path.exists(lock):
+    time.sleep(0.1)
+print(f"proceeded {time.monotonic() - started:.2f}", flush=True)
+"""
+
+
+def start_holder(module: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(module)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def stale_locks(mp: Path) -> list[dict]:
+    (state,) = status(mp)
+    return state["stale_locks"]
+
+
+def test_dead_compilers_lock_is_removed_and_waiters_proceed(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
+    bucket = build_neff_bucket(hub)
+    mp = Path(mounts("neff", bucket["bucket_id"], stale_lock_grace=GRACE, publish=True).mountpoint)
+    dead_module = mp / VERSION / "MODULE_dead+00000001"
+    live_module = mp / VERSION / "MODULE_live+00000002"
+    dead = start_holder(dead_module)
+    live = start_holder(live_module)
+    dead_lock = dead_module / "model.hlo_module.pb.lock"
+    live_lock = live_module / "model.hlo_module.pb.lock"
+    try:
+        waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(dead_lock)], stdout=subprocess.PIPE, text=True)
+        time.sleep(1.0)  # B is polling (the kernel has the lock's entry cached)
+        dead.send_signal(signal.SIGKILL)
+        dead.wait()
+        killed_at = time.monotonic()
+
+        # Status shows the stale lock (creator pid, age) before the grace is over.
+        seen: list[dict] = []
+        while time.monotonic() - killed_at < GRACE and not seen:
+            seen = [
+                lock
+                for lock in stale_locks(mp)
+                if lock["path"].endswith("MODULE_dead+00000001/model.hlo_module.pb.lock")
+            ]
+            time.sleep(0.1)
+        assert seen, "the stale lock was not reported before its removal"
+        assert seen[0]["pid"] == dead.pid and seen[0]["creator"] == "gone" and seen[0]["age_s"] >= 0
+
+        out, _ = waiter.communicate(timeout=GRACE + 5 + 5)
+        assert out.startswith("proceeded"), out
+        assert time.monotonic() - killed_at <= GRACE + 5, "B waited longer than the grace + 5 s"
+        assert not dead_lock.exists()
+        log = Path(status(mp)[0]["log_file"]).read_text()
+        assert "removed stale compile lock" in log and "MODULE_dead+00000001" in log
+
+        # The live compiler's lock stays for the whole test and is never reported.
+        time.sleep(GRACE + 1.5)
+        assert live_lock.exists()
+        assert stale_locks(mp) == []
+        # The dead compiler's module never completed: nothing of it was published.
+        assert not (hub.bucket_dir(bucket["bucket_id"]) / VERSION / "MODULE_dead+00000001").exists()
+    finally:
+        for proc in (dead, live):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def test_keep_stale_locks_only_reports(hub: HubEmulator, mounts: Mounts) -> None:
+    bucket = build_neff_bucket(hub)
+    mp = Path(mounts("neff", bucket["bucket_id"], stale_lock_grace=1, keep_stale_locks=True).mountpoint)
+    module = mp / VERSION / "MODULE_kept+00000003"
+    holder = start_holder(module)
+    holder.kill()
+    holder.wait()
+    lock = module / "model.hlo_module.pb.lock"
+    deadline = time.monotonic() + 10
+    reported: list[dict] = []
+    while time.monotonic() < deadline and not reported:
+        reported = stale_locks(mp)
+        time.sleep(0.2)
+    assert [(r["path"], r["pid"], r["creator"]) for r in reported] == [
+        (f"{VERSION}/MODULE_kept+00000003/model.hlo_module.pb.lock", holder.pid, "gone")
+    ]
+    time.sleep(3)  # well past the grace
+    assert lock.exists()
+    assert len(stale_locks(mp)) == 1
+
+
+def test_lock_of_unknown_creator_is_only_reported(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
+    """A lock placed in the layer behind the mount's back (no creator record) is reported with pid 0."""
+    bucket = build_neff_bucket(hub)
+    handle = mounts("neff", bucket["bucket_id"], stale_lock_grace=0.5)
+    mp = Path(handle.mountpoint)
+    module = mp / VERSION / "MODULE_unknown+00000004"
+    module.mkdir(parents=True)
+    mounts.unmount(handle)
+    (state_dir,) = (tmp_path / "cache" / "neff-layers").iterdir()
+    (state_dir / "upper" / VERSION / "MODULE_unknown+00000004" / "model.neff.lock").write_bytes(b"")
+    mp = Path(mounts("neff", bucket["bucket_id"], stale_lock_grace=0.5).mountpoint)
+    deadline = time.monotonic() + 10
+    reported: list[dict] = []
+    while time.monotonic() < deadline and not reported:
+        reported = stale_locks(mp)
+        time.sleep(0.2)
+    assert [(r["pid"], r["creator"]) for r in reported] == [(0, "unknown")]
+    time.sleep(2)
+    assert (mp / VERSION / "MODULE_unknown+00000004" / "model.neff.lock").exists()
