@@ -83,6 +83,7 @@ class Bucket:
             size=int(item.get("size", 0)),
             content_id=xet_hash,
             digest=Digest(XET, xet_hash) if xet_hash else None,
+            xet_hash=xet_hash,
             mtime=_parse_time(item.get("mtime") or item.get("uploadedAt")),
         )
 
@@ -135,6 +136,9 @@ class Bucket:
     ) -> None:
         """Stream bytes [start, end) of `entry` to `sink(offset, data)`, retrying transient failures."""
         self._http.stream_range(self.download_url(entry), start, end, sink, f"read {entry.path}", deadline)
+
+    def xet_token_url(self) -> str:
+        return self._http.url(f"api/buckets/{self.bucket_id}/xet-read-token")
 
     def download_url(self, entry: RemoteEntry) -> str:
         return self._http.url(f"buckets/{self.bucket_id}/resolve/{quote(self._full(entry.path))}")
