@@ -78,7 +78,7 @@ def test_cas_faults_fall_back_to_http_with_whole_files(
     hub.add_bucket("org/x", {"a.bin": DATA, "b.bin": DATA[::-1]})
     hub.prepare_xet()
     hub.faults.add(route, "status", status=status)
-    handle = mounts("neff", "org/x", env=xet_env, timeout=20)
+    handle = mounts("neff", "org/x", env=xet_env, timeout=8)
     mp = Path(handle.mountpoint)
     assert (mp / "a.bin").read_bytes() == DATA
     assert (mp / "b.bin").read_bytes() == DATA[::-1]
@@ -92,8 +92,8 @@ def test_corrupt_cas_bytes_are_never_served(hub: HubEmulator, mounts: Mounts, xe
     hub.add_bucket("org/x", {"a.bin": DATA})
     hub.prepare_xet()
     hub.faults.add("/v1/xorb-data/*", "corrupt")
-    mp = Path(mounts("neff", "org/x", env=xet_env).mountpoint)
-    assert (mp / "a.bin").read_bytes() == DATA  # xet bytes refused (hash), then HTTP
+    mp = Path(mounts("neff", "org/x", env=xet_env, timeout=8).mountpoint)
+    assert (mp / "a.bin").read_bytes() == DATA  # xet bytes refused (or abandoned), then HTTP
     assert state_of(mp)["transfers"]["xet"]["count"] == 0
 
 

@@ -30,6 +30,9 @@ logger = logging.getLogger(__name__)
 
 XET_MODES = ("auto", "off")
 _POLL = 0.05
+# After a failure the Xet path is skipped for this long (seconds): a broken CAS costs one file's deadline,
+# not every file's.
+_PAUSE_AFTER_FAILURE = 60.0
 _lock = threading.Lock()
 _module: Any = None
 
@@ -103,6 +106,7 @@ class XetDownloader:
         self._session: Any = None
         self._lock = threading.Lock()
         self._warned = False
+        self._paused_until = 0.0
 
     def _get_session(self) -> Any:
         with self._lock:
@@ -114,11 +118,10 @@ class XetDownloader:
                 self._session = _keeping_sigint(lambda: hf_xet.XetSession(config))
             return self._session
 
-    @staticmethod
-    def source(remote: object, entry: RemoteEntry) -> XetSource | None:
+    def source(self, remote: object, entry: RemoteEntry) -> XetSource | None:
         """The Xet source of `entry` if it has a xet hash and its remote a token route, else None."""
         token_url = getattr(remote, "xet_token_url", None)
-        if not entry.xet_hash or token_url is None or entry.size == 0:
+        if not entry.xet_hash or token_url is None or entry.size == 0 or time.monotonic() < self._paused_until:
             return None
         return XetSource(entry.xet_hash, token_url())
 
@@ -183,8 +186,10 @@ class XetDownloader:
         progress(entry.size)
 
     def fell_back(self, entry: RemoteEntry, exc: BaseException) -> None:
-        """Record a failure of the Xet path: logged once per mount (at WARNING), then at DEBUG."""
+        """Record a failure of the Xet path: logged once per mount (at WARNING, then at DEBUG); the path is
+        skipped for a while."""
         with self._lock:
             first, self._warned = not self._warned, True
+            self._paused_until = time.monotonic() + _PAUSE_AFTER_FAILURE
         level = logging.WARNING if first else logging.DEBUG
         logger.log(level, "xet path failed (%s); fetching over HTTP Range instead (logged once)", exc)
