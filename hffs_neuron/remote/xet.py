@@ -87,6 +87,13 @@ def configure_hf_xet(cache_dir: str | os.PathLike, reserve: int) -> None:
     os.environ["HF_XET_LOG_DIR_MAX_SIZE"] = str(reserve // 4)
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 @dataclass(frozen=True)
 class XetSource:
     """Where a file's Xet reconstruction comes from: its hash and the remote's read-token route."""
@@ -152,8 +159,9 @@ class XetDownloader:
                 )
                 state["group"] = group
                 state["handle"] = group.start_download_file(hf_xet.XetFileInfo(source.file_hash, entry.size), path)
-                if state.get("abandoned"):
+                if state.get("abandoned"):  # the caller gave up while this thread was still starting
                     group.abort()
+                    _unlink(path)  # the caller's temp file is gone: never leave a new one behind
                     return
                 group.wait_to_finish()  # drives the download (a handle alone is not polled forward)
             except BaseException as exc:  # reported to the waiting caller
