@@ -390,12 +390,13 @@ def test_mount_hffs_helper_maps_fstab_options(cli: Cli, bucket: dict) -> None:
     path, data = a_neff(bucket)
     mp = cli.mountpoint()
     cache = cli.tmp / "fstab-cache"
-    opts = f"ro,_netdev,nofail,cache_dir={cache},cache_size=1G,metadata_ttl=30s,publish"
+    opts = f"ro,_netdev,nofail,cache_dir={cache},cache_size=1G,metadata_ttl=30s,publish,xet=off"
     out = cli.ok(f"neff:{BUCKET}", str(mp), "-o", opts, script=MOUNT_HFFS)
     assert "mounted neff view" in out
     assert (mp / path).read_bytes() == data
     assert cli.state(mp)["cache_dir"] == str(cache)
     assert cli.state(mp)["options"]["publish"] is True
+    assert cli.state(mp)["options"]["xet"] == "off"
     assert "publish (on-completion): published 0" in cli.ok("status", str(mp))
     with pytest.raises(OSError) as exc:
         (mp / "new-file").write_bytes(b"x")
