@@ -28,7 +28,6 @@ from .base import RemoteEntry
 
 logger = logging.getLogger(__name__)
 
-XET_MODES = ("auto", "off")
 _POLL = 0.05
 # After a failure the Xet path is skipped for this long (seconds): a broken CAS costs one file's deadline,
 # not every file's.
@@ -48,11 +47,13 @@ def hf_xet_module() -> Any:
         if _module is None:
             import hf_xet  # comes with huggingface_hub; imported here so other paths never pay for it
 
-            _module = _keeping_sigint(lambda: (hf_xet.hash_files([]), hf_xet)[1])  # starts the runtime
+            _keeping_sigint(lambda: hf_xet.hash_files([]))  # starts the runtime
+            _module = hf_xet
     return _module
 
 
 def _keeping_sigint(start: Callable[[], Any]) -> Any:
+    """`start()`, with the SIGINT action it may install (hf_xet's runtime) undone."""
     libc = ctypes.CDLL(None, use_errno=True)
     action = ctypes.create_string_buffer(256)  # an opaque struct sigaction (152 bytes on x86-64)
     if libc.sigaction(signal.SIGINT, None, action) != 0:
