@@ -7,6 +7,7 @@ Daemons here run with xet on (the suite's default environment disables it for HT
 from __future__ import annotations
 
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -49,9 +50,14 @@ def test_bucket_file_is_fetched_over_xet_once(hub: HubEmulator, mounts: Mounts, 
     assert (mp / "d/big.bin").read_bytes() == DATA
     assert hub.bytes_served("d/big.bin") == 0  # nothing over HTTP Range
     assert hub.bytes_served(xet_hash_of(hub, "org/x", "d/big.bin")) >= len(DATA) // 2  # one CAS transfer
-    transfers = state_of(mp)["transfers"]
-    assert transfers["xet"] == {"count": 1, "bytes": len(DATA)}
-    assert transfers["http"]["count"] == 0
+    state = state_of(mp)
+    assert state["transfers"]["xet"] == {"count": 1, "bytes": len(DATA)}
+    assert state["transfers"]["http"]["count"] == 0
+    assert state["xet"] == "on"
+    # hf_xet's own files (its logs) live in the mount's cache dir, owner-only, and count as cache use.
+    xet_dir = Path(state["cache"]["dir"]) / "xet"
+    assert stat.S_IMODE(xet_dir.stat().st_mode) == 0o700 and any(xet_dir.rglob("*.log"))
+    assert state["cache"]["used_bytes"] >= len(DATA) + sum(p.stat().st_size for p in xet_dir.rglob("*.log"))
 
 
 def test_xet_off_and_hf_hub_disable_xet_use_http(
