@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import stat
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import Mounts, run_parallel
+from conftest import TEST_TOKEN, Mounts, run_parallel
 
 from hffs_neuron.mount import status
 from hffs_neuron.store.verify import xet_hash
@@ -129,3 +130,33 @@ def test_hub_repo_lfs_file_over_xet_is_sha256_checked(
     transfers = state_of(mp)["transfers"]
     assert transfers["xet"] == {"count": 1, "bytes": len(DATA)}  # the LFS file
     assert transfers["http"]["count"] == 1  # the small git file has no xet hash
+
+
+def test_gated_repo_over_xet_uses_the_mounts_token(hub: HubEmulator, mounts: Mounts, xet_env: dict[str, str]) -> None:
+    hub.add_repo("org/gated", {"model.safetensors": DATA}, gated=True)
+    hub.prepare_xet()
+    mp = Path(mounts("hub-cache", env=xet_env, repos=["org/gated"], token=TEST_TOKEN).mountpoint)
+    snapshots = mp / "models--org--gated" / "snapshots"
+    (commit,) = os.listdir(snapshots)
+    hub.reset_stats()
+    assert (snapshots / commit / "model.safetensors").read_bytes() == DATA
+    assert state_of(mp)["transfers"]["xet"]["count"] == 1
+    assert [r.status for r in hub.requests("/xet-read-token/")] == [200]
+
+
+def test_short_lived_cas_tokens_are_refreshed_through_the_token_route(
+    mounts: Mounts, xet_env: dict[str, str], tmp_path: Path
+) -> None:
+    emulator = HubEmulator(tmp_path / "short-tokens", xet_token_ttl=1).start()
+    try:
+        emulator.add_bucket("org/x", {"a.bin": DATA, "b.bin": DATA[::-1]})
+        emulator.prepare_xet()
+        mp = Path(mounts("neff", "org/x", env=xet_env, endpoint=emulator.url).mountpoint)
+        assert (mp / "a.bin").read_bytes() == DATA
+        time.sleep(1.5)  # the first token has expired
+        assert (mp / "b.bin").read_bytes() == DATA[::-1]
+        assert state_of(mp)["transfers"]["xet"]["count"] == 2
+        assert len(emulator.requests("/xet-read-token", method="GET")) >= 2
+    finally:
+        mounts.close()
+        emulator.stop()
