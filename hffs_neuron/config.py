@@ -74,6 +74,7 @@ class MountConfig:
     max_resolutions_per_s: float = constants.MAX_RESOLUTIONS_PER_S  # hub-cache: new repo/revision lookups
     max_connections: int = constants.MAX_CONNECTIONS
     read_ahead: str = constants.READ_AHEAD
+    xet: str = constants.XET  # "auto": hf_xet for files with a xet hash, "off": HTTP Range only
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -128,5 +129,7 @@ def validate_config(config: MountConfig) -> None:
         raise UsageError(f"--max-connections {config.max_connections}: must be at least 1")
     if config.read_ahead not in READ_AHEAD_MODES:
         raise UsageError(f"--read-ahead {config.read_ahead!r}: use one of {', '.join(READ_AHEAD_MODES)}")
+    if config.xet not in ("auto", "off"):
+        raise UsageError(f"--xet {config.xet!r}: use auto or off")
     if config.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise UsageError(f"bad log level {config.log_level!r}: use DEBUG, INFO, WARNING or ERROR")

@@ -95,3 +95,10 @@ METRICS_ADDR = os.environ.get("HFFS_METRICS_ADDR", "")
 # With --allow-other: the group (name or gid) that may read gated or private repos' content besides
 # the mount's owner. Unset: the owner only.
 GROUP = os.environ.get("HFFS_GROUP") or None
+
+# The Xet download path (`--xet`): "auto" uses hf_xet for files listed with a xet hash, "off" HTTP Range
+# only. HF_HUB_DISABLE_XET=1 in the daemon's environment means "off" whatever the flag says.
+XET = os.environ.get("HFFS_XET", "auto")
+HF_HUB_DISABLE_XET = os.environ.get("HF_HUB_DISABLE_XET", "").strip().lower() in ("1", "true", "yes", "on")
+# Bytes of --cache-size set aside for hf_xet's own files under <cache>/xet (logs, shard cache of uploads).
+XET_CACHE_RESERVE = _env_int("HFFS_XET_CACHE_RESERVE", 256 * 1024 * 1024)

@@ -56,6 +56,7 @@ class MountRuntime:
     def __init__(self, config: MountConfig):
         from .fuse_ops import FuseOperations
         from .remote.http import HubHttp
+        from .remote.xet import XetDownloader, configure_hf_xet, xet_available
         from .store.blobstore import BlobStore
         from .store.metacache import MetadataCache
         from .store.scheduler import transfer_connections
@@ -67,11 +68,20 @@ class MountRuntime:
         for owned in (cache_dir, cache_dir / "blobs-store", cache_dir / "neff-layers", constants.RUNTIME_DIR):
             ensure_private_dir(owned)
         self.http = HubHttp(config.endpoint, operation_timeout=config.timeout, max_connections=config.max_connections)
+        # hf_xet's own files (downloads here, uploads of --publish) live under the cache directory and take
+        # a bounded share of --cache-size.
+        cache_size = parse_size(config.cache_size)
+        xet_reserve = min(constants.XET_CACHE_RESERVE, cache_size // 8)
+        configure_hf_xet(cache_dir, xet_reserve)
+        xet = None
+        if xet_available(config.xet):
+            xet = XetDownloader(self.http.headers, max_connections=config.max_connections, timeout=config.timeout)
         self.store = BlobStore(
             cache_dir / "blobs-store",
-            max_size=parse_size(config.cache_size),
+            max_size=cache_size - xet_reserve,
             max_connections=transfer_connections(config.max_connections),
             timeout=config.timeout,
+            xet=xet,
         )
         self.meta = MetadataCache(
             ttl=config.metadata_ttl, negative_ttl=config.negative_ttl, wait_timeout=config.timeout
@@ -254,8 +264,8 @@ class MountRuntime:
             "options": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("mountpoint",)},
             "cache": {
                 "dir": self.config.cache_dir,
-                "used_bytes": self.store.usage() if live else None,
-                "limit_bytes": self.store.max_size,
+                "used_bytes": self.store.usage() + _tree_bytes(Path(self.config.cache_dir) / "xet") if live else None,
+                "limit_bytes": parse_size(self.config.cache_size),
             },
             "counters": {
                 "hits": s.hits,
@@ -267,8 +277,8 @@ class MountRuntime:
                 "errors": tallies["errors"],
                 "http_status": tallies["http_status"],
             },
-            # Every transfer is an HTTP one until the Xet path exists; it will count its own.
-            "transfers": {"http": {"count": s.fetches, "bytes": s.bytes_fetched}, "xet": {"count": 0, "bytes": 0}},
+            "transfers": {way: {"count": n, "bytes": b} for way, (n, b) in s.transfers.items()},
+            "xet": "on" if self.store.xet is not None else "off",
             "in_flight": [dataclasses.asdict(p) for p in self.store.in_flight()],
             "metrics_addr": self.metrics.address if self.metrics else None,
         }
@@ -435,6 +445,18 @@ def bound_malloc() -> None:
 # per up to 512 KiB instead of per 64 KiB (httpcore's default). Not 1 MiB: at the daemon's 1 MiB mmap
 # threshold every read buffer would be a fresh mapping (measured +1.5 s of system CPU per GiB).
 HTTP_READ_BYTES = 512 * 1024
+
+
+def _tree_bytes(root: Path) -> int:
+    """Bytes of the files under `root` (hf_xet's logs and shard cache)."""
+    total = 0
+    for dirpath, _, names in os.walk(root):
+        for name in names:
+            try:
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+            except FileNotFoundError:
+                continue
+    return total
 
 
 def tune_http_reads(size: int = HTTP_READ_BYTES) -> None:

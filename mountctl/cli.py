@@ -103,6 +103,13 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
         default=constants.MAX_CONNECTIONS,
         help="upstream connections of the daemon (default: 4 per core, at most 32)",
     )
+    p.add_argument(
+        "--xet",
+        choices=("auto", "off"),
+        default=constants.XET,
+        help="fetch files listed with a xet hash through hf_xet (auto, default) or only over HTTP Range (off);"
+        " HF_HUB_DISABLE_XET=1 means off",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,6 +256,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
         "timeout": parse_duration(args.timeout),
         "metrics_addr": args.metrics_addr,
         "max_connections": args.max_connections,
+        "xet": args.xet,
     }
     parse_size(args.cache_size)
     if args.view == "neff":
@@ -479,7 +487,7 @@ _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other":
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
                   "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group",
                   "max_resolutions_per_s", "stale_lock_grace",
-                  "max_connections", "read_ahead"}  # fmt: skip
+                  "max_connections", "read_ahead", "xet"}  # fmt: skip
 
 
 def _is_token_key(key: str) -> bool:

@@ -4,6 +4,7 @@
     .venv/bin/python scripts/bench.py [--size-mb 1024] [--rows 1,2,3] [--json out.json]
     .venv/bin/python scripts/bench.py --rows 3n,9 --net 100,20   # simulated network: MB/s per
                                                                  # connection, ms per request
+    .venv/bin/python scripts/bench.py --rows 10 --net 100,20     # Xet path: loopback, then network
 
 Each row prints the project's figure, the baseline's and the ratio (see the README table). Sizes are
 parameters; the defaults fit a 2-core machine in a few minutes. Nothing here asserts: tests do that.
@@ -93,13 +94,13 @@ class Bench:
         self.hub.stop()
         shutil.rmtree(self.work, ignore_errors=True)
 
-    def mount(self, view: str, name: str, source: str = "", **options):
+    def mount(self, view: str, name: str, source: str = "", env: dict | None = None, **options):
         import hffs_neuron
 
         mountpoint = self.work / name
         mountpoint.mkdir()
         options.setdefault("cache_dir", str(self.work / f"cache-{name}"))
-        handle = hffs_neuron.mount(view, mountpoint, source, env=dict(os.environ), **options)
+        handle = hffs_neuron.mount(view, mountpoint, source, env=dict(env or os.environ), **options)
         self.mounts.append(handle)
         return handle
 
@@ -254,6 +255,34 @@ transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_
         self.report("9", f"{what}, cold (s)", ours_cold, base_cold, "s", ours_cold / base_cold, "<= 0.8")
         self.report("9", f"{what}, warm (s)", ours_warm, base_warm, "s", ours_warm / base_warm, "<= 1.05")
         self.report("9", f"{what}, cold: upstream bytes / size", upstream, 1.0, "x", upstream, "= 1.00")
+
+    def row_10(self) -> None:
+        """Cold read of one LFS file: the mount's Xet path and its HTTP path against hf_hub_download with
+        hf_xet on (its default), on loopback and, with --net, under the simulated network."""
+        size = self.args.size_mb * MiB
+        self.big_repo("bench/xet", size)
+        self.hub.prepare_xet()  # conversion to Xet is never timed
+        xet_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
+        script = "from huggingface_hub import hf_hub_download as d; d('bench/xet', 'model.safetensors')"
+        for label in ("loopback", "net"):
+            if label == "net" and (label := self.network()) is None:
+                break
+            runs = {}
+            for way in ("auto", "off"):
+                handle = self.mount("hub-cache", f"hub10-{way}-{len(self.rows)}", env=xet_env, xet=way)
+                path = self.snapshot_file(Path(handle.mountpoint), "bench/xet", "model.safetensors")
+                drop_caches()
+                runs[way] = dd_read(path)
+                self.unmount(handle)
+            env = dict(xet_env, HF_HUB_CACHE=str(self.work / f"plain-cache-10-{len(self.rows)}"))
+            drop_caches()
+            base = timed([PY, "-c", script], env=env) - self.python_startup(env)
+            load = f"load {os.getloadavg()[0]:.1f}"
+            what = f"cold read {self.args.size_mb} MiB LFS, {label}, vs hf_hub_download with xet ({load})"
+            self.report("10", f"{what}: mount --xet auto (s)", runs["auto"], base, "s", runs["auto"] / base, "<= 1.0")
+            self.report("10", f"{what}: mount --xet off (s)", runs["off"], base, "s", runs["off"] / base, "<= 1.5")
+        if self.args.net:
+            self.hub.set_network(conn_mbps=None, latency_ms=0)
 
     def python_startup(self, env: dict) -> float:
         return min(timed([PY, "-c", "import huggingface_hub"], env=env) for _ in range(2))
@@ -425,7 +454,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the big blob (rows 1-4, 8)")
     parser.add_argument("--files", type=int, default=10_000, help="entries for rows 5-6")
-    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="also 3n (needs --net)")
+    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="also 3n (needs --net), 10 (xet)")
     parser.add_argument("--net", default=None, metavar="MBPS,MS", help="simulate a network for rows 3n and 9")
     parser.add_argument("--net-size-mb", type=int, default=512, help="size of the blob of row 3n")
     parser.add_argument("--repeat", type=int, default=2, help="row 9: best of this many runs")
@@ -450,6 +479,8 @@ def main() -> int:
             bench.row_3n()
         if "9" in wanted:
             bench.row_9()
+        if "10" in wanted:
+            bench.row_10()
     finally:
         bench.close()
     if args.json:

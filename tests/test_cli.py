@@ -392,7 +392,7 @@ def test_mount_hffs_helper_maps_fstab_options(cli: Cli, bucket: dict) -> None:
     cache = cli.tmp / "fstab-cache"
     opts = (
         f"ro,_netdev,nofail,cache_dir={cache},cache_size=1G,metadata_ttl=30s,publish,"
-        "stale_lock_grace=3s,keep_stale_locks,nofollow_events"
+        "stale_lock_grace=3s,keep_stale_locks,nofollow_events,xet=off"
     )
     out = cli.ok(f"neff:{BUCKET}", str(mp), "-o", opts, script=MOUNT_HFFS)
     assert "mounted neff view" in out
@@ -401,6 +401,7 @@ def test_mount_hffs_helper_maps_fstab_options(cli: Cli, bucket: dict) -> None:
     assert cli.state(mp)["options"]["publish"] is True
     options = cli.state(mp)["options"]
     assert (options["stale_lock_grace"], options["keep_stale_locks"], options["follow_events"]) == (3.0, True, False)
+    assert cli.state(mp)["options"]["xet"] == "off"
     assert "publish (on-completion): published 0" in cli.ok("status", str(mp))
     with pytest.raises(OSError) as exc:
         (mp / "new-file").write_bytes(b"x")

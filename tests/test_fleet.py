@@ -1,8 +1,8 @@
 """The NEFF view as a fleet-wide compile cache: publish on completion, probe mode, verified bucket bytes.
 
-Two "nodes" are two daemons with separate cache directories on one emulator. Uploads go through the
-one seam `hffs_neuron.publish.upload_to_bucket`, replaced in the daemons (tests/upload_seam) by a copy
-into the emulator's bucket directory until the emulator accepts Xet uploads; everything else is real.
+Two "nodes" are two daemons with separate cache directories on one emulator. Uploads are real: the
+daemons' `HfApi.batch_bucket_files` -> hf_xet -> the emulator's Xet CAS and batch route; upload failures are
+emulator faults on the batch route (one test wraps the upload call to fail its second call only).
 """
 
 from __future__ import annotations
@@ -39,20 +39,44 @@ NEFF = os.urandom(700_000)
 BODY = ("model.hlo_module.pb", "compile_flags.json", "model.neff")  # a module's files but its done marker
 
 
+BATCH = "/api/buckets/*/batch"
+
+
 @pytest.fixture
-def seam_env(hub: HubEmulator, runtime_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
-    """Environment for a publishing daemon: uploads land in the emulator's bucket dirs and are logged."""
+def seam_env(runtime_env: dict[str, str], tmp_path: Path) -> dict[str, str]:
+    """Environment for the one daemon whose upload calls are logged (and the second one failed)."""
     env = dict(runtime_env)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(SEAM), env.get("PYTHONPATH", "")) if p)
-    env["HFFS_TEST_BUCKETS"] = str(hub.root / "buckets")
     env["HFFS_TEST_UPLOAD_LOG"] = str(tmp_path / "uploads.jsonl")
     return env
 
 
 def uploads(env: dict[str, str]) -> list[list[str]]:
-    """The destinations of each upload call the daemons made, in order."""
+    """The destinations of each upload call the seam daemon made, in order."""
     log = Path(env["HFFS_TEST_UPLOAD_LOG"])
     return [json.loads(line)["add"] for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def batch_calls(hub: HubEmulator) -> list[int]:
+    """The status of each `batch_bucket_files` call the emulator answered, in order."""
+    return [r.status for r in hub.requests("/batch", method="POST")]
+
+
+def bucket_files(hub: HubEmulator, bucket_id: str, module: str) -> set[str]:
+    directory = hub.bucket_dir(bucket_id) / module
+    return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
+
+
+def read_back_elsewhere(hub: HubEmulator, bucket_id: str, module: str, runtime_env: dict[str, str]) -> bytes:
+    """The module's NEFF as `download_bucket_files` (hf_xet on, in another process) gets it."""
+    env = {k: v for k, v in runtime_env.items() if k != "HF_HUB_DISABLE_XET"}
+    target = Path(runtime_env["HFFS_RUNTIME_DIR"]).parent / "downloaded.neff"
+    code = (
+        "import sys; from huggingface_hub import download_bucket_files; "
+        "download_bucket_files(sys.argv[1], [(sys.argv[2], sys.argv[3])])"
+    )
+    run_parallel([[sys.executable, "-c", code, bucket_id, f"{module}/model.neff", str(target)]], env=env, timeout=60)
+    return target.read_bytes()
 
 
 def compile_module(mp: Path, name: str, neff: bytes = NEFF, *, release_lock: bool = True) -> str:
@@ -90,13 +114,13 @@ def module_name(i: int) -> str:
 
 
 def test_published_module_reaches_another_node_in_seconds(
-    hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str]
+    hub: HubEmulator, mounts: Mounts, runtime_env: dict[str, str]
 ) -> None:
     bucket = build_neff_bucket(hub)
     bucket_dir = hub.bucket_dir(bucket["bucket_id"])
     node_b = Path(mounts("neff", bucket["bucket_id"], name="b", cache="cache-b", negative_ttl=3).mountpoint)
     listed = set(os.listdir(node_b / VERSION))  # node B has listed the directory
-    node_a = Path(mounts("neff", bucket["bucket_id"], name="a", cache="cache-a", publish=True, env=seam_env).mountpoint)
+    node_a = Path(mounts("neff", bucket["bucket_id"], name="a", cache="cache-a", publish=True).mountpoint)
     name = module_name(1)
     assert name not in listed and not (node_b / VERSION / name / "model.done").exists()  # B has looked it up
 
@@ -107,11 +131,10 @@ def test_published_module_reaches_another_node_in_seconds(
     done = bucket_dir / module / "model.done"
     wait_for(done.exists, 15, "the module in the bucket")
     published_at = time.monotonic()
-    calls = uploads(seam_env)
-    assert len(calls) == 2, calls
-    assert sorted(calls[0]) == sorted(f"{module}/{n}" for n in BODY)
-    assert calls[1] == [f"{module}/model.done"]
+    assert batch_calls(hub) == [200, 200]  # every file but the marker, then the marker
+    assert bucket_files(hub, bucket["bucket_id"], module) == {*BODY, "model.done"}
     assert (bucket_dir / module / "model.neff").read_bytes() == NEFF
+    assert read_back_elsewhere(hub, bucket["bucket_id"], module, runtime_env) == NEFF
     assert not (bucket_dir / module / "model.hlo_module.pb.lock").exists()
 
     # Node B, polling like a waiting compiler, sees it within the negative TTL (3 s) + a margin for load.
@@ -130,10 +153,10 @@ def test_published_module_reaches_another_node_in_seconds(
     assert state_of(node_b)["publish"]["mode"] == "off"
 
 
-def test_poison_is_never_published(hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str]) -> None:
+def test_poison_is_never_published(hub: HubEmulator, mounts: Mounts) -> None:
     bucket = build_neff_bucket(hub)
     bucket_dir = hub.bucket_dir(bucket["bucket_id"])
-    mp = Path(mounts("neff", bucket["bucket_id"], publish=True, env=seam_env).mountpoint)
+    mp = Path(mounts("neff", bucket["bucket_id"], publish=True).mountpoint)
     with open(mp / "lock", "w"):  # the compiler's root lock
         pass
     failed = mp / VERSION / module_name(2)
@@ -157,8 +180,8 @@ def test_poison_is_never_published(hub: HubEmulator, mounts: Mounts, seam_env: d
 
     wait_for((bucket_dir / noisy / "model.done").exists, 15, "the complete module in the bucket")
     time.sleep(2.5)  # debounce (1 s) and then some: whatever would be published has been
-    published = {dest for call in uploads(seam_env) for dest in call}
-    assert published == {f"{noisy}/{n}" for n in (*BODY, "model.done")}
+    assert bucket_files(hub, bucket["bucket_id"], noisy) == {*BODY, "model.done"}
+    assert len(batch_calls(hub)) == 2  # nothing else was published
     for poison in (f"{VERSION}/{module_name(2)}", locked, f"{VERSION}/{module_name(4)}"):
         assert not (bucket_dir / poison).exists(), poison
     assert not (bucket_dir / "lock").exists()
@@ -167,12 +190,12 @@ def test_poison_is_never_published(hub: HubEmulator, mounts: Mounts, seam_env: d
 
 
 def test_permanent_failure_is_reported_once_and_pending_work_survives_a_remount(
-    hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str]
+    hub: HubEmulator, mounts: Mounts
 ) -> None:
     bucket = build_neff_bucket(hub)
     bucket_dir = hub.bucket_dir(bucket["bucket_id"])
-    denied = dict(seam_env, HFFS_TEST_UPLOAD_FAIL="403")
-    handle = mounts("neff", bucket["bucket_id"], publish=True, env=denied)
+    hub.faults.add(BATCH, "status", status=403, methods=("POST",))
+    handle = mounts("neff", bucket["bucket_id"], publish=True)
     mp = Path(handle.mountpoint)
     first = compile_module(mp, module_name(6))
 
@@ -184,13 +207,14 @@ def test_permanent_failure_is_reported_once_and_pending_work_survives_a_remount(
     second = compile_module(mp, module_name(7))
     wait_for(lambda: second in failed(), 15, "the second module reported")
     time.sleep(2.5)
-    assert len(uploads(seam_env)) == 1  # one refused call; never retried in a loop
+    assert batch_calls(hub) == [403]  # one refused call; never retried in a loop
     log = Path(state_of(mp)["log_file"]).read_text()
     assert log.count("publishing stopped") == 1
     mounts.unmount(handle)
 
     # Remounted with write access: pending work is derived from the local layer, both are published.
-    remounted = mounts("neff", bucket["bucket_id"], publish=True, env=seam_env)
+    hub.faults.clear()
+    remounted = mounts("neff", bucket["bucket_id"], publish=True)
     for module in (first, second):
         wait_for((bucket_dir / module / "model.done").exists, 15, f"{module} in the bucket")
         assert (bucket_dir / module / "model.neff").read_bytes() == NEFF
@@ -198,14 +222,14 @@ def test_permanent_failure_is_reported_once_and_pending_work_survives_a_remount(
     assert state_of(Path(remounted.mountpoint))["publish"]["failed"] == []
 
 
-def test_transient_failures_are_retried(hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str]) -> None:
+def test_transient_failures_are_retried(hub: HubEmulator, mounts: Mounts) -> None:
     bucket = build_neff_bucket(hub)
-    env = dict(seam_env, HFFS_TEST_UPLOAD_FAIL="503x2")
-    mp = Path(mounts("neff", bucket["bucket_id"], publish=True, env=env).mountpoint)
+    hub.faults.add(BATCH, "status", status=503, count=2, methods=("POST",))
+    mp = Path(mounts("neff", bucket["bucket_id"], publish=True).mountpoint)
     module = compile_module(mp, module_name(8))
     wait_for((hub.bucket_dir(bucket["bucket_id"]) / module / "model.done").exists, 20, "the module in the bucket")
-    calls = uploads(env)
-    assert len(calls) == 4 and calls[-1] == [f"{module}/model.done"]  # two refused, then rest + marker
+    assert batch_calls(hub) == [503, 503, 200, 200]  # two refused, then rest + marker
+    assert (hub.bucket_dir(bucket["bucket_id"]) / module / "model.neff").read_bytes() == NEFF
     wait_for(lambda: state_of(mp)["publish"]["published"] == 1, 5, "status")
     assert state_of(mp)["publish"]["failed"] == []
 
@@ -219,16 +243,16 @@ def test_an_interrupted_publish_sends_only_what_is_missing(
     module = compile_module(mp, module_name(11))
     wait_for((hub.bucket_dir(bucket["bucket_id"]) / module / "model.done").exists, 20, "the module in the bucket")
     assert uploads(env) == [sorted(f"{module}/{n}" for n in BODY), [f"{module}/model.done"], [f"{module}/model.done"]]
+    assert batch_calls(hub) == [200, 200]  # the failed call never reached the Hub
+    assert (hub.bucket_dir(bucket["bucket_id"]) / module / "model.neff").read_bytes() == NEFF
 
 
-def test_publisher_uploads_regular_files_only(
-    hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str], tmp_path: Path
-) -> None:
+def test_publisher_uploads_regular_files_only(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
     """A client plants a symlink to a root-only file in a module being compiled: the publisher (push's code)
     never follows it and publishes the module's regular files."""
     bucket = build_neff_bucket(hub)
     bucket_dir = hub.bucket_dir(bucket["bucket_id"])
-    mp = Path(mounts("neff", bucket["bucket_id"], publish=True, env=seam_env).mountpoint)
+    mp = Path(mounts("neff", bucket["bucket_id"], publish=True).mountpoint)
     secret = tmp_path / "root-only"
     secret.write_bytes(b"root's secret")
     secret.chmod(0o600)
@@ -237,21 +261,19 @@ def test_publisher_uploads_regular_files_only(
     os.symlink(secret, mp / VERSION / name / "wrapped_neff.hlo")
     module = compile_module(mp, name)
     wait_for((bucket_dir / module / "model.done").exists, 15, "the module in the bucket")
-    assert uploads(seam_env) == [sorted(f"{module}/{n}" for n in BODY), [f"{module}/model.done"]]
-    assert not (bucket_dir / module / "wrapped_neff.hlo").exists()
+    assert bucket_files(hub, bucket["bucket_id"], module) == {*BODY, "model.done"}
+    assert len(batch_calls(hub)) == 2
 
 
-def test_already_published_module_is_not_uploaded_again(
-    hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str]
-) -> None:
+def test_already_published_module_is_not_uploaded_again(hub: HubEmulator, mounts: Mounts) -> None:
     bucket = build_neff_bucket(hub)
-    mp = Path(mounts("neff", bucket["bucket_id"], publish=True, env=seam_env).mountpoint)
+    mp = Path(mounts("neff", bucket["bucket_id"], publish=True).mountpoint)
     existing = bucket["complete"][0]
     # Touching a remote module's file copies it up into the local layer: same files and sizes as the bucket.
     os.utime(mp / existing / "model.neff")
     (mp / existing / "model.done").write_bytes(b"")
     wait_for(lambda: state_of(mp)["publish"]["published"] == 1, 10, "the module found published")
-    assert uploads(seam_env) == []
+    assert batch_calls(hub) == []
 
 
 COLD_READER = textwrap.dedent(

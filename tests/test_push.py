@@ -1,13 +1,12 @@
 """Publishing compiled modules from a NEFF mount back to its bucket (`hffs_neuron.publish.push`).
 
-Real mount, real huggingface_hub client; the only fake is `HfApi.batch_bucket_files` (Xet uploads
-cannot run offline), which copies the files into the emulator's bucket so they are served afterwards.
+Real mount, real huggingface_hub client, real uploads: `HfApi.batch_bucket_files` -> hf_xet -> the
+emulator's Xet CAS and batch route (`RecordingApi` only records each call around the real one).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -31,27 +30,37 @@ VERSION = "neuronxcc-2.21.18209.0+043b1bf7"
 MountFn = Callable[..., Path]
 
 
-class FakeApi(HfApi):
-    """A real HfApi whose bucket upload writes straight into the emulator's bucket directory."""
+def _open_files() -> list[str]:
+    """What each fd of this process refers to (hf_xet's own sockets come and go: callers filter)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            continue
+    return found
+
+
+class RecordingApi(HfApi):
+    """A real HfApi that records each bucket upload call (and the fds open meanwhile) around the real one."""
 
     def __init__(self, hub: HubEmulator, **kwargs: Any):
         super().__init__(endpoint=hub.url, **kwargs)
         self.hub = hub
         self.calls: list[tuple[str, list[tuple[str, str]]]] = []
-        self.fds_during_calls: list[int] = []  # fds open in this process while each call ran
+        self.fds_during_calls: list[list[str]] = []  # what each fd of this process opened while each call ran
         self.uploaded: dict[str, bytes] = {}  # destination -> bytes read from the source given
 
     def batch_bucket_files(self, bucket_id: str, *, add: Any = None, copy: Any = None, delete: Any = None, **_: Any):
         assert not copy and not delete  # push only ever adds
         add = [(str(src), dest) for src, dest in add or []]
-        self.fds_during_calls.append(len(os.listdir("/proc/self/fd")))
+        self.fds_during_calls.append(_open_files())
         self.calls.append((bucket_id, add))
+        result = super().batch_bucket_files(bucket_id, add=add, **_)
         root = self.hub.bucket_dir(bucket_id)
-        for src, dest in add:
-            target = root / dest
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, target)  # reads the source the way hf_xet does: open(path)
-            self.uploaded[dest] = target.read_bytes()
+        for _src, dest in add:
+            self.uploaded[dest] = (root / dest).read_bytes()
+        return result
 
 
 @pytest.fixture
@@ -119,7 +128,7 @@ def test_push_selects_complete_modules_and_is_idempotent(hub: HubEmulator, mount
         mp, "MODULE_55555555555555555555+eeeeeeee", {"model.neff": b"neff5", "model.done": b"", "model.log": b"warn\n"}
     )
     state = _state_of(mp)
-    api = FakeApi(hub)
+    api = RecordingApi(hub)
 
     plan = push(state, dry_run=True, api=api)
     assert api.calls == []  # dry run uploads nothing
@@ -160,7 +169,7 @@ def test_pushed_modules_are_served_to_a_fresh_mount(hub: HubEmulator, mount_neff
     mp = mount_neff(bucket["bucket_id"])
     modules = _local_modules(mp)
     neff = (mp / modules["complete"] / "model.neff").read_bytes()
-    push(_state_of(mp), api=FakeApi(hub))
+    push(_state_of(mp), api=RecordingApi(hub))
     hub.reset_stats()
 
     other = mount_neff(bucket["bucket_id"], name="mnt2", cache="cache2")  # a second machine: empty cache
@@ -175,7 +184,7 @@ def test_push_with_prefix(hub: HubEmulator, mount_neff: MountFn) -> None:
     hub.add_bucket("org/shared", {"team-a/README": b"team a cache"})
     mp = mount_neff("org/shared", prefix="team-a")
     module = _write_module(mp, "MODULE_66666666666666666666+ffffffff", {"model.neff": b"neff6", "model.done": b""})
-    api = FakeApi(hub)
+    api = RecordingApi(hub)
     push(_state_of(mp), api=api)
     assert [dest for _, add in api.calls for _, dest in add] == [
         f"team-a/{module}/model.neff",
@@ -199,6 +208,16 @@ def test_mountctl_push_dry_run(hub: HubEmulator, mount_neff: MountFn, runtime_en
         assert f"skipped {modules[kind]}:" in result.stdout
     before = set(hub.bucket_dir(bucket["bucket_id"]).rglob("*"))
     assert not any(modules["complete"] in str(p) for p in before)  # dry run published nothing
+
+    # For real, in a subprocess: HfApi.batch_bucket_files -> hf_xet -> the emulator; read back elsewhere.
+    result = subprocess.run(
+        [str(mountctl), "push", str(mp)], capture_output=True, text=True, env=runtime_env, timeout=90
+    )
+    assert result.returncode == 0, result.stderr
+    neff = (mp / modules["complete"] / "model.neff").read_bytes()
+    assert (hub.bucket_dir(bucket["bucket_id"]) / modules["complete"] / "model.neff").read_bytes() == neff
+    other = mount_neff(bucket["bucket_id"], name="other", cache="other-cache")
+    assert (other / modules["complete"] / "model.neff").read_bytes() == neff
 
 
 def _layer_upper(mp: Path) -> Path:
@@ -240,7 +259,7 @@ def test_push_publishes_regular_files_only(
     assert f"skipped {VERSION}/MODULE_88888888888888888888+34343434: a symlink (never followed)" in result.stdout
     assert f"skipped {fake}: incomplete" in result.stdout
 
-    api = FakeApi(hub)
+    api = RecordingApi(hub)
     push(_state_of(mp), api=api)
     assert sorted(api.uploaded) == [f"{module}/model.done", f"{module}/model.neff"]
     assert not any(data == secret.read_bytes() for data in api.uploaded.values())
@@ -263,7 +282,7 @@ def test_push_skips_held_deleted_locks_and_scratch_files(hub: HubEmulator, mount
         # A leftover copy-up temp next to its target, as a crash would leave it.
         (_layer_upper(mp) / done / "model.neff.hffs-copyup.123.456").write_bytes(b"partial")
 
-        plan = push(_state_of(mp), dry_run=True, api=FakeApi(hub))
+        plan = push(_state_of(mp), dry_run=True, api=RecordingApi(hub))
         skipped = dict(plan.skipped)
         if hidden:  # (a mount with hard_remove drops the name instead: nothing is left to see)
             assert "in progress" in skipped[held], plan
@@ -311,16 +330,19 @@ def test_publish_modules_bounds_fds_and_sends_markers_after_the_rest(hub: HubEmu
         (upper / rel / "model.neff").write_bytes(b"neff %d" % i)
         (upper / rel / "model.done").write_bytes(b"")
         modules.append((rel, additions(bucket, upper, rel, ["model.done", "model.neff"])))
-    api = FakeApi(hub)
-    open_fds = len(os.listdir("/proc/self/fd"))
+    api = RecordingApi(hub)
 
+    def layer_fds(files: list[str]) -> int:  # hf_xet's sockets and runtime fds come and go: not counted
+        return sum(f.startswith(str(upper)) for f in files)
+
+    assert layer_fds(_open_files()) == 0
     assert publish_modules(api, bucket, upper, modules) == {}  # nothing changed since the check
 
-    assert len(os.listdir("/proc/self/fd")) == open_fds
+    assert layer_fds(_open_files()) == 0
     sent = [[dest for _, dest in add] for _, add in api.calls]
     assert all(0 < len(call) <= UPLOAD_BATCH_FILES for call in sent)
-    for call, fds in zip(sent, api.fds_during_calls, strict=True):
-        assert fds <= open_fds + len(call) + 1  # (+1: the listing's own fd)
+    for call, files in zip(sent, api.fds_during_calls, strict=True):
+        assert layer_fds(files) <= len(call) + 1  # (+1: the listing's own fd)
     position = {dest: n for n, call in enumerate(sent) for dest in call}
     assert len(position) == 600
     for rel, _ in modules:

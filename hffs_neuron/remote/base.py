@@ -50,6 +50,7 @@ class RemoteEntry:
     mtime: float | None = None
     lfs: bool = False
     git_oid: str | None = None  # the git object id (for LFS files: of the pointer), Hub repos only
+    xet_hash: str | None = None  # set when the file can also be reconstructed from the Xet CAS (remote/xet.py)
 
     @property
     def name(self) -> str:
@@ -111,4 +112,8 @@ class Remote(Protocol):
         self, entry: RemoteEntry, start: int, end: int, sink: Callable[[int, bytes], None], deadline: float
     ) -> None:
         """Stream bytes [start, end) of `entry` to `sink(offset, data)` before `deadline` (monotonic)."""
+        ...
+
+    def xet_token_url(self) -> str:
+        """The Hub route that gives a Xet read token for this remote's files (see remote/xet.py)."""
         ...

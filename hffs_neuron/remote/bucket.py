@@ -97,6 +97,7 @@ class Bucket:
             size=size,
             content_id=xet_hash,
             digest=Digest(XET, xet_hash) if xet_hash else None,
+            xet_hash=xet_hash,
             mtime=mtime,
         )
 
@@ -149,6 +150,9 @@ class Bucket:
     ) -> None:
         """Stream bytes [start, end) of `entry` to `sink(offset, data)`, retrying transient failures."""
         self._http.stream_range(self.download_url(entry), start, end, sink, f"read {entry.path}", deadline)
+
+    def xet_token_url(self) -> str:
+        return self._http.url(f"api/buckets/{self.bucket_id}/xet-read-token")
 
     def download_url(self, entry: RemoteEntry) -> str:
         return self._http.url(f"buckets/{self.bucket_id}/resolve/{quote(self._full(entry.path))}")

@@ -94,6 +94,11 @@ class HubHttp:
         self.requests_sent = 0
 
     @property
+    def headers(self) -> dict[str, str]:
+        """The headers of every request to the endpoint (auth included): for the Xet token route."""
+        return dict(self._headers)
+
+    @property
     def has_token(self) -> bool:
         return bool(self._token)
 

@@ -136,6 +136,9 @@ class HubRepo:
         except RemoteAccessDenied as exc:
             raise RemoteAccessDenied(f"{self.repo_type} {self.repo_id} is gated: {exc}") from exc
 
+    def xet_token_url(self) -> str:
+        return self._http.url(f"api/{self.repo_type}s/{self.repo_id}/xet-read-token/{self.commit}")
+
     def download_url(self, entry: RemoteEntry) -> str:
         prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
         return self._http.url(f"{prefix}{self.repo_id}/resolve/{self.commit}/{quote(entry.path)}")
@@ -151,6 +154,9 @@ def _entry_from_item(item: dict) -> RemoteEntry:
         raise ValueError(f"invalid LFS sha256 {str(lfs.get('oid'))[:80]!r}")
     if not is_git_oid(oid) and not (lfs and oid is None):  # an LFS pointer's own oid is optional
         raise ValueError(f"invalid git object id {str(oid)[:80]!r}")
+    xet_hash = item.get("xetHash")
+    if xet_hash is not None and not is_sha256(xet_hash):
+        xet_hash = None  # unusable: the file is still served over HTTP
     if lfs:
         return RemoteEntry(
             path=item["path"],
@@ -160,6 +166,7 @@ def _entry_from_item(item: dict) -> RemoteEntry:
             digest=Digest("sha256", lfs["oid"]),
             lfs=True,
             git_oid=item.get("oid"),
+            xet_hash=xet_hash,
         )
     return RemoteEntry(
         path=item["path"],
@@ -168,4 +175,5 @@ def _entry_from_item(item: dict) -> RemoteEntry:
         content_id=item["oid"],
         digest=Digest("git-sha1", item["oid"]),
         git_oid=item["oid"],
+        xet_hash=xet_hash,
     )

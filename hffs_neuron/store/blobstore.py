@@ -36,6 +36,7 @@ from .. import constants
 from ..errors import CacheFull, HffsError, IntegrityError, RemoteUnavailable
 from ..proc import HOST, pid_alive
 from ..remote.base import XET, Digest, Remote, RemoteEntry
+from ..remote.xet import XetDownloader, XetSource
 from .scheduler import FOREGROUND, READ_AHEAD, Transfer, TransferScheduler
 from .verify import verify_download
 
@@ -97,6 +98,8 @@ class StoreStats:
     fetches: int = 0  # upstream transfers this process made
     bytes_fetched: int = 0
     evictions: int = 0
+    # Completed transfers and their bytes by path: "http" (Range) or "xet" (hf_xet, remote/xet.py).
+    transfers: dict[str, list[int]] = field(default_factory=lambda: {"http": [0, 0], "xet": [0, 0]})
 
 
 class BlobStore:
@@ -111,8 +114,10 @@ class BlobStore:
         max_connections: int = constants.MAX_CONNECTIONS,
         parallel_threshold: int = constants.PARALLEL_THRESHOLD,
         timeout: float = constants.OPERATION_TIMEOUT,
+        xet: XetDownloader | None = None,
     ):
         self.root = Path(root)
+        self.xet = xet  # None: every transfer is an HTTP Range one
         self.max_size = max_size
         self.timeout = timeout
         self.scheduler = TransferScheduler(
@@ -293,12 +298,32 @@ class BlobStore:
         return f"{key}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
 
     def _download(self, key: str, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> None:
+        """One transfer into a private temp file, verified and renamed: over Xet where the file has a xet
+        hash (and the path is on), else, or after any Xet failure, over HTTP Range into a fresh temp file."""
+        source = self.xet.source(remote, entry) if self.xet is not None else None
+        if source is not None:
+            try:
+                self._download_by(
+                    key, entry, fetch, "xet", lambda tmp, fd: self._fill_xet(tmp, fd, source, entry, fetch)
+                )
+                return
+            except CacheFull:
+                raise
+            except Exception as exc:
+                if getattr(exc, "errno", None) == errno.ENOSPC or self._free_bytes() < entry.size:
+                    raise
+                self.xet.fell_back(entry, exc)
+        self._download_by(key, entry, fetch, "http", lambda _tmp, fd: self._fill(fd, remote, entry, fetch))
+
+    def _download_by(
+        self, key: str, entry: RemoteEntry, fetch: _Fetch, way: str, fill: Callable[[Path, int], str | None]
+    ) -> None:
         path = self.blob_path(key)
         path.parent.mkdir(exist_ok=True, mode=0o700)
         tmp = self.root / "tmp" / self._tmp_name(key)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            actual = self._fill(fd, remote, entry, fetch)
+            actual = fill(tmp, fd)
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
@@ -313,13 +338,41 @@ class BlobStore:
             _fsync_dir(path.parent)
             with self._lock:
                 self.stats.fetches += 1
-            logger.info("fetched %s (%d bytes) as blob %s", entry.path, entry.size, key[:16])
+                self.stats.transfers[way][0] += 1
+                self.stats.transfers[way][1] += entry.size
+            logger.info("fetched %s (%d bytes, %s) as blob %s", entry.path, entry.size, way, key[:16])
         finally:
             os.close(fd)
             try:
                 os.unlink(tmp)
             except FileNotFoundError:
                 pass
+
+    def _fill_xet(self, tmp: Path, fd: int, source: XetSource, entry: RemoteEntry, fetch: _Fetch) -> str | None:
+        """Reconstruct `entry` into `tmp` with hf_xet; return its digest for `verify_download` (sha256 or
+        git-sha1 hashed from the file; a xet hash is checked there)."""
+        assert self.xet is not None
+        last_touch = time.monotonic()
+
+        def progress(done: int) -> None:
+            nonlocal last_touch
+            fetch.progress.done = done
+            now = fetch.alive = time.monotonic()
+            if now - last_touch > 1.0:  # tell other processes' waiters the temp file grows
+                os.utime(fd)
+                last_touch = now
+
+        self.xet.fill(source, entry, str(tmp), progress)
+        with self._lock:
+            self.stats.bytes_fetched += entry.size
+        if entry.digest is None or entry.digest.algo == XET:
+            return None
+        hasher = new_hasher(entry.digest, entry.size)
+        with open(fd, "rb", closefd=False) as f:
+            f.seek(0)
+            while block := f.read(8 * 1024 * 1024):
+                hasher.update(block)
+        return hasher.hexdigest()
 
     def _fill(self, fd: int, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> str | None:
         """Download `entry` into `fd` through the scheduler; return the hex digest of what was written.
@@ -395,7 +448,7 @@ class BlobStore:
     def in_flight(self) -> list[FetchProgress]:
         with self._lock:
             fetches = [(f.progress, f.transfer) for f in self._inflight.values()]
-        return [FetchProgress(p.key, p.name, p.total, t.done if t else 0, p.started) for p, t in fetches]
+        return [FetchProgress(p.key, p.name, p.total, t.done if t else p.done, p.started) for p, t in fetches]
 
     # -- pins (open blobs are never evicted, by this or any other process) -----------------------
     def pin(self, key: str) -> None:
