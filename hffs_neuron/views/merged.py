@@ -502,14 +502,24 @@ class MergedView:
                 self.local.unlink(tmp)
 
     # -- namespace changes ----------------------------------------------------------------------
-    def mkdir(self, path: str, mode: int, caller: Caller | None = None) -> None:
+    def _new_entry(self, path: str, caller: Caller | None) -> tuple[str, VNode | None]:
+        """Checks and parents for creating `path` (mkdir, symlink): its layer path and the virtual entry
+        it may replace (a hidden one). Network lookups happen here, before any path lock."""
         self.check_write(path, caller)
         rel = self._rel(path)
         node = self.virtual_lookup(path)
         self._ensure_local_parent(path)
+        return rel, node
+
+    def _check_absent(self, path: str, rel: str, node: VNode | None) -> None:
+        """EEXIST unless nothing is at `path` in the merged view (called under the path's lock)."""
+        if self._lstat(rel) is not None or (node is not None and not self.is_hidden(path)):
+            raise fs_error(errno.EEXIST)
+
+    def mkdir(self, path: str, mode: int, caller: Caller | None = None) -> None:
+        rel, node = self._new_entry(path, caller)
         with self._locks.hold(path):
-            if self._lstat(rel) is not None or (node is not None and not self.is_hidden(path)):
-                raise fs_error(errno.EEXIST)
+            self._check_absent(path, rel, node)
             self.local.mkdir(rel, 0o700)
             self.local.chmod(rel, self._new_mode(path, mode, is_dir=True))
             if caller is not None and _CAN_CHOWN:
@@ -517,13 +527,9 @@ class MergedView:
             self._created(path, rel, caller, opaque=node is not None)  # hidden before: recreate empty
 
     def symlink(self, path: str, target: str, caller: Caller | None = None) -> None:
-        self.check_write(path, caller)
-        rel = self._rel(path)
-        node = self.virtual_lookup(path)
-        self._ensure_local_parent(path)
+        rel, node = self._new_entry(path, caller)
         with self._locks.hold(path):
-            if self._lstat(rel) is not None or (node is not None and not self.is_hidden(path)):
-                raise fs_error(errno.EEXIST)
+            self._check_absent(path, rel, node)
             self.local.symlink(target, rel)  # stored verbatim; the daemon never follows it
             if caller is not None and _CAN_CHOWN:
                 self.local.chown(rel, caller.uid, caller.gid)
