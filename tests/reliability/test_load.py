@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import Mounts
 
+from hffs_neuron import constants
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 SECONDS = float(os.environ.get("HFFS_LOAD_SECONDS", "60"))
@@ -46,10 +47,12 @@ print(json.dumps({"ops": ops, "errors": errors}))
 
 
 def _daemon_usage(pid: int) -> tuple[int, int, int]:
-    """(open fds other than pipes, threads, RSS) of a daemon.
+    """(open fds other than pipes and sockets, threads, RSS) of a daemon.
 
     libfuse gives each worker thread its own splice pipe pair and frees it when the thread retires, so
-    pipes follow the worker pool's size; files and sockets are what a leak would pile up.
+    pipes follow the worker pool's size; connection pools (httpx's and hf_xet's) open and retire sockets
+    on their own schedule, so sockets are checked against the connection budget instead; files are what
+    a leak would pile up.
     """
     links = []
     for fd in os.listdir(f"/proc/{pid}/fd"):
@@ -57,9 +60,13 @@ def _daemon_usage(pid: int) -> tuple[int, int, int]:
             links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
         except FileNotFoundError:
             continue  # closed meanwhile
-    fds = sum(1 for link in links if not link.startswith("pipe:"))
+    pipes = sum(1 for link in links if link.startswith("pipe:"))
+    sockets = sum(1 for link in links if link.startswith("socket:"))
+    fds = len(links) - pipes - sockets
     threads = len(os.listdir(f"/proc/{pid}/task"))
-    assert len(links) - fds <= 2 * threads + 4, f"daemon {pid}: more pipes than worker threads account for"
+    assert pipes <= 2 * threads + 4, f"daemon {pid}: more pipes than worker threads account for"
+    # Two pools of at most --max-connections each, plus the status socket and /dev/fuse's peers.
+    assert sockets <= 2 * constants.MAX_CONNECTIONS + 8, f"daemon {pid}: {sockets} sockets open"
     rss = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
