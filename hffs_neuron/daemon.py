@@ -548,7 +548,7 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hffs_neuron.daemon")
+    parser = argparse.ArgumentParser(prog="hffs_neuron.daemon", allow_abbrev=False)
     parser.add_argument("--ready-fd", type=int, default=None)
     parser.add_argument("--config-fd", type=int, required=True)
     parser.add_argument("mountpoint", help="informational: which mount this daemon serves")

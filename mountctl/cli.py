@@ -63,6 +63,11 @@ class _Parser(argparse.ArgumentParser):
 
     argv: list[str] = []
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # `--tok` must not silently mean `--token`, nor a future flag change what an old spelling does.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         _fail(f"{message} (see mountctl --help)", _Parser.argv)
         sys.exit(2)

@@ -451,7 +451,9 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        allow_abbrev=False, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the big blob (rows 1-4, 8)")
     parser.add_argument("--files", type=int, default=10_000, help="entries for rows 5-6")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="also 3n (needs --net), 10 (xet)")
