@@ -57,9 +57,18 @@ def uploads(env: dict[str, str]) -> list[list[str]]:
     return [json.loads(line)["add"] for line in log.read_text().splitlines()] if log.exists() else []
 
 
-def batch_calls(hub: HubEmulator) -> list[int]:
-    """The status of each `batch_bucket_files` call the emulator answered, in order."""
-    return [r.status for r in hub.requests("/batch", method="POST")]
+def batch_calls(hub: HubEmulator, settle: float = 5.0) -> list[int]:
+    """The status of each `batch_bucket_files` call the emulator received, in order.
+
+    A call is recorded when it arrives, with status 0 until it is answered (its files may already be
+    in the bucket): wait up to `settle` seconds for the answers of calls still in flight.
+    """
+    deadline = time.monotonic() + settle
+    while True:
+        statuses = [r.status for r in hub.requests("/batch", method="POST")]
+        if 0 not in statuses or time.monotonic() > deadline:
+            return statuses
+        time.sleep(0.05)
 
 
 def bucket_files(hub: HubEmulator, bucket_id: str, module: str) -> set[str]:
