@@ -48,13 +48,18 @@ def dd_read(path: str) -> float:
     return timed(["dd", f"if={path}", "of=/dev/null", "bs=1M"])
 
 
-def make_file(path: Path, size: int) -> None:
+def make_file(path: Path, size: int, unique: bool = False) -> None:
+    """`size` random bytes; unless `unique`, every other 16 MiB block repeats one block (quicker to make).
+
+    Xet deduplicates repeated chunks within a file, so the Xet rows use unique bytes, like trained weights:
+    with the repeating file, `hf_hub_download` with xet fetches only ~55% of it.
+    """
     chunk = os.urandom(16 * MiB)
     with open(path, "wb") as f:
         written = 0
         while written < size:
             n = min(len(chunk), size - written)
-            f.write(chunk[:n] if written % (32 * MiB) else os.urandom(n))
+            f.write(chunk[:n] if written % (32 * MiB) and not unique else os.urandom(n))
             written += n
 
 
@@ -118,9 +123,9 @@ class Bench:
         )
 
     # -- data ----------------------------------------------------------------------------------
-    def big_repo(self, repo_id: str, size: int) -> tuple[str, str]:
+    def big_repo(self, repo_id: str, size: int, unique: bool = False) -> tuple[str, str]:
         src = self.work / f"src-{repo_id.replace('/', '_')}.bin"
-        make_file(src, size)
+        make_file(src, size, unique)
         commit = self.hub.add_repo(repo_id, {"model.safetensors": src})
         return commit, "model.safetensors"
 
@@ -260,7 +265,7 @@ transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_
         """Cold read of one LFS file: the mount's Xet path and its HTTP path against hf_hub_download with
         hf_xet on (its default), on loopback and, with --net, under the simulated network."""
         size = self.args.size_mb * MiB
-        self.big_repo("bench/xet", size)
+        self.big_repo("bench/xet", size, unique=True)
         self.hub.prepare_xet()  # conversion to Xet is never timed
         xet_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
         script = "from huggingface_hub import hf_hub_download as d; d('bench/xet', 'model.safetensors')"

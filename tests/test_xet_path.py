@@ -160,3 +160,27 @@ def test_short_lived_cas_tokens_are_refreshed_through_the_token_route(
     finally:
         mounts.close()
         emulator.stop()
+
+
+def test_xet_transfer_is_split_into_ranges_by_the_scheduler(
+    hub: HubEmulator, mounts: Mounts, xet_env: dict[str, str]
+) -> None:
+    # 1 MiB pieces from 1 MiB on: the 3 MiB file goes as 4 ranges, each its own hf_xet stream.
+    env = dict(xet_env, HFFS_XET_PIECE_SIZE=str(1024 * 1024), HFFS_PARALLEL_THRESHOLD=str(1024 * 1024))
+    hub.add_repo("org/model", {"model.safetensors": DATA})
+    hub.prepare_xet()
+    mp = Path(mounts("hub-cache", env=env, repos=["org/model"]).mountpoint)
+    snapshots = mp / "models--org--model" / "snapshots"
+    (commit,) = os.listdir(snapshots)
+    hub.reset_stats()
+    assert (snapshots / commit / "model.safetensors").read_bytes() == DATA
+    ranges = sorted(
+        tuple(int(x) for x in r.range_header.removeprefix("bytes=").split("-"))
+        for r in hub.requests("/reconstructions/", method="GET")
+        if r.status in (200, 206) and r.range_header
+    )
+    mib = 1024 * 1024
+    assert ranges == [(0, mib - 1), (mib, 2 * mib - 1), (2 * mib, 3 * mib - 1), (3 * mib, len(DATA) - 1)]
+    assert hub.bytes_served("model.safetensors") == 0  # nothing over HTTP Range
+    transfers = state_of(mp)["transfers"]
+    assert transfers["xet"] == {"count": 1, "bytes": len(DATA)} and transfers["http"]["count"] == 0

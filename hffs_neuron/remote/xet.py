@@ -1,13 +1,17 @@
 """The Xet path: a second way for a remote to fill a blob, beside HTTP Range (remote/http.py).
 
-A file the Hub lists with a xet hash can be reconstructed by `hf_xet` from the Xet CAS, as
-`hf_hub_download` does (huggingface_hub's `xet_get`): the same token route and connection-info cache
-(`refresh_xet_connection_info`), the same download group. The store asks for it first and falls back
-to HTTP Range on any failure (logged once per mount); the file it fills is the store's private temp file,
-verified and renamed by the store, so a blob is never half from each path.
+A file the Hub lists with a xet hash is reconstructed from the Xet CAS by `hf_xet`, as `hf_hub_download`
+does (huggingface_hub's `xet_get`): the same token route and connection-info cache
+(`refresh_xet_connection_info`), the same token refresh. Unlike `hf_hub_download`, the mount takes the
+bytes from hf_xet's ordered byte streams (`XetDownloadStreamGroup.download_stream(start, end)`) and
+writes them itself: a Xet transfer is then a transfer like any other for the store's scheduler (one
+connection budget, foreground before read-ahead, byte ranges over several connections, progress
+deadlines) and its bytes reach the verifying hash in order while they arrive, instead of a second pass
+over the finished file.
 
-`hf_xet` runs its own threads: a call is driven from a worker thread and watched from the caller's,
-which abandons it (aborting its group) when no byte arrived for `timeout` seconds.
+The store asks for this path first and falls back to HTTP Range on any failure (logged once per mount);
+the file it fills is the store's private temp file, verified and renamed by the store, so a blob is
+never half from each path.
 """
 
 from __future__ import annotations
@@ -28,7 +32,6 @@ from .base import RemoteEntry
 
 logger = logging.getLogger(__name__)
 
-_POLL = 0.05
 # After a failure the Xet path is skipped for this long (seconds): a broken CAS costs one file's deadline,
 # not every file's.
 _PAUSE_AFTER_FAILURE = 60.0
@@ -88,13 +91,6 @@ def configure_hf_xet(cache_dir: str | os.PathLike, reserve: int) -> None:
     os.environ["HF_XET_LOG_DIR_MAX_SIZE"] = str(reserve // 4)
 
 
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
 @dataclass(frozen=True)
 class XetSource:
     """Where a file's Xet reconstruction comes from: its hash and the remote's read-token route."""
@@ -104,13 +100,12 @@ class XetSource:
 
 
 class XetDownloader:
-    """Fills files from the Xet CAS with the mount's identity; one per daemon."""
+    """Reads byte ranges of files from the Xet CAS with the mount's identity; one per daemon."""
 
-    def __init__(self, headers: dict[str, str], *, max_connections: int, timeout: float):
+    def __init__(self, headers: dict[str, str], *, max_connections: int):
         self._headers = dict(headers)  # the Hub's auth headers: sent to the token route only
         self._cas_headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
         self._max_connections = max_connections
-        self.timeout = timeout
         self._session: Any = None
         self._lock = threading.Lock()
         self._warned = False
@@ -133,66 +128,24 @@ class XetDownloader:
             return None
         return XetSource(entry.xet_hash, token_url())
 
-    def fill(self, source: XetSource, entry: RemoteEntry, path: str, progress: Callable[[int], None]) -> None:
-        """Reconstruct `entry` into the existing file `path`; `progress(bytes_done)` is called as it grows.
+    def reader(self, source: XetSource, entry: RemoteEntry) -> XetFileReader:
+        """A reader of `entry`'s byte ranges for one transfer; `close()` it when the transfer ends."""
+        return XetFileReader(self, source, entry)
 
-        Raises RemoteUnavailable when no byte arrived for `timeout` seconds (the call is abandoned) and
-        HffsError for any other failure.
-        """
-        done = threading.Event()
-        state: dict[str, Any] = {}
+    def _new_group(self, source: XetSource) -> Any:
+        from huggingface_hub.utils._xet import XetFileData, refresh_xet_connection_info
 
-        def run() -> None:
-            try:
-                from huggingface_hub.utils._xet import XetFileData, refresh_xet_connection_info
-
-                hf_xet = hf_xet_module()
-                info = refresh_xet_connection_info(
-                    file_data=XetFileData(source.file_hash, source.token_url), headers=self._headers
-                )
-                group = self._get_session().new_file_download_group(
-                    endpoint=info.endpoint,
-                    token=info.access_token,
-                    token_expiry_unix_secs=info.expiration_unix_epoch,
-                    token_refresh_url=source.token_url,
-                    token_refresh_headers=self._headers,
-                    custom_headers=self._cas_headers,
-                )
-                state["group"] = group
-                state["handle"] = group.start_download_file(hf_xet.XetFileInfo(source.file_hash, entry.size), path)
-                if state.get("abandoned"):  # the caller gave up while this thread was still starting
-                    group.abort()
-                    _unlink(path)  # the caller's temp file is gone: never leave a new one behind
-                    return
-                group.wait_to_finish()  # drives the download (a handle alone is not polled forward)
-            except BaseException as exc:  # reported to the waiting caller
-                state["error"] = exc
-            finally:
-                done.set()
-
-        threading.Thread(target=run, name=f"xet {entry.name}", daemon=True).start()
-        last, since = -1, time.monotonic()
-        while not done.wait(_POLL):
-            handle = state.get("handle")
-            report = handle.progress() if handle is not None else None
-            current = report.bytes_completed if report is not None else 0
-            now = time.monotonic()
-            if current != last:
-                last, since = current, now
-                progress(current)
-            elif now - since > self.timeout:
-                state["abandoned"] = True
-                group = state.get("group")
-                if group is not None:
-                    try:
-                        group.abort()
-                    except Exception:  # already failed or finished: nothing more to stop
-                        pass
-                raise RemoteUnavailable(f"{entry.path}: xet download made no progress for {self.timeout:.0f}s")
-        error = state.get("error")
-        if error is not None:
-            raise HffsError(f"{entry.path}: xet download failed: {error}") from error
-        progress(entry.size)
+        info = refresh_xet_connection_info(
+            file_data=XetFileData(source.file_hash, source.token_url), headers=self._headers
+        )
+        return self._get_session().new_download_stream_group(
+            endpoint=info.endpoint,
+            token=info.access_token,
+            token_expiry_unix_secs=info.expiration_unix_epoch,
+            token_refresh_url=source.token_url,
+            token_refresh_headers=self._headers,
+            custom_headers=self._cas_headers,
+        )
 
     def fell_back(self, entry: RemoteEntry, exc: BaseException) -> None:
         """Record a failure of the Xet path: logged once per mount (at WARNING, then at DEBUG); the path is
@@ -202,3 +155,63 @@ class XetDownloader:
             self._paused_until = time.monotonic() + _PAUSE_AFTER_FAILURE
         level = logging.WARNING if first else logging.DEBUG
         logger.log(level, "xet path failed (%s); fetching over HTTP Range instead (logged once)", exc)
+
+
+class XetFileReader:
+    """Byte ranges of one file from the Xet CAS, for the scheduler's workers (its `ReadRange`).
+
+    One hf_xet stream group per transfer, opened by the first range read: its `abort()` is the only way
+    to stop a stream that another thread is iterating, so `close()` (the transfer ended, failed or was
+    abandoned) stops exactly this file's streams, and a stalled CAS never holds a worker past it.
+    """
+
+    def __init__(self, downloader: XetDownloader, source: XetSource, entry: RemoteEntry):
+        self._downloader = downloader
+        self._source = source
+        self._entry = entry
+        self._lock = threading.Lock()
+        self._group: Any = None
+        self._closed = False
+
+    def _stream_group(self) -> Any:
+        with self._lock:
+            if self._group is None and not self._closed:
+                self._group = self._downloader._new_group(self._source)
+            if self._closed:
+                raise RemoteUnavailable(f"{self._entry.path}: xet transfer stopped")
+            return self._group
+
+    def read(self, start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
+        """Stream bytes [start, end) to `sink(offset, data)` in order.
+
+        Ends early (the scheduler resumes or fails the piece) when the group is aborted; hf_xet retries
+        transient CAS failures itself, and the scheduler's progress deadline bounds a stall (then the
+        transfer is closed, which aborts the group). `deadline` is not used: a xet read has no timeout
+        of its own to set. Any hf_xet error is an HffsError, which makes the store fall back to HTTP.
+        """
+        hf_xet = hf_xet_module()
+        try:
+            stream = self._stream_group().download_stream(
+                hf_xet.XetFileInfo(self._source.file_hash, self._entry.size), start, end
+            )
+            pos = start
+            for data in stream:
+                if pos + len(data) > end:
+                    raise HffsError(f"{self._entry.path}: xet stream sent bytes past {end}")
+                sink(pos, data)
+                pos += len(data)
+        except HffsError:
+            raise
+        except Exception as exc:  # hf_xet's own errors (RuntimeError, XetObjectNotFoundError, ...)
+            raise HffsError(f"{self._entry.path}: xet download failed: {exc}") from exc
+
+    def close(self) -> None:
+        """The transfer is over: stop any stream still running (a no-op once they all ended)."""
+        with self._lock:
+            self._closed = True
+            group, self._group = self._group, None
+        if group is not None:
+            try:
+                group.abort()
+            except Exception:  # already finished or failed: nothing more to stop
+                pass

@@ -36,8 +36,8 @@ from .. import constants
 from ..errors import CacheFull, HffsError, IntegrityError, RemoteUnavailable
 from ..proc import HOST, pid_alive
 from ..remote.base import XET, Digest, Remote, RemoteEntry
-from ..remote.xet import XetDownloader, XetSource
-from .scheduler import FOREGROUND, READ_AHEAD, Transfer, TransferScheduler
+from ..remote.xet import XetDownloader
+from .scheduler import FOREGROUND, READ_AHEAD, ReadRange, Transfer, TransferScheduler
 from .verify import verify_download
 
 logger = logging.getLogger(__name__)
@@ -299,13 +299,13 @@ class BlobStore:
 
     def _download(self, key: str, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> None:
         """One transfer into a private temp file, verified and renamed: over Xet where the file has a xet
-        hash (and the path is on), else, or after any Xet failure, over HTTP Range into a fresh temp file."""
+        hash (and the path is on), else, or after any Xet failure, over HTTP Range into a fresh temp file.
+        Both go through the scheduler; only the reader of byte ranges differs."""
         source = self.xet.source(remote, entry) if self.xet is not None else None
         if source is not None:
+            reader = self.xet.reader(source, entry)
             try:
-                self._download_by(
-                    key, entry, fetch, "xet", lambda tmp, fd: self._fill_xet(tmp, fd, source, entry, fetch)
-                )
+                self._download_by(key, entry, fetch, "xet", reader.read, constants.XET_PIECE_SIZE, reader.close)
                 return
             except CacheFull:
                 raise
@@ -313,17 +313,28 @@ class BlobStore:
                 if getattr(exc, "errno", None) == errno.ENOSPC or self._free_bytes() < entry.size:
                     raise
                 self.xet.fell_back(entry, exc)
-        self._download_by(key, entry, fetch, "http", lambda _tmp, fd: self._fill(fd, remote, entry, fetch))
+
+        def read(start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
+            remote.read_range(entry, start, end, sink, deadline)
+
+        self._download_by(key, entry, fetch, "http", read)
 
     def _download_by(
-        self, key: str, entry: RemoteEntry, fetch: _Fetch, way: str, fill: Callable[[Path, int], str | None]
+        self,
+        key: str,
+        entry: RemoteEntry,
+        fetch: _Fetch,
+        way: str,
+        read: ReadRange,
+        piece_size: int | None = None,
+        stop: Callable[[], None] | None = None,
     ) -> None:
         path = self.blob_path(key)
         path.parent.mkdir(exist_ok=True, mode=0o700)
         tmp = self.root / "tmp" / self._tmp_name(key)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            actual = fill(tmp, fd)
+            actual = self._fill(fd, read, entry, fetch, piece_size, stop)
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
@@ -348,34 +359,18 @@ class BlobStore:
             except FileNotFoundError:
                 pass
 
-    def _fill_xet(self, tmp: Path, fd: int, source: XetSource, entry: RemoteEntry, fetch: _Fetch) -> str | None:
-        """Reconstruct `entry` into `tmp` with hf_xet; return its digest for `verify_download` (sha256 or
-        git-sha1 hashed from the file; a xet hash is checked there)."""
-        assert self.xet is not None
-        last_touch = time.monotonic()
-
-        def progress(done: int) -> None:
-            nonlocal last_touch
-            fetch.progress.done = done
-            now = fetch.alive = time.monotonic()
-            if now - last_touch > 1.0:  # tell other processes' waiters the temp file grows
-                os.utime(fd)
-                last_touch = now
-
-        self.xet.fill(source, entry, str(tmp), progress)
-        with self._lock:
-            self.stats.bytes_fetched += entry.size
-        if entry.digest is None or entry.digest.algo == XET:
-            return None
-        hasher = new_hasher(entry.digest, entry.size)
-        with open(fd, "rb", closefd=False) as f:
-            f.seek(0)
-            while block := f.read(8 * 1024 * 1024):
-                hasher.update(block)
-        return hasher.hexdigest()
-
-    def _fill(self, fd: int, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> str | None:
-        """Download `entry` into `fd` through the scheduler; return the hex digest of what was written.
+    def _fill(
+        self,
+        fd: int,
+        read: ReadRange,
+        entry: RemoteEntry,
+        fetch: _Fetch,
+        piece_size: int | None,
+        stop: Callable[[], None] | None,
+    ) -> str | None:
+        """Download `entry` into `fd` through the scheduler with `read`; return the hex digest of what was
+        written. `stop()`, if given, is called once the transfer is over (done, failed or abandoned), before
+        the scheduler waits for its pieces to end.
 
         This thread verifies while the scheduler's workers download: bytes reach the hash in order,
         from memory (or read back from the page cache where the reorder buffer was full).
@@ -385,13 +380,10 @@ class BlobStore:
         if entry.size == 0:
             return hasher.hexdigest() if hasher else None
 
-        def read(start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
-            remote.read_range(entry, start, end, sink, deadline)
-
         # The transfer writes through its own descriptor, closed only when its last worker is done.
         with self._lock:
             priority = fetch.priority
-        transfer = self.scheduler.start(entry.path, entry.size, os.dup(fd), read, priority)
+        transfer = self.scheduler.start(entry.path, entry.size, os.dup(fd), read, priority, piece_size)
         with self._lock:
             fetch.transfer = transfer
             if fetch.priority != priority:
@@ -408,6 +400,8 @@ class BlobStore:
         try:
             transfer.consume(hasher.update if hasher else None, beat)
         finally:
+            if stop is not None:
+                stop()
             transfer.release()
             with self._lock:
                 self.stats.bytes_fetched += transfer.done
