@@ -74,7 +74,7 @@ CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 8 * 1024 * 1024)
 # connections that are idle).
 PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
 # A Xet transfer's range per connection: each range costs a reconstruction request, so larger than
-# CHUNK_SIZE (measured on the emulator under --net 100,20: 16 MiB beat 8, 32 and 64 MiB).
+# CHUNK_SIZE (on the emulator under --net 100,20, 6 connections: 16 MiB beat 32 and 64 MiB).
 XET_PIECE_SIZE = _env_int("HFFS_XET_PIECE_SIZE", 16 * 1024 * 1024)
 # The one budget of upstream connections of a daemon (transfers, read-ahead, listings): by default four
 # per core, at most 32 (a 2-core host: 8; 8 cores and up: 32).
