@@ -115,8 +115,9 @@ class XetDownloader:
         with self._lock:
             if self._session is None:
                 hf_xet = hf_xet_module()
+                n = max(1, self._max_connections)
                 config = hf_xet.XetConfig().with_config(
-                    "client.ac_max_download_concurrency", max(1, self._max_connections)
+                    {"client.ac_max_download_concurrency": n, "client.ac_initial_download_concurrency": n}
                 )
                 self._session = _keeping_sigint(lambda: hf_xet.XetSession(config))
             return self._session

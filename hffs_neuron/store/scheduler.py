@@ -43,6 +43,8 @@ MiB = 1024 * 1024
 _BATCH = MiB
 # Bytes of all transfers held in memory for in-order verification; beyond it the verifier reads back.
 _REORDER_BYTES = 48 * MiB
+# The verifier's buffer for bytes it reads back from the temp file.
+_READ_BACK_BYTES = 8 * MiB
 # Blobs from this size are split over idle connections, in pieces of at least _PIECE_MIN.
 SPLIT_MIN = 8 * MiB
 _PIECE_MIN = 4 * MiB
@@ -134,6 +136,7 @@ class Transfer:
             with s._lock:
                 self.keep_bytes = False
         pos, index, written_back = 0, 0, 0
+        buffer: bytearray | None = None
         while pos < self.size:
             if pos - written_back >= _WRITEBACK_STEP:
                 _start_writeback(self._fd, written_back, pos)
@@ -162,7 +165,9 @@ class Transfer:
                 pos += length
             else:
                 if update is not None:
-                    _read_back(self._fd, pos, upto, update)
+                    if buffer is None:
+                        buffer = bytearray(_READ_BACK_BYTES)
+                    _read_back(self._fd, pos, upto, update, buffer)
                 pos = upto
             if pos >= piece.end:
                 index += 1
@@ -476,11 +481,15 @@ def _start_writeback(fd: int, start: int, end: int) -> None:
     _libc.sync_file_range(fd, ctypes.c_int64(start), ctypes.c_int64(end - start), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
-def _read_back(fd: int, start: int, end: int, update: Callable[[bytes], None]) -> None:
-    """Feed bytes [start, end) of `fd` to `update` (just written: they come from the page cache)."""
+def _read_back(fd: int, start: int, end: int, update: Callable[[bytes], None], buffer: bytearray) -> None:
+    """Feed bytes [start, end) of `fd` to `update` (just written: they come from the page cache).
+
+    Read into `buffer`, reused across calls: a fresh multi-MiB object per read would cost page faults
+    and zeroing of new memory, several times the cost of the copy itself."""
+    view = memoryview(buffer)
     while start < end:
-        data = os.pread(fd, min(8 * MiB, end - start), start)
-        if not data:
+        n = os.preadv(fd, [view[: min(len(buffer), end - start)]], start)
+        if not n:
             raise RemoteUnavailable(f"temp file shorter than expected at byte {start}")
-        update(data)
-        start += len(data)
+        update(view[:n])
+        start += n

@@ -162,9 +162,13 @@ class CasStore:
 
     def _put_xorb(self, xorb: str, body: bytes) -> Response:
         try:
-            xorb_chunk_offsets(body)
+            offsets = xorb_chunk_offsets(body)
         except FormatError as e:
             raise HubError(400, None, f"invalid xorb: {e}") from None
+        # Kept now, while the body is in memory: otherwise the first download of each xorb would read it
+        # all from disk to find its chunks (and the first client timed would pay for it).
+        with self._lock:
+            self._offsets[xorb] = offsets
         target = self._xorb_path(xorb)
         inserted = not target.exists()
         if inserted:
