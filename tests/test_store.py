@@ -156,7 +156,18 @@ def test_big_file_parallel_ranges(hub: HubEmulator, tmp_path: Path) -> None:
         assert path.stat().st_size == size
         assert sha256_of(path) == expected
         assert hub.bytes_served("model.safetensors") == size
-        assert len(hub.requests("model.safetensors", "GET")) == 33  # ceil(size / 8 MiB) ranges
+        ranges = sorted(
+            tuple(int(x) for x in r.range_header.removeprefix("bytes=").split("-"))
+            for r in hub.requests("model.safetensors", "GET")
+        )
+        assert [start for start, _ in ranges] == [0] + [end + 1 for _, end in ranges[:-1]]  # one tiling
+        assert ranges[-1][1] == size - 1
+        lengths = [end + 1 - start for start, end in ranges]
+        # Whole 8 MiB pieces while every connection can still get one; then the tail (under 4 x 8 MiB) is
+        # cut smaller, so that the 4 connections share it instead of one finishing alone.
+        assert lengths[:29] == [8 * MiB] * 29
+        assert sum(lengths[29:]) == size - 29 * 8 * MiB < 4 * 8 * MiB
+        assert len(lengths) > 33 and max(lengths[29:]) < 8 * MiB
     finally:
         store.close()
         http.close()

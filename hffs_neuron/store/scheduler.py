@@ -358,7 +358,9 @@ class TransferScheduler:
         t = min(runnable, key=lambda t: (t.priority, t.active, t.seq))
         remaining = t.size - t.next_offset
         if t.size >= self.parallel_threshold:
-            length = t.piece_size
+            # The last pieces shrink (to _PIECE_MIN at least) so that every connection gets a share of the
+            # tail and they finish together, instead of one piece running alone at the end.
+            length = min(t.piece_size, max(_PIECE_MIN, -(-remaining // self.max_connections)))
         elif t.size >= SPLIT_MIN and len(runnable) == 1:
             free = self.max_connections - (self._workers - self._idle)  # connections nobody uses now
             length = max(_PIECE_MIN, -(-remaining // (free + 1)))
