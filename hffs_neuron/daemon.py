@@ -431,7 +431,8 @@ def bound_malloc() -> None:
     free of a large block serves large buffers from arenas that never shrink: measured 330 MB peak for
     8 cold 256 MiB readers. Two arenas and a fixed 1 MiB mmap threshold (libfuse's 1 MiB request
     buffers are mapped and unmapped; download pieces, ~64 KiB, stay on the heap where mapping each one
-    would slow transfers) bring that to about 75 MB.
+    would slow transfers) bring that to about 75 MB. (A threshold above 1 MiB brings the peak back over
+    200 MB.) Mapped blocks get transparent huge pages: `mount.with_huge_page_malloc`.
     """
     try:
         libc = ctypes.CDLL(None)

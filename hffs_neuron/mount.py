@@ -98,6 +98,7 @@ def mount(
     child_env = dict(os.environ if env is None else env)
     if token:
         child_env["HF_TOKEN"] = token  # never on the command line, where `ps` would show it
+    child_env["GLIBC_TUNABLES"] = with_huge_page_malloc(child_env.get("GLIBC_TUNABLES"))
     ensure_private_dir(constants.RUNTIME_DIR)
     Path(config.log_file).parent.mkdir(parents=True, exist_ok=True)
     # The daemon's stdout/stderr (libfuse prints its errors there, Python its tracebacks) go to the log.
@@ -137,6 +138,26 @@ def mount(
             error_class = MountError
         raise error_class(text or detail or "the mount daemon exited before the mount was ready")
     return MountHandle(config.mountpoint, process.pid, process)
+
+
+_HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
+
+
+def with_huge_page_malloc(tunables: str | None) -> str:
+    """The daemon's `GLIBC_TUNABLES` (glibc reads them only when a process starts): `tunables` plus
+    transparent huge pages for the blocks malloc maps.
+
+    Under the daemon's 1 MiB mmap threshold (`daemon.bound_malloc`, which keeps its memory flat) every
+    large block is a fresh mapping: hf_xet's buffers and the bytes its streams return are 13-24 MiB each,
+    and faulting them in 4 KiB at a time cost ~0.5 s of system time per GiB fetched over Xet (1 GiB,
+    loopback, 2 cores: the fill took 2.1-2.3 s, with huge pages 1.6-1.7 s; peak memory unchanged). A
+    value the user set for the same tunable wins; other C libraries ignore the variable.
+    """
+    if not tunables:
+        return _HUGE_PAGE_MALLOC
+    if "glibc.malloc.hugetlb=" in tunables:
+        return tunables
+    return f"{tunables}:{_HUGE_PAGE_MALLOC}"
 
 
 def _send_config(fd: int, config: MountConfig) -> None:

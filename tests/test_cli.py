@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from hffs_neuron.mount import with_huge_page_malloc
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
 
@@ -540,6 +541,8 @@ def test_tokens_are_never_printed_or_recorded(cli: Cli, hub: HubEmulator, bucket
     for mp in (mp1, mp2, mp3):
         cmdline = Path(f"/proc/{cli.state(mp)['pid']}/cmdline").read_bytes()
         assert hub_token.encode() not in cmdline  # `ps` never shows it
+        environ = Path(f"/proc/{cli.state(mp)['pid']}/environ").read_bytes().split(b"\0")
+        assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ  # see with_huge_page_malloc
     cli.ok("prefetch", str(mp2 / path), env=env_token)
     time.sleep(1.2)  # let the daemons write their state files once more, counters included
     cli.ok("status", env=env_token)
@@ -762,3 +765,9 @@ def test_mount_hffs_x_options_fake_mode_and_option_like_sources(cli: Cli, bucket
     line = cli.fails(2, f"neff:--token={SECRET}", str(mp), script=MOUNT_HFFS)
     assert "invalid bucket id" in line and SECRET not in "".join(cli.outputs)
     assert_nothing_left(cli, mp)
+
+
+def test_daemon_malloc_uses_huge_pages_and_keeps_the_users_tunables() -> None:
+    assert with_huge_page_malloc(None) == "glibc.malloc.hugetlb=1"
+    assert with_huge_page_malloc("glibc.malloc.arena_max=4") == "glibc.malloc.arena_max=4:glibc.malloc.hugetlb=1"
+    assert with_huge_page_malloc("glibc.malloc.hugetlb=0") == "glibc.malloc.hugetlb=0"  # the user's choice wins
