@@ -23,7 +23,26 @@ from .views.merged import FileHandle, MergedView, errno_of, local_attrs  # noqa:
 logger = logging.getLogger(__name__)
 
 
-MAX_READ = 1024 * 1024  # libfuse3's largest request: fewer Python calls per byte
+def _max_read() -> int:
+    """The largest read request (libfuse3 allows 1 MiB) whose spliced reply fits one pipe.
+
+    libfuse 3.14 answers `read_buf`'s fd by splicing it through a per-thread pipe, which it grows to the
+    reply's size plus three pages; a pipe larger than /proc/sys/fs/pipe-max-size (1 MiB by default) needs
+    CAP_SYS_RESOURCE, which containers rarely grant even to root. Without it libfuse copies every reply
+    through a buffer it mallocs per request (a fresh 1 MiB mapping under the daemon's mmap threshold,
+    faulted in page by page). Requests four pages short of the limit keep the splice path: the first read
+    of a freshly fetched 1 GiB blob through the mount took 0.26-0.45 s instead of 0.8 s (2 cores).
+    """
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            pipe_max = int(f.read())
+    except (OSError, ValueError):
+        pipe_max = 1024 * 1024
+    page = os.sysconf("SC_PAGE_SIZE")
+    return max(32 * page, min(1024 * 1024, (pipe_max // page - 4) * page))
+
+
+MAX_READ = _max_read()
 _DIR_MODE = stat.S_IFDIR | 0o755
 
 # libfuse's `struct fuse_buf` / `struct fuse_bufvec` (with its one inline buffer), for read_buf.

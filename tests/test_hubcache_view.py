@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import Mounts, run_parallel
 
+from hffs_neuron.fuse_ops import MAX_READ
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_sharded_model_repo
 
@@ -383,3 +384,25 @@ print(json.dumps(out))
     assert (m.mountpoint / "models--Org--Model" / "refs" / "v1").read_text() == branch
     with pytest.raises(FileNotFoundError):
         os.stat(m.mountpoint / "models--Org--Model" / "refs" / "v2")
+
+
+def test_reads_across_request_boundaries(hub: HubEmulator, mount_hub_cache: Callable[..., Mounted]) -> None:
+    # Requests are MAX_READ bytes (not a power of two, so that libfuse's spliced reply fits one pipe);
+    # every read, whatever its size and alignment, must return exactly the file's bytes.
+    page = os.sysconf("SC_PAGE_SIZE")
+    with open("/proc/sys/fs/pipe-max-size") as f:
+        pipe_max = int(f.read())
+    assert MAX_READ % page == 0 and MAX_READ + 3 * page + 16 <= pipe_max  # header + libfuse's 3 pages
+    data = os.urandom(3 * MAX_READ + 12345)
+    hub.add_repo("org/big", {"model.safetensors": data})
+    mp = mount_hub_cache().mountpoint
+    folder = mp / "models--org--big"
+    path = folder / "snapshots" / (folder / "refs" / "main").read_text() / "model.safetensors"
+    out = subprocess.run(["dd", f"if={path}", "bs=4M"], capture_output=True, check=True, timeout=60).stdout
+    assert hashlib.sha256(out).digest() == hashlib.sha256(data).digest()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, size in [(MAX_READ - 1, 2), (MAX_READ, MAX_READ), (2 * MAX_READ - 7, 2 * MAX_READ), (0, 1)]:
+            assert os.pread(fd, size, offset) == data[offset : offset + size], (offset, size)
+    finally:
+        os.close(fd)
