@@ -122,7 +122,7 @@ class Transfer:
     def queued(self) -> bool:
         return self.error is None and self.next_offset < self.size
 
-    def consume(self, update: Callable[[bytes], None] | None, beat: Callable[[], None]) -> None:
+    def consume(self, update: Callable[[bytes | memoryview], None] | None, beat: Callable[[], None]) -> None:
         """Wait until every byte is in the temp file, feeding them in order to `update` (if given).
 
         `beat()` is called at every wake-up (under the scheduler lock: keep it short), so that others
@@ -483,7 +483,7 @@ def _start_writeback(fd: int, start: int, end: int) -> None:
     _libc.sync_file_range(fd, ctypes.c_int64(start), ctypes.c_int64(end - start), ctypes.c_uint(_SYNC_FILE_RANGE_WRITE))
 
 
-def _read_back(fd: int, start: int, end: int, update: Callable[[bytes], None], buffer: bytearray) -> None:
+def _read_back(fd: int, start: int, end: int, update: Callable[[bytes | memoryview], None], buffer: bytearray) -> None:
     """Feed bytes [start, end) of `fd` to `update` (just written: they come from the page cache).
 
     Read into `buffer`, reused across calls: a fresh multi-MiB object per read would cost page faults
