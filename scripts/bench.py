@@ -138,8 +138,7 @@ class Bench:
     def rows_1_2_3(self) -> None:
         size = self.args.size_mb * MiB
         self.big_repo("bench/big", size)
-        # Row 3 baseline first: hf_hub_download into an empty plain cache, same emulator (row 10 found a
-        # download run right after a mount's transfer slower here).
+        # Row 3 baseline first: hf_hub_download into an empty plain cache, same emulator.
         plain = self.work / "plain-cache"
         env = dict(os.environ, HF_HUB_CACHE=str(plain))
         script = "from huggingface_hub import hf_hub_download as d; d('bench/big', 'model.safetensors')"
@@ -280,8 +279,8 @@ transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_
             runs: dict[str, list[float]] = {"auto": [], "off": [], "download": [], "download+dd": []}
             ways = ["auto", "off", "download"]
             for attempt in range(self.args.repeat):
-                # Each attempt starts with another way: whichever runs right after another 1 GiB transfer
-                # is slower here (a download after two mounts: 3.0-3.6 s, first: 2.0 s).
+                # Each attempt starts with another way, so no way always runs right after the same other
+                # one; on 2 cores a single run of any of them varies by 30% or more.
                 for way in ways[attempt % 3 :] + ways[: attempt % 3]:
                     if way == "download":
                         drop_caches()
