@@ -5,6 +5,8 @@
     .venv/bin/python scripts/bench.py --rows 3n,9 --net 100,20   # simulated network: MB/s per
                                                                  # connection, ms per request
     .venv/bin/python scripts/bench.py --rows 10 --net 100,20     # Xet path: loopback, then network
+    .venv/bin/python scripts/bench.py --rows ops,storm           # compile path: per-operation latency
+                                                                 # and the compile storm vs a local dir
 
 Each row prints the project's figure, the baseline's and the ratio (see the README table). Sizes are
 parameters; the defaults fit a 2-core machine in a few minutes. Nothing here asserts: tests do that.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -72,6 +75,113 @@ def load_seconds(repo_id: str, cache: str) -> float:
     env = dict(os.environ, HF_HUB_CACHE=cache)
     out = subprocess.run([PY, "-c", load, repo_id], check=True, capture_output=True, text=True, env=env)
     return float(out.stdout.strip().splitlines()[-1])
+
+
+# Row `ops`: each operation a compiler does in a module directory, timed one by one in a process of its own
+# (not the bench's, which hosts the emulator). argv: JSON list of directories, iterations. Prints JSON
+# {op: [[ns per call in dir 0], [ns per call in dir 1], ...]}; each op runs in every directory in turn.
+OPS_SCRIPT = r"""
+import gc, json, os, sys, time
+dirs, n = json.loads(sys.argv[1]), int(sys.argv[2])
+clock, data, new, excl = time.perf_counter_ns, b"w" * 4096, os.O_CREAT | os.O_WRONLY, os.O_EXCL
+
+def create(d, i):
+    path = f"{d}/model.{i}.hlo_module.pb"
+    t = clock(); os.close(os.open(path, new, 0o644)); return clock() - t
+
+def excl_create(d, i):
+    path = f"{d}/model.{i}.hlo_module.pb.lock"
+    t = clock(); os.close(os.open(path, new | excl, 0o644)); return clock() - t
+
+def write_close(d, i):
+    path = f"{d}/model.{i}.hlo_module.pb"
+    t = clock(); fd = os.open(path, os.O_WRONLY); os.write(fd, data); os.close(fd); return clock() - t
+
+def stat(d, i):
+    path = f"{d}/model.{i}.hlo_module.pb"
+    t = clock(); os.stat(path); return clock() - t
+
+def unlink(d, i):
+    path = f"{d}/model.{i}.hlo_module.pb.lock"
+    t = clock(); os.unlink(path); return clock() - t
+
+def exists_miss(d, i):
+    path = f"{d}/model.{i}.done"
+    t = clock(); os.path.exists(path); return clock() - t
+
+gc.disable()
+out = {}
+for op in (create, excl_create, write_close, stat, unlink, exists_miss):
+    out[op.__name__] = [[op(d, i) for i in range(n)] for d in dirs]
+for d in dirs:
+    for i in range(n):
+        os.unlink(f"{d}/model.{i}.hlo_module.pb")
+print(json.dumps(out))
+"""
+
+# Row `storm`, one compiler: what libneuronxla does per module (argv: root, version dir, compiler index,
+# modules, neff bytes, hlo bytes). Prints "ready", waits for one byte on stdin, then prints JSON
+# {"end": monotonic seconds, "errors": [...]}.
+COMPILER_SCRIPT = r"""
+import fcntl, json, os, sys, time
+root, version = sys.argv[1], sys.argv[2]
+c, modules, neff_size, hlo_size = (int(a) for a in sys.argv[3:7])
+hlo, neff, flags = os.urandom(hlo_size), os.urandom(neff_size), b'["--target=trn1", "--model-type=transformer"]'
+errors = []
+print("ready", flush=True)
+os.read(0, 1)
+for m in range(modules):
+    module = os.path.join(root, version, f"MODULE_{c:04d}{m:04d}+0badcafe")
+    try:
+        with open(os.path.join(root, "lock"), "w") as lock:  # on every cache operation
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            fcntl.flock(lock, fcntl.LOCK_UN)
+        os.makedirs(module, exist_ok=True)
+        claim = os.path.join(module, "model.hlo_module.pb.lock")
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        for name, data in (("model.hlo_module.pb", hlo), ("compile_flags.json", flags), ("model.neff", neff),
+                           ("model.done", b"")):
+            with open(os.path.join(module, name), "wb") as f:
+                f.write(data)
+        os.unlink(claim)
+    except OSError as exc:
+        errors.append(f"compiler {c} (uid {os.getuid()}) module {m}: {exc!r}")
+print(json.dumps({"end": time.monotonic(), "errors": errors}), flush=True)
+"""
+
+# Row `storm`, one reader: lookups as libneuronxla does them (exists(model.done), then exists(model.log)),
+# half on modules the compilers make, half on names nobody makes, and a read of every neff found done,
+# until stdin closes (argv: root, version dir, compilers, modules, neff bytes, seed). Sleeps 1 ms per lookup.
+READER_SCRIPT = r"""
+import json, os, random, select, sys, time
+root, version = sys.argv[1], sys.argv[2]
+compilers, modules, neff_size, seed = (int(a) for a in sys.argv[3:7])
+rng, errors, lookups, reads = random.Random(seed), [], 0, 0
+print("ready", flush=True)
+os.read(0, 1)
+while not select.select([0], [], [], 0)[0]:
+    if rng.random() < 0.5:
+        name = f"MODULE_{rng.randrange(compilers):04d}{rng.randrange(modules):04d}+0badcafe"
+    else:
+        name = f"MODULE_{rng.randrange(10**8):08d}+deadbeef"
+    module = os.path.join(root, version, name)
+    lookups += 1
+    try:
+        if os.path.exists(os.path.join(module, "model.done")):
+            with open(os.path.join(module, "model.neff"), "rb") as f:
+                size = len(f.read())
+            reads += 1
+            if size != neff_size:
+                errors.append(f"reader {seed}: {name}/model.neff has {size} bytes, not {neff_size}")
+        elif os.path.exists(os.path.join(module, "model.log")):
+            errors.append(f"reader {seed}: {name}/model.log exists")
+    except OSError as exc:
+        errors.append(f"reader {seed}: {name}: {exc!r}")
+    time.sleep(0.001)
+print(json.dumps({"lookups": lookups, "reads": reads, "errors": errors}), flush=True)
+"""
+
+STORM_VERSION = "neuronxcc-2.21.18209.0+043b1bf7"
 
 
 class Bench:
@@ -434,6 +544,130 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
             "7", "from_pretrained sharded, warm (s)", ours_warm, base_warm, "s", ours_warm / base_warm, "<= 1.1"
         )
 
+    def row_ops(self) -> None:
+        """Per-operation latency in a module directory of the NEFF view vs a local directory, one process."""
+        self.hub.add_bucket("bench/ops")
+        handle = self.mount("neff", "neffops", "bench/ops")
+        module = "neuronxcc-2.21.0.0+abc/MODULE_x+y"
+        ours, local = Path(handle.mountpoint) / module, self.work / "local-ops" / module
+        for d in (ours, local):
+            os.makedirs(d)
+        n = self.args.ops_n
+        out = subprocess.run(
+            [PY, "-c", OPS_SCRIPT, json.dumps([str(ours), str(local)]), str(n)],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        times = json.loads(out.stdout)
+        load = f"load {os.getloadavg()[0]:.1f}"
+        for op, (mine, theirs) in times.items():
+            mine, theirs = sorted(mine), sorted(theirs)
+            med, base = mine[n // 2] / 1e3, theirs[n // 2] / 1e3
+            p90 = f"p90 {mine[n * 9 // 10] / 1e3:.0f}/{theirs[n * 9 // 10] / 1e3:.0f} us"
+            self.report("ops", f"{op}, median of {n} (us); {p90}, {load}", med, base, "us", med / base, "context")
+        self.unmount(handle)
+
+    def row_storm(self) -> None:
+        """The compile storm through the NEFF view's root vs a local directory; then, where a second user can be
+        made, again on an `allow_other` mount with half the compilers run as that user."""
+        c, m, r = self.args.storm_compilers, self.args.storm_modules, self.args.storm_readers
+        what = f"compile storm {c} compilers x {m} modules + {r} readers"
+        self.hub.add_bucket("bench/storm")
+        handle = self.mount("neff", "neffstorm", "bench/storm")
+        ours, errors = self.storm(Path(handle.mountpoint), "ours")
+        self.unmount(handle)
+        local = self.work / "local-storm"
+        local.mkdir()
+        base, base_errors = self.storm(local, "local")
+        load = f"load {os.getloadavg()[0]:.1f}"
+        self.report("storm", f"{what}, {len(errors)}/{len(base_errors)} errors (s), {load}", ours, base, "s",
+                    ours / base, "<= 2x, 0 errors")  # fmt: skip
+        if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None:
+            print("  storm with a second user skipped: needs root, useradd and setpriv")
+            return
+        name = f"hffs-bench-{secrets.token_hex(4)}"
+        subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True)
+        try:
+            ids = [
+                int(subprocess.run(["id", flag, name], capture_output=True, check=True).stdout)
+                for flag in "-u -g".split()
+            ]
+            self.work.chmod(0o755)  # the other user reaches the mountpoint and the local directory
+            handle = self.mount("neff", "neffstorm2", "bench/storm", allow_other=True)
+            ours, errors = self.storm(Path(handle.mountpoint), "ours, 2 users", other=(ids[0], ids[1]))
+            self.unmount(handle)
+            # The local directory laid out as the mount presents it: shared like /tmp (sticky, writable by all).
+            local = self.work / "local-storm2"
+            (local / STORM_VERSION).mkdir(parents=True)
+            (local / "lock").touch()
+            for path, mode in ((local, 0o1777), (local / STORM_VERSION, 0o1777), (local / "lock", 0o666)):
+                path.chmod(mode)
+            base, base_errors = self.storm(local, "local, 2 users", other=(ids[0], ids[1]))
+        finally:
+            subprocess.run(["userdel", name], check=False)
+        load = f"load {os.getloadavg()[0]:.1f}"
+        self.report("storm", f"{what}, allow_other, 2 users, {len(errors)}/{len(base_errors)} errors (s), {load}",
+                    ours, base, "s", ours / base, "<= 2x, 0 errors")  # fmt: skip
+
+    def storm(self, root: Path, label: str, other: tuple[int, int] | None = None) -> tuple[float, list[str]]:
+        """Seconds from the start signal until the last compiler is done, and every error (printed)."""
+        c, m, r = self.args.storm_compilers, self.args.storm_modules, self.args.storm_readers
+        neff = self.args.storm_neff_kb * 1024
+        as_other = ["setpriv", f"--reuid={other[0]}", f"--regid={other[1]}", "--clear-groups"] if other else []
+
+        def start(argv: list[str]) -> subprocess.Popen:
+            return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+        compilers = [
+            start(
+                [
+                    *(as_other if i % 2 else []),
+                    PY,
+                    "-c",
+                    COMPILER_SCRIPT,
+                    str(root),
+                    STORM_VERSION,
+                    str(i),
+                    str(m),
+                    str(neff),
+                    str(64 * 1024),
+                ]
+            )  # fmt: skip
+            for i in range(c)
+        ]
+        readers = [
+            start([PY, "-c", READER_SCRIPT, str(root), STORM_VERSION, str(c), str(m), str(neff), str(i)])
+            for i in range(r)
+        ]
+        for p in compilers + readers:
+            p.stdout.readline()  # "ready"
+        go = time.monotonic()
+        for p in compilers + readers:
+            p.stdin.write(b"g")
+            p.stdin.flush()
+        results = [self._storm_result(p) for p in compilers]
+        end = max((res.get("end", go) for res in results), default=go)
+        results += [self._storm_result(p) for p in readers]
+        errors = [e for res in results for e in res.get("errors", [])]
+        lookups, reads = sum(res.get("lookups", 0) for res in results), sum(res.get("reads", 0) for res in results)
+        print(f"    storm {label}: {end - go:.2f} s, readers {lookups} lookups, {reads} neff reads, "
+              f"{len(errors)} errors", flush=True)  # fmt: skip
+        for error in errors[:20]:
+            print(f"      {error}", flush=True)
+        return end - go, errors
+
+    @staticmethod
+    def _storm_result(p: subprocess.Popen) -> dict:
+        """Close the process's stdin (a reader's stop signal) and parse its last line."""
+        p.stdin.close()
+        out = p.stdout.read().decode(errors="replace")
+        p.wait()
+        try:
+            return json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"errors": [f"exit {p.returncode}: {out.strip()[-2000:]}"]}
+
     def row_8(self) -> None:
         per = max(32, self.args.size_mb // 4) * MiB
         for i in range(8):
@@ -481,10 +715,19 @@ def main() -> int:
     )
     parser.add_argument("--size-mb", type=int, default=1024, help="size of the big blob (rows 1-4, 8)")
     parser.add_argument("--files", type=int, default=10_000, help="entries for rows 5-6")
-    parser.add_argument("--rows", default="1,2,3,4,5,6,7,8,9", help="also 3n (needs --net), 10 (xet)")
+    parser.add_argument(
+        "--rows",
+        default="1,2,3,4,5,6,7,8,9",
+        help="also 3n (needs --net), 10 (xet), ops (per-operation latency of the compile path), storm (compile storm)",
+    )
     parser.add_argument("--net", default=None, metavar="MBPS,MS", help="simulate a network for rows 3n and 9")
     parser.add_argument("--net-size-mb", type=int, default=512, help="size of the blob of row 3n")
     parser.add_argument("--repeat", type=int, default=2, help="rows 9 and 10: best of this many runs")
+    parser.add_argument("--ops-n", type=int, default=2000, help="row ops: iterations of each operation")
+    parser.add_argument("--storm-compilers", type=int, default=32, help="row storm: compiler processes")
+    parser.add_argument("--storm-modules", type=int, default=12, help="row storm: modules per compiler")
+    parser.add_argument("--storm-readers", type=int, default=8, help="row storm: reader processes")
+    parser.add_argument("--storm-neff-kb", type=int, default=1024, help="row storm: size of each model.neff")
     parser.add_argument("--json", default=None, help="write all rows to this file")
     parser.add_argument("--work-dir", default=None, help="where to put data (default: system temp)")
     args = parser.parse_args()
@@ -508,6 +751,10 @@ def main() -> int:
             bench.row_9()
         if "10" in wanted:
             bench.row_10()
+        if "ops" in wanted:
+            bench.row_ops()
+        if "storm" in wanted:
+            bench.row_storm()
     finally:
         bench.close()
     if args.json:
