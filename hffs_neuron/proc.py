@@ -1,4 +1,4 @@
-"""Process liveness, shared by the mount runtime (daemon state files) and the blob store (temp files)."""
+"""Process liveness and identity, shared by the mount runtime (daemon state files) and the blob store (temp files)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,37 @@ def pid_alive(pid: int) -> bool:
 HOST = re.sub(r"[^A-Za-z0-9_-]", "_", constants.HOST_NAME or "localhost")
 
 
+def _read_proc(path: str) -> bytes:
+    """One raw read of a small /proc file (these run on every create of a local entry)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 4096)
+    finally:
+        os.close(fd)
+
+
+def thread_group_id(tid: int) -> int:
+    """The process (thread-group id) that thread `tid` belongs to, from `/proc/<tid>/status` `Tgid:`;
+    0 if unknown (tid 0: another pid namespace; or the thread has exited).
+
+    FUSE's request context names the calling thread: a lock must belong to its process, which outlives
+    the worker thread that created it.
+    """
+    if tid <= 0:
+        return 0
+    try:
+        status = _read_proc(f"/proc/{tid}/status")
+    except OSError:
+        return 0
+    start = status.find(b"\nTgid:")
+    if start < 0:
+        return 0
+    try:
+        return int(status[start + 6 : status.index(b"\n", start + 1)])
+    except ValueError:
+        return 0
+
+
 def pid_start_time(pid: int) -> int:
     """The start time of `pid` in clock ticks since boot (/proc/<pid>/stat field 22); 0 if unknown.
 
@@ -45,12 +76,8 @@ def pid_start_time(pid: int) -> int:
     """
     if pid <= 0:
         return 0
-    try:  # raw reads: this runs on every create of a local entry
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            stat = os.read(fd, 4096)
-        finally:
-            os.close(fd)
+    try:
+        stat = _read_proc(f"/proc/{pid}/stat")
     except OSError:
         return 0
     fields = stat.rpartition(b")")[2].split()  # fields 3.. (the command name may contain spaces)

@@ -147,3 +147,45 @@ def test_lock_of_unknown_creator_is_only_reported(hub: HubEmulator, mounts: Moun
     assert [(r["pid"], r["creator"]) for r in reported] == [(0, "unknown")]
     time.sleep(2)
     assert (mp / VERSION / "MODULE_unknown+00000004" / "model.neff.lock").exists()
+
+
+# A compiler whose worker thread takes the module's lock and exits; the process goes on (until stdin closes).
+THREAD_HOLDER = """
+import os, sys, threading
+module = sys.argv[1]
+def take():
+    os.makedirs(module, exist_ok=True)
+    open(os.path.join(module, "model.hlo_module.pb.lock"), "w").close()
+worker = threading.Thread(target=take)
+worker.start()
+worker.join()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_lock_of_exited_worker_thread_belongs_to_its_live_process(hub: HubEmulator, mounts: Mounts) -> None:
+    """FUSE names the calling thread: the lock is the process's, kept while it runs, removed once it exits."""
+    bucket = build_neff_bucket(hub)
+    mp = Path(mounts("neff", bucket["bucket_id"], stale_lock_grace=1).mountpoint)
+    module = mp / VERSION / "MODULE_threaded+00000005"
+    lock = module / "model.hlo_module.pb.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", THREAD_HOLDER, str(module)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().startswith("locked")
+        time.sleep(1 + 3)  # past the grace and a few check rounds, the worker thread long gone
+        assert lock.exists(), "a live process's lock was removed because the thread that took it exited"
+        assert stale_locks(mp) == []
+        assert holder.stdin is not None
+        holder.stdin.close()
+        assert holder.wait(timeout=10) == 0
+        deadline = time.monotonic() + 10
+        while lock.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not lock.exists(), "the lock outlived its process"
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()

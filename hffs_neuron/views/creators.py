@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from cachetools import TTLCache
 
-from ..proc import pid_alive, pid_start_time
+from ..proc import pid_alive, pid_start_time, thread_group_id
 from .localfs import LocalTree
 
 logger = logging.getLogger(__name__)
@@ -43,16 +43,19 @@ class Creator:
 
     @classmethod
     def of(cls, caller: Caller) -> Creator:
-        start = _START_TIMES.get(caller.pid)
-        if start is None:
-            start = _START_TIMES[caller.pid] = pid_start_time(caller.pid)
-        return cls(caller.uid, caller.pid, start)
+        """The creator of an entry `caller` makes: the caller's process, not its thread (FUSE gives the
+        thread's id; a worker thread that took a lock may exit while its process goes on)."""
+        process = _PROCESSES.get(caller.pid)
+        if process is None:
+            tgid = thread_group_id(caller.pid)
+            process = _PROCESSES[caller.pid] = (tgid, pid_start_time(tgid))
+        return cls(caller.uid, *process)
 
 
-# A compiler process creates several files in a row: its start time is read once. Entries live one
-# second: a pid is reused only after the kernel has cycled through the whole pid space. Not
-# thread-safe: used under CreatorLog's lock.
-_START_TIMES: TTLCache = TTLCache(maxsize=1024, ttl=1.0)
+# A compiler creates several files in a row: its thread's process and that process's start time are
+# read once. Keyed by thread id; entries live one second: an id is reused only after the kernel has
+# cycled through the whole pid space. Not thread-safe: used under CreatorLog's lock.
+_PROCESSES: TTLCache = TTLCache(maxsize=1024, ttl=1.0)
 
 
 def creator_alive(creator: Creator) -> bool | None:
