@@ -642,6 +642,7 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
         ]
         for p in compilers + readers:
             p.stdout.readline()  # "ready"
+        self.hub.reset_stats()
         go = time.monotonic()
         for p in compilers + readers:
             p.stdin.write(b"g")
@@ -651,8 +652,9 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
         results += [self._storm_result(p) for p in readers]
         errors = [e for res in results for e in res.get("errors", [])]
         lookups, reads = sum(res.get("lookups", 0) for res in results), sum(res.get("reads", 0) for res in results)
+        upstream = len(self.hub.requests())
         print(f"    storm {label}: {end - go:.2f} s, readers {lookups} lookups, {reads} neff reads, "
-              f"{len(errors)} errors", flush=True)  # fmt: skip
+              f"{upstream} upstream requests, {len(errors)} errors", flush=True)  # fmt: skip
         for error in errors[:20]:
             print(f"      {error}", flush=True)
         return end - go, errors
