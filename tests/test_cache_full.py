@@ -111,6 +111,43 @@ def test_unused_blobs_are_evicted_to_make_room_but_open_ones_never(
     assert (mp / first).read_bytes() == files[first]  # closed: now it can make room again
 
 
+@pytest.mark.parametrize("bound", ["disk", "limit"])
+def test_impossible_size_fails_at_once_and_evicts_nothing(
+    request: pytest.FixtureRequest,
+    hub: HubEmulator,
+    mounts: Mounts,
+    runtime_env: dict[str, str],
+    tmp_path: Path,
+    bound: str,
+) -> None:
+    """A blob over free space plus every unused blob (the 8 MiB disk), or over --cache-size (on a big disk),
+    is ENOSPC before any eviction: the unused blobs already cached all stay."""
+    files = _files(hub)
+    if bound == "disk":
+        tiny_disk = request.getfixturevalue("tiny_disk")
+        handle = mounts("neff", BUCKET, cache_dir=str(tiny_disk))
+        store = tiny_disk / "blobs-store"
+    else:
+        handle = mounts("neff", BUCKET, cache_size="8M")
+        store = tmp_path / "cache" / "blobs-store"
+    mp = Path(handle.mountpoint)
+    cached = [f"{MODULE.format(n)}/model.neff" for n in (2, 4)]
+    for name in cached:
+        assert (mp / name).read_bytes() == files[name]  # closed: unused, evictable
+    blobs = sorted(p.name for p in (store / "blobs").rglob("*") if p.is_file())
+    assert len(blobs) == 2
+
+    with pytest.raises(OSError) as info:
+        (mp / f"{MODULE.format(1)}/model.neff").read_bytes()  # 12 MiB
+    assert info.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (store / "blobs").rglob("*") if p.is_file()) == blobs
+    assert _status(runtime_env, mp)["counters"]["evictions"] == 0
+    log = "".join(p.read_text() for p in Path(runtime_env["HFFS_RUNTIME_DIR"]).glob("*.log"))
+    reason = "plus every blob not in use" if bound == "disk" else "more than the cache size limit"
+    assert reason in log
+    assert all((mp / name).read_bytes() == files[name] for name in cached)
+
+
 @pytest.mark.parametrize("parallel", [False, True], ids=["one-stream", "parallel-ranges"])
 def test_disk_filling_up_during_a_transfer_is_enospc(tiny_disk: Path, hub: HubEmulator, parallel: bool) -> None:
     """Room at the start, none by the time the bytes arrive (another writer took it): ENOSPC."""

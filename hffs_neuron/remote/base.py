@@ -25,6 +25,18 @@ def is_sha256(value: object) -> bool:
     return isinstance(value, str) and _SHA256.fullmatch(value) is not None
 
 
+# One file of 1 PiB or more cannot be real: a listing or event that says so is broken or hostile, and
+# trusting it would only make the blob store fail (or evict) for nothing.
+MAX_FILE_SIZE = 1 << 50
+
+
+def checked_size(value: object) -> int:
+    """A file size from a listing or the event feed: an integer in [0, 2^50), else ValueError."""
+    if type(value) is not int or not 0 <= value < MAX_FILE_SIZE:  # bool is an int subclass: excluded
+        raise ValueError(f"impossible size {str(value)[:80]!r}")
+    return value
+
+
 XET = "xet"  # Digest algo of bucket files: hashed from the complete file (see store/verify.py)
 
 

@@ -9,11 +9,12 @@ from datetime import datetime
 from urllib.parse import quote
 
 from ..errors import RemoteNotFound, UsageError
-from .base import XET, Digest, RemoteEntry, is_safe_path, is_sha256
+from .base import XET, Digest, RemoteEntry, checked_size, is_safe_path, is_sha256
 from .http import HubHttp
 
 logger = logging.getLogger(__name__)
 
+_MAX_DROPPED = 10_000  # dropped entries remembered (to log each once); beyond, the memory starts over
 _BUCKET_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
@@ -47,6 +48,7 @@ class Bucket:
         self.endpoint = http.endpoint
         self.bucket_id = bucket_id
         self._warned_unhashed = False
+        self._dropped: set[tuple[str, str]] = set()  # (path, reason) of entries dropped and logged
         self.prefix = prefix
         info = http.get_json(f"api/buckets/{bucket_id}", what=f"bucket {bucket_id}")
         canonical = info.get("id") if isinstance(info, dict) else None
@@ -64,12 +66,12 @@ class Bucket:
 
     def _entry(self, item: dict) -> RemoteEntry:
         """A listing item as an entry; ValueError for a xet hash that is not 64 lowercase hex digits
-        (it becomes a blob name)."""
+        (it becomes a blob name) or an impossible size."""
         path = self._relative(item["path"])
         if item.get("type") == "directory":
             return RemoteEntry(path=path, is_dir=True, mtime=_parse_time(item.get("uploadedAt")))
         mtime = _parse_time(item.get("mtime") or item.get("uploadedAt"))
-        return self.file_entry(path, int(item.get("size", 0)), item.get("xetHash"), mtime)
+        return self.file_entry(path, item.get("size", 0), item.get("xetHash"), mtime)
 
     def mount_path(self, full: str) -> str | None:
         """The mount-relative path of bucket path `full` (from the event feed); None outside the prefix
@@ -80,9 +82,10 @@ class Bucket:
             return None
         return self._relative(full)
 
-    def file_entry(self, path: str, size: int, xet_hash: str | None, mtime: float | None) -> RemoteEntry:
+    def file_entry(self, path: str, size: object, xet_hash: str | None, mtime: float | None) -> RemoteEntry:
         """The entry of file `path` (mount-relative); ValueError for a xet hash that is not 64 lowercase
-        hex digits (it becomes a blob name)."""
+        hex digits (it becomes a blob name) or a size that is not an integer in [0, 2^50)."""
+        size = checked_size(size)
         if xet_hash is not None and not is_sha256(xet_hash):
             raise ValueError(f"invalid xet hash {str(xet_hash)[:80]!r}")
         if not xet_hash and not self._warned_unhashed:
@@ -100,6 +103,16 @@ class Bucket:
             xet_hash=xet_hash,
             mtime=mtime,
         )
+
+    def _drop(self, what: str, path: str, exc: ValueError) -> None:
+        """Log an entry left out of a listing, once per path and reason: listings reload every TTL."""
+        key = (path, str(exc))
+        if key in self._dropped:
+            return
+        if len(self._dropped) >= _MAX_DROPPED:
+            self._dropped.clear()
+        self._dropped.add(key)
+        logger.warning("%s: ignoring %r: %s", what, path, exc)
 
     def list(self, path: str) -> list[RemoteEntry]:
         full = self._full(path)
@@ -119,7 +132,7 @@ class Bucket:
             try:
                 entry = self._entry(item)
             except ValueError as exc:
-                logger.warning("%s: ignoring %r: %s", what, item_path, exc)
+                self._drop(what, item_path, exc)
                 continue
             other = by_name.get(entry.name)
             if other is not None and other.is_dir != entry.is_dir:
@@ -142,7 +155,7 @@ class Bucket:
                 try:
                     return self._entry(item)
                 except ValueError as exc:
-                    logger.warning("%s: ignoring it: %s", what, exc)
+                    self._drop(what, full, exc)
         raise RemoteNotFound(f"{what}: not found")
 
     def read_range(

@@ -13,7 +13,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, UsageError
-from .base import Digest, RemoteEntry, drop_unsafe, is_git_oid, is_sha256
+from .base import Digest, RemoteEntry, checked_size, drop_unsafe, is_git_oid, is_sha256
 from .http import HubHttp
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class HubRepo:
 
 def _entry_from_item(item: dict) -> RemoteEntry:
     """A tree item as an entry; ValueError for object ids that are not lowercase hex of the right length
-    (they become blob names and symlink targets)."""
+    (they become blob names and symlink targets) and for impossible sizes."""
     if item.get("type") == "directory":
         return RemoteEntry(path=item["path"], is_dir=True)
     lfs, oid = item.get("lfs"), item.get("oid")
@@ -161,7 +161,7 @@ def _entry_from_item(item: dict) -> RemoteEntry:
         return RemoteEntry(
             path=item["path"],
             is_dir=False,
-            size=int(lfs.get("size", item.get("size", 0))),
+            size=checked_size(lfs.get("size", item.get("size", 0))),
             content_id=lfs["oid"],
             digest=Digest("sha256", lfs["oid"]),
             lfs=True,
@@ -171,7 +171,7 @@ def _entry_from_item(item: dict) -> RemoteEntry:
     return RemoteEntry(
         path=item["path"],
         is_dir=False,
-        size=int(item.get("size", 0)),
+        size=checked_size(item.get("size", 0)),
         content_id=item["oid"],
         digest=Digest("git-sha1", item["oid"]),
         git_oid=item["oid"],

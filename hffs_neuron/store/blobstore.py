@@ -242,18 +242,32 @@ class BlobStore:
 
     def _make_room(self, entry: RemoteEntry) -> None:
         """Before a transfer: evict blobs not in use (least recently used first) until `entry` fits on
-        the disk; raise CacheFull (ENOSPC) if it cannot fit."""
-        if self._free_bytes() >= entry.size:
+        the disk; raise CacheFull (ENOSPC) if it cannot fit.
+
+        A size that can never fit (over the size limit, or over free space plus every blob not in use)
+        fails before anything is evicted: one impossible listing must not empty the cache.
+        """
+        if self.max_size is not None and entry.size > self.max_size:
+            raise self._no_room(entry, f"more than the cache size limit of {self.max_size} bytes")
+        free = self._free_bytes()
+        if free >= entry.size:
             return
-        for path, _ in sorted(self.blobs(), key=lambda item: item[1].st_mtime):
+        unused = [
+            (path, st)
+            for path, st in sorted(self.blobs(), key=lambda item: item[1].st_mtime)
+            if self._lock_free(path.name)
+        ]
+        if free + sum(st.st_size for _, st in unused) < entry.size:
+            raise self._no_room(entry, "more than free space plus every blob not in use")
+        for path, _ in unused:
             if self._try_evict(path) and self._free_bytes() >= entry.size:
                 return
         raise self._no_room(entry)
 
-    def _no_room(self, entry: RemoteEntry) -> CacheFull:
+    def _no_room(self, entry: RemoteEntry, why: str = "") -> CacheFull:
         error = CacheFull(
             f"{entry.path}: no room in the cache directory {self.root}: needs {entry.size} bytes, "
-            f"{self._free_bytes()} free (blobs in use are never evicted)"
+            f"{self._free_bytes()} free ({why or 'blobs in use are never evicted'})"
         )
         logger.error("%s", error)
         return error
