@@ -54,6 +54,8 @@ class MountConfig:
     read_only: bool = False
     show_model_area: bool = False
     publish: bool = constants.PUBLISH
+    publish_from: list[str] = field(default_factory=lambda: list(constants.PUBLISH_FROM))  # USER or @GROUP
+    publish_max_bytes: int = constants.PUBLISH_MAX_BYTES
     keep_stale_locks: bool = constants.KEEP_STALE_LOCKS
     stale_lock_grace: float = constants.STALE_LOCK_GRACE
     follow_events: bool = constants.FOLLOW_EVENTS
@@ -116,6 +118,12 @@ def validate_config(config: MountConfig) -> None:
         raise UsageError("--publish works on NEFF mounts only")
     if config.stale_lock_grace < 0:
         raise UsageError(f"--stale-lock-grace {config.stale_lock_grace}: must be 0 or more seconds")
+    if config.publish_from:
+        from .publish import TrustedWriters
+
+        TrustedWriters.parse(0, config.publish_from)  # names that do not exist: said now, not at publish time
+    if config.publish_max_bytes <= 0:
+        raise UsageError(f"--publish-max-bytes {config.publish_max_bytes}: must be a positive size, e.g. 8G")
     for spec in config.repos:
         parse_repo_spec(spec)
     parse_size(config.cache_size)

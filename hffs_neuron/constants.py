@@ -38,6 +38,11 @@ METADATA_TTL = _env_float("HFFS_METADATA_TTL", 60.0)
 NEGATIVE_TTL = _env_float("HFFS_NEGATIVE_TTL", 5.0)
 # NEFF mounts: publish local modules to the bucket as soon as they are complete (`--publish`).
 PUBLISH = os.environ.get("HFFS_PUBLISH", "").strip().lower() in ("1", "true", "yes", "on")
+# Whose modules are published besides the owner's and root's (`--publish-from USER|@GROUP`, repeatable):
+# comma-separated here.
+PUBLISH_FROM = tuple(n.strip() for n in os.environ.get("HFFS_PUBLISH_FROM", "").split(",") if n.strip())
+# A module of more bytes than this is never published (`--publish-max-bytes`).
+PUBLISH_MAX_BYTES = _env_int("HFFS_PUBLISH_MAX_BYTES", 8 << 30)
 # NEFF mounts: a compile lock (`*.lock`) whose creator process is gone is removed this many seconds after
 # it is first seen stale (`--stale-lock-grace`), unless stale locks are kept (`--keep-stale-locks`:
 # only reported).

@@ -104,6 +104,8 @@ class MountRuntime:
             self.telemetry.provide("publish", self.publisher.stats)
         if config.view == "neff":
             self.telemetry.provide("follow", self.follow.mode if self.follow is not None else lambda: "probe")
+            # `mountctl push` asks for these: a module with a file open for writing is not finished.
+            self.telemetry.provide("open_for_writing", lambda: sorted(self.view.writing()))
         if self.stale_locks is not None:
             self.telemetry.provide("stale_locks", self.stale_locks.status)
         self.metrics: telemetry.Metrics | None = None
@@ -195,7 +197,16 @@ class MountRuntime:
         self.view.prober = NameProber(self.view.remote, self.config.negative_ttl)
         if not self.config.publish:
             return None
-        publisher = NeffPublisher(os.path.join(self.view.state_dir, self.view.upper), self.view.remote)
+        from . import publish
+
+        checks = publish.Checks(
+            self.view.creators,
+            publish.TrustedWriters.parse(os.getuid(), self.config.publish_from),
+            publish.HashCache(Path(self.view.state_dir)),
+            writing=self.view.writing,
+            max_bytes=self.config.publish_max_bytes,
+        )
+        publisher = NeffPublisher(os.path.join(self.view.state_dir, self.view.upper), self.view.remote, checks)
         self.view.on_change = publisher.notify
         return publisher
 

@@ -1,11 +1,14 @@
 """Publish-on-completion (`mount neff --publish`): local modules go to the bucket once the compiler is done.
 
 Fed by the NEFF view's write events (a written file closed, a rename, an unlink: `notify(path)`), each
-module is looked at again about a second after its last event; a complete one (the rule `push` uses) is
-uploaded unless the bucket already holds the same files and sizes. Pending work is derived from the local
-layer at start, so it survives a restart. Transient failures retry with backoff, a bounded number of
-times; permanent ones (no write access, bucket gone) are logged once with the fix, shown in status, and
-stop further uploads until the next mount.
+module is looked at again about a second after its last event; a finished, trusted one (the rules `push`
+uses, `publish.publishable_files`) is uploaded unless the bucket already holds the same content. A module
+the bucket holds with other content, or that another node published first with other bytes, is a
+conflict: reported, never uploaded again by this mount. Untrusted modules (written by a user outside
+`--publish-from`) stay local and are listed in status. Pending work is derived from the local layer at
+start, so it survives a restart. Transient failures retry with backoff, a bounded number of times;
+permanent ones (no write access, bucket gone) are logged once with the fix, shown in status, and stop
+further uploads until the next mount.
 """
 
 from __future__ import annotations
@@ -60,9 +63,18 @@ def classify(exc: BaseException, bucket_id: str) -> PermanentError | None:
 class NeffPublisher:
     """A queue of local modules to publish, worked by one thread (uploads are serialized)."""
 
-    def __init__(self, upper: str | Path, bucket: Bucket, *, api: Any = None, debounce: float = DEBOUNCE_S):
+    def __init__(
+        self,
+        upper: str | Path,
+        bucket: Bucket,
+        checks: publish.Checks,
+        *,
+        api: Any = None,
+        debounce: float = DEBOUNCE_S,
+    ):
         self.upper = Path(upper)
         self.bucket = bucket
+        self.checks = checks
         self.debounce = debounce
         self._api = api
         self._cond = threading.Condition()
@@ -70,6 +82,8 @@ class NeffPublisher:
         self._attempts: dict[str, int] = {}
         self._published: set[str] = set()
         self._failed: dict[str, str] = {}  # module -> reason
+        self._untrusted: dict[str, tuple[int, int]] = {}  # module -> (uid, files touched)
+        self._conflicts: dict[str, str] = {}  # module -> what differs: never uploaded again by this mount
         self._blocked: str | None = None  # a bucket-wide permanent failure
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="hffs-publish", daemon=True)
@@ -100,6 +114,10 @@ class NeffPublisher:
                 "published": len(self._published),
                 "pending": len(self._due),
                 "failed": [{"module": m, "reason": r} for m, r in sorted(self._failed.items())],
+                "untrusted": [
+                    {"module": m, "uid": uid, "count": count} for m, (uid, count) in sorted(self._untrusted.items())
+                ],
+                "conflicts": [{"module": m, "reason": r} for m, r in sorted(self._conflicts.items())],
             }
 
     def close(self) -> None:
@@ -132,36 +150,65 @@ class NeffPublisher:
         return max(0.0, min(self._due.values()) - time.monotonic()) if self._due else None
 
     def _publish(self, modules: list[str]) -> None:
-        ready: list[tuple[str, publish.Additions]] = []
+        ready: list[publish.Upload] = []
         for module in modules:
             try:
-                local = publish.publishable_files(self.upper, module)
-                if local.reason is not None:
-                    continue  # not complete (yet): its next event brings it back
-                if self._blocked is not None:
-                    self._fail(module, self._blocked)
-                    continue
-                files = publish.unpublished(self.bucket, module, local.files)
-                if not files:
-                    self._done(module)
-                    continue
+                upload = self._prepare(module)
             except Exception as exc:  # noqa: BLE001 - the bucket check failed: retry or report
                 self._failure([module], exc)
                 continue
-            ready.append((module, publish.additions(self.bucket, self.upper, module, files)))
+            if upload is not None:
+                ready.append(upload)
         if not ready:
             return
         try:
             changed = publish.publish_modules(self._client(), self.bucket, self.upper, ready)
+            for upload in ready:
+                if upload.module not in changed and (conflict := publish.lost_race(self.bucket, upload)):
+                    self._conflict(upload.module, conflict)
+                    changed[upload.module] = conflict
         except Exception as exc:  # noqa: BLE001 - classified: retried with backoff or reported
-            self._failure([m for m, _ in ready], exc)
+            self._failure([u.module for u in ready], exc)
             return
-        for module, files in ready:
-            if module in changed:  # a file swapped or removed after the check: its next event brings it back
-                logger.warning("not publishing %s: %s", module, changed[module])
+        for upload in ready:
+            if upload.module in changed:  # a file swapped or changed meanwhile: its next event brings it back
+                logger.warning("not publishing %s: %s", upload.module, changed[upload.module])
                 continue
-            logger.info("published %s (%d files)", module, len(files))
+            logger.info("published %s (%d files)", upload.module, len(upload.files))
+            self._done(upload.module)
+
+    def _prepare(self, module: str) -> publish.Upload | None:
+        """The upload `module` needs now, or None (not finished, refused, a conflict, or already there)."""
+        local = publish.publishable_files(self.upper, module, self.checks)
+        with self._cond:
+            if local.untrusted is None:
+                self._untrusted.pop(module, None)
+            elif self._untrusted.setdefault(module, local.untrusted) == local.untrusted:
+                logger.warning("not publishing %s: %s", module, local.reason)
+        if local.reason is not None:
+            if local.refused and local.untrusted is None:
+                if self._failed.get(module) != local.reason:
+                    logger.error("not publishing %s: %s", module, local.reason)
+                self._fail(module, local.reason)
+            return None  # not finished (yet): its next event brings it back
+        if module in self._conflicts:
+            return None
+        if self._blocked is not None:
+            self._fail(module, self._blocked)
+            return None
+        upload = publish.prepare(self.bucket, self.upper, module, local, self.checks.hashes)
+        if isinstance(upload, str):
+            self._conflict(module, upload)
+            return None
+        if upload is None:
             self._done(module)
+        return upload
+
+    def _conflict(self, module: str, reason: str) -> None:
+        logger.error("not publishing %s: %s; the local copy stays local", module, reason)
+        with self._cond:
+            self._conflicts[module] = reason
+            self._failed.pop(module, None)
 
     def _client(self) -> Any:
         if self._api is None:

@@ -5,24 +5,39 @@ be published and what of it, and `publish_modules` uploads the rest before the d
 call), so no other node ever sees a `model.done` without its NEFF.
 
 The local layer is written by the mount's clients (other users too, with `--allow-other`), and uploads
-use the owner's token. So only regular files are published: every directory and file is opened relative
-to its parent's fd with `O_NOFOLLOW`, anything else (a symlink, a FIFO, a device) is skipped with its
-reason, and the upload reads each file through the fd checked here.
+use the owner's token, for every node of the fleet to load. So (README "Security model"):
+- only trusted writers publish: a module is published only if every file in it was created, and every
+  write to it made, by the owner, root or a `--publish-from` user or group (`Checks.untrusted`);
+- only finished modules: neff and done marker, no lock, no file open for writing through the mount, the
+  marker not older than any published file, within the size and file-count bounds, nothing sparse;
+- the bucket is compared by content (xet hashes, cached by inode, size and mtime), never by size: a
+  module the bucket holds with other content is a conflict, never overwritten;
+- only regular files: every directory and file is opened relative to its parent's fd with `O_NOFOLLOW`,
+  anything else (a symlink, a FIFO, a device) is skipped with its reason, and the upload reads each file
+  through the fd checked here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
+import pwd
 import stat
-from collections.abc import Iterable, Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import MountError, RemoteNotFound
+from . import constants
+from .errors import MountError, RemoteNotFound, UsageError
 from .remote.bucket import Bucket
 from .remote.http import HubHttp
+from .store.verify import xet_hash
+from .views.creators import CreatorLog
+from .views.localfs import LocalTree
 from .views.neff import MODULE_PREFIX, VERSION_PREFIX, is_lock_name, is_module_complete
 
 logger = logging.getLogger(__name__)
@@ -34,10 +49,15 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 FUSE_HIDDEN_PREFIX = ".fuse_hidden"
 # A copy-up in progress writes a private temp file named `<target>.hffs-copyup.<pid>.<tid>`.
 COPYUP_MARK = ".hffs-copyup."
-# Files held open per upload call (a module's files never split between calls but for its done marker):
-# bounds the fds in use.
-UPLOAD_BATCH_FILES = 256
+# Files held open per upload call: bounds the fds an upload holds (a larger module goes in several calls,
+# its done marker in the last).
+UPLOAD_BATCH_FILES = 16
+# A module of more files than this is refused (a compile writes about five).
+MAX_MODULE_FILES = 64
 DONE_MARKER = "model.done"
+# Local xet hashes, cached in the layer state by (device, inode, size, mtime): a restart re-hashes nothing.
+_HASHES_FILE = "publish-hashes.json"
+_HASHES_MAX = 100_000
 
 # (local path, path in the bucket) of each file of one upload.
 Additions = list[tuple[str, str]]
@@ -47,8 +67,9 @@ Additions = list[tuple[str, str]]
 class PushPlan:
     """What `push` would do: modules to upload, and modules or files skipped, each with the reason."""
 
-    upload: list[tuple[str, Additions]] = field(default_factory=list)  # (module, [(local, remote)])
+    upload: list[Upload] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (module or module/file, reason)
+    notes: dict[str, str] = field(default_factory=dict)  # module -> what to say beside it (untrusted, included)
 
 
 @dataclass
@@ -56,8 +77,129 @@ class LocalModule:
     """One local module directory as seen through fds that follow no symlink."""
 
     reason: str | None  # why it must not be published now (None: it is complete)
-    files: dict[str, int] = field(default_factory=dict)  # name -> size of each file to publish
+    files: dict[str, os.stat_result] = field(default_factory=dict)  # name -> lstat of each file to publish
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) of entries never published
+    # The reason holds until the module changes (untrusted, too large, sparse), unlike "not finished yet".
+    refused: bool = False
+    untrusted: tuple[int, int] | None = None  # (an untrusted uid, how many files or writes it touched)
+
+
+@dataclass(frozen=True)
+class TrustedWriters:
+    """Whose files may be published: the mount's owner, root, and `--publish-from` users and groups."""
+
+    uids: frozenset[int]
+    gids: frozenset[int] = frozenset()
+
+    @classmethod
+    def parse(cls, owner_uid: int, names: Iterable[str]) -> TrustedWriters:
+        """`names`: user names, uids, `@group` names or `@gid`s; UsageError for one that does not exist."""
+        import grp
+
+        uids, gids = {0, owner_uid}, set()
+        for name in names:
+            try:
+                if name.startswith("@"):
+                    key = name[1:]
+                    gids.add(grp.getgrgid(int(key)).gr_gid if key.isdigit() else grp.getgrnam(key).gr_gid)
+                else:
+                    uids.add(pwd.getpwuid(int(name)).pw_uid if name.isdigit() else pwd.getpwnam(name).pw_uid)
+            except KeyError:
+                what = "group" if name.startswith("@") else "user"
+                raise UsageError(f"--publish-from {name}: no such {what} on this host") from None
+        return cls(frozenset(uids), frozenset(gids))
+
+    def trusts(self, uid: int) -> bool:
+        if uid in self.uids:
+            return True
+        if not self.gids:
+            return False
+        try:
+            user = pwd.getpwuid(uid)
+        except KeyError:
+            return False
+        return not self.gids.isdisjoint(os.getgrouplist(user.pw_name, user.pw_gid))
+
+
+class HashCache:
+    """Xet hashes of local files by (device, inode, size, mtime_ns), kept in the layer state."""
+
+    def __init__(self, state: Path):
+        self._path = state / _HASHES_FILE
+        self._lock = threading.Lock()
+        self._dirty = False
+        try:
+            fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd) as f:
+                self._hashes: dict[str, list] = dict(json.load(f))
+        except (OSError, ValueError, TypeError):
+            self._hashes = {}
+
+    def hash_of(self, key: str, fd: int) -> str:
+        st = os.fstat(fd)
+        identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+        with self._lock:
+            known = self._hashes.get(key)
+        if known is not None and known[:4] == identity:
+            return known[4]
+        digest = xet_hash(f"/proc/self/fd/{fd}")
+        with self._lock:
+            self._hashes.pop(key, None)  # re-inserted last: the oldest entries go first when over the bound
+            self._hashes[key] = [*identity, digest]
+            while len(self._hashes) > _HASHES_MAX:
+                del self._hashes[next(iter(self._hashes))]
+            self._dirty = True
+        return digest
+
+    def save(self) -> None:
+        with self._lock:
+            if not self._dirty:
+                return
+            data, self._dirty = json.dumps(self._hashes), False
+        tmp = self._path.with_name(f"{_HASHES_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+            os.replace(tmp, self._path)
+        except OSError as exc:  # a cache: losing it costs a re-hash
+            logger.warning("could not save the publish hash cache: %s", exc)
+            tmp.unlink(missing_ok=True)
+
+
+@dataclass
+class Checks:
+    """What judges a module beyond its names: who wrote it, what is open, the bounds, content hashes."""
+
+    creators: CreatorLog
+    trust: TrustedWriters | None  # None: everyone (`push --include-untrusted`)
+    hashes: HashCache
+    writing: Callable[[], frozenset[tuple[int, int]]] = frozenset  # (dev, ino) of files open for writing
+    max_bytes: int = constants.PUBLISH_MAX_BYTES
+
+    @classmethod
+    def for_layer(cls, upper: Path, trust: TrustedWriters, **kwargs: Any) -> Checks:
+        """Checks reading the layer state beside `upper` (its creator record, read-only; its hash cache)."""
+        return cls(CreatorLog(LocalTree(str(upper.parent)), read_only=True), trust, HashCache(upper.parent), **kwargs)
+
+    def untrusted(self, module: str, entries: dict[str, os.stat_result]) -> tuple[int, int] | None:
+        """(an untrusted uid, how many files it touched) if anyone untrusted created or wrote in `module`.
+
+        An entry without a creator record (made before records existed) is judged by its owner on disk.
+        """
+        if self.trust is None:
+            return None
+        bad = [u for u in self.creators.writers(module) if not self.trust.trusts(u)]
+        count = 0
+        for name, st in entries.items():
+            key = f"{module}/{name}"
+            creator = self.creators.get(key)
+            uids = {creator.uid if creator is not None else st.st_uid, *self.creators.writers(key)}
+            untrusted = [u for u in uids if not self.trust.trusts(u)]
+            if untrusted:
+                count += 1
+                bad += untrusted
+        return (min(bad), max(count, 1)) if bad else None
 
 
 def _kind(mode: int) -> str:
@@ -155,8 +297,47 @@ def is_publishable_name(name: str) -> bool:
     return not (name == "model.log" or is_lock_name(name) or _is_scratch(name))
 
 
-def publishable_files(upper: Path, module: str) -> LocalModule:
-    """The skip reason, or the regular files to upload, of local `module` (bucket-relative) under `upper`."""
+def _unfinished_reason(
+    entries: dict[str, os.stat_result], files: dict[str, os.stat_result], checks: Checks
+) -> str | None:
+    """Why a module whose names say "complete" is still being written, or None."""
+    writing = checks.writing()
+    if writing and any((st.st_dev, st.st_ino) in writing for st in entries.values()):
+        return "in progress (a file is open for writing through the mount)"
+    done = files[DONE_MARKER].st_mtime_ns
+    later = sorted(n for n, st in files.items() if st.st_mtime_ns > done)
+    if later:
+        return f"in progress ({later[0]} changed after model.done)"
+    return None
+
+
+def _bounds_reason(module_fd: int, files: dict[str, os.stat_result], checks: Checks) -> str | None:
+    """Why a finished module is refused for its size, or None: too many files, too many bytes, or sparse."""
+    if len(files) > MAX_MODULE_FILES:
+        return f"refused: {len(files)} files, more than the {MAX_MODULE_FILES} a module may publish"
+    total = sum(st.st_size for st in files.values())
+    if total > checks.max_bytes:
+        return f"refused: {total} bytes, more than --publish-max-bytes {checks.max_bytes}"
+    for name, st in files.items():
+        if st.st_size == 0:
+            continue
+        try:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=module_fd)
+        except OSError as exc:
+            return f"in progress ({name}: {exc.strerror})"
+        try:
+            if os.lseek(fd, 0, os.SEEK_HOLE) < st.st_size:
+                return f"refused: {name} is sparse (holes before its end): not a finished file"
+        finally:
+            os.close(fd)
+    return None
+
+
+def publishable_files(upper: Path, module: str, checks: Checks | None = None) -> LocalModule:
+    """The skip reason, or the regular files to upload, of local `module` (bucket-relative) under `upper`.
+
+    Without `checks`, only the names are judged (`push --dry-run` of a module others may still write).
+    """
     try:
         module_fd = _open_dir(upper, module)
     except FileNotFoundError:
@@ -165,15 +346,27 @@ def publishable_files(upper: Path, module: str) -> LocalModule:
         return LocalModule(f"cannot open: {exc.strerror}")
     try:
         entries = _entries(module_fd)
+        regular = {n for n, st in entries.items() if stat.S_ISREG(st.st_mode) and not _is_scratch(n)}
+        reason = module_skip_reason(set(entries), regular)
+        if reason:
+            return LocalModule(reason)
+        files = {n: entries[n] for n in sorted(regular) if is_publishable_name(n)}
+        if checks is not None:
+            if untrusted := checks.untrusted(module, entries):
+                uid, count = untrusted
+                reason = f"untrusted: uid {uid} created or wrote {count} of its files (see --publish-from)"
+                return LocalModule(reason, refused=True, untrusted=untrusted)
+            reason = _unfinished_reason(entries, files, checks)
+            if reason:
+                return LocalModule(reason)
+            reason = _bounds_reason(module_fd, files, checks)
+            if reason:
+                return LocalModule(reason, refused=True)
     finally:
         os.close(module_fd)
-    regular = {n for n, st in entries.items() if stat.S_ISREG(st.st_mode) and not _is_scratch(n)}
-    reason = module_skip_reason(set(entries), regular)
-    if reason:
-        return LocalModule(reason)
     return LocalModule(
         None,
-        files={n: entries[n].st_size for n in sorted(regular) if is_publishable_name(n)},
+        files=files,
         skipped=[
             (n, f"{_kind(entries[n].st_mode)}: only regular files are published")
             for n in sorted(set(entries) - regular)
@@ -182,16 +375,54 @@ def publishable_files(upper: Path, module: str) -> LocalModule:
     )
 
 
-def unpublished(bucket: Bucket, module: str, files: dict[str, int]) -> dict[str, int]:
-    """The `files` (name -> size) of `module` the bucket lacks or holds with another size.
+@dataclass
+class Comparison:
+    """A local module against the bucket: what to upload, or the conflict that forbids it."""
 
-    After an interrupted publish (the rest uploaded, the marker not) only what is missing goes again.
-    """
+    upload: list[str]
+    conflict: str | None = None
+    hashes: dict[str, str] = field(default_factory=dict)  # name -> local xet hash of each file
+
+
+def local_hashes(upper: Path, module: str, names: Iterable[str], hashes: HashCache) -> dict[str, str]:
+    """name -> xet hash of each of the module's files (through fds that follow no symlink)."""
+    out = {}
+    dir_fd = _open_dir(upper, module)
     try:
-        remote = {e.name: e.size for e in bucket.list(module) if not e.is_dir}
+        for name in names:
+            fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
+            try:
+                out[name] = hashes.hash_of(f"{module}/{name}", fd)
+            finally:
+                os.close(fd)
+    finally:
+        os.close(dir_fd)
+    hashes.save()
+    return out
+
+
+def remote_hashes(bucket: Bucket, module: str) -> dict[str, str | None]:
+    """name -> xet hash of each file the bucket holds in `module` (None where it lists none)."""
+    try:
+        return {e.name: e.xet_hash for e in bucket.list(module) if not e.is_dir}
     except RemoteNotFound:
-        return dict(files)
-    return {n: size for n, size in files.items() if remote.get(n) != size}
+        return {}
+
+
+def compare(bucket: Bucket, upper: Path, module: str, files: Iterable[str], hashes: HashCache) -> Comparison:
+    """What of `files` the bucket lacks; a conflict where it holds any of them with other content.
+
+    After an interrupted publish (the rest uploaded, the marker not) only what is missing goes again;
+    a module the bucket already holds complete with the same content needs nothing.
+    """
+    mine = local_hashes(upper, module, files, hashes)
+    theirs = remote_hashes(bucket, module)
+    differ = sorted(n for n, h in mine.items() if n in theirs and theirs[n] != h)
+    if differ:
+        return Comparison([], f"conflict: the bucket holds {module}/{differ[0]} with other content", mine)
+    if DONE_MARKER in theirs:
+        return Comparison([], None, mine)  # published (the first good copy): extra local files stay local
+    return Comparison(sorted(n for n in mine if n not in theirs), None, mine)
 
 
 def additions(bucket: Bucket, upper: Path, module: str, names: Iterable[str]) -> Additions:
@@ -226,88 +457,170 @@ def _open_module_files(upper: Path, rel: str, names: list[str]) -> list[int]:
     return fds
 
 
-def _batches(modules: Sequence[tuple[str, Additions]]) -> Iterator[list[tuple[str, Additions]]]:
+@dataclass
+class Upload:
+    """One module to upload: its files (local path, path in the bucket), what was checked of each (lstat,
+    re-checked after the upload), and the local hashes the bucket must hold afterwards."""
+
+    module: str
+    files: Additions
+    checked: dict[str, os.stat_result] = field(default_factory=dict)  # name -> lstat
+    hashes: dict[str, str] = field(default_factory=dict)  # name -> xet hash of every file of the module
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _batches(modules: Sequence[Upload]) -> Iterator[list[Upload]]:
     """Whole modules, at most UPLOAD_BATCH_FILES files a batch (a larger module goes alone)."""
-    batch: list[tuple[str, Additions]] = []
+    batch: list[Upload] = []
     count = 0
-    for module, files in modules:
-        if batch and count + len(files) > UPLOAD_BATCH_FILES:
+    for upload in modules:
+        if batch and count + len(upload.files) > UPLOAD_BATCH_FILES:
             yield batch
             batch, count = [], 0
-        batch.append((module, files))
-        count += len(files)
+        batch.append(upload)
+        count += len(upload.files)
     if batch:
         yield batch
 
 
-def _upload(api: Any, bucket: Bucket, upper: Path, part: list[tuple[str, Additions]], changed: dict[str, str]) -> None:
+def _same_file(st: os.stat_result, checked: os.stat_result | None) -> bool:
+    if checked is None:
+        return True
+    return (st.st_ino, st.st_size, st.st_mtime_ns) == (checked.st_ino, checked.st_size, checked.st_mtime_ns)
+
+
+def _upload(
+    api: Any, bucket: Bucket, upper: Path, part: list[tuple[Upload, Additions]], changed: dict[str, str]
+) -> None:
     """One upload call of the files in `part`, each read through an fd checked to be a regular file.
 
-    A module whose files cannot be opened so (swapped for a symlink, removed) goes to `changed` instead.
+    A module whose files cannot be opened so (swapped for a symlink, removed), or whose files are not the
+    ones checked before or after the call (the bytes uploaded must be those on disk), goes to `changed`.
     """
-    fds: list[int] = []
+    fds: list[tuple[Upload, str, int]] = []
     add: Additions = []
     try:
-        for module, files in part:
+        for upload, files in part:
+            names = [Path(local).name for local, _ in files]
             try:
-                opened = _open_module_files(upper, module, [Path(local).name for local, _ in files])
+                opened = _open_module_files(upper, upload.module, names)
             except (OSError, ValueError) as exc:
-                changed[module] = f"changed since it was checked: {getattr(exc, 'strerror', None) or exc}"
+                changed[upload.module] = f"changed since it was checked: {getattr(exc, 'strerror', None) or exc}"
                 continue
-            fds += opened
+            fds += [(upload, name, fd) for name, fd in zip(names, opened, strict=True)]
             # huggingface_hub takes paths or bytes, not file objects: /proc/self/fd/N opens the very file
             # checked above (no symlink is resolved again), and keeps large NEFFs out of memory.
             add += [(f"/proc/self/fd/{fd}", remote) for fd, (_, remote) in zip(opened, files, strict=True)]
-        if add:
-            upload_to_bucket(api, bucket.bucket_id, add)
+        if not add:
+            return
+        before = {fd: os.fstat(fd) for _, _, fd in fds}
+        upload_to_bucket(api, bucket.bucket_id, add)
+        for upload, name, fd in fds:
+            st = os.fstat(fd)
+            if not (_same_file(st, upload.checked.get(name)) and _same_file(st, before[fd])):
+                changed[upload.module] = f"{name} changed while it was published: published again once finished"
     finally:
-        for fd in fds:
+        for _, _, fd in fds:
             os.close(fd)
 
 
-def publish_modules(api: Any, bucket: Bucket, upper: Path, modules: Sequence[tuple[str, Additions]]) -> dict[str, str]:
+def publish_modules(api: Any, bucket: Bucket, upper: Path, modules: Sequence[Upload]) -> dict[str, str]:
     """Upload the files of `modules` from the local layer `upper`; returns module -> reason of those left out
     because they changed since they were checked. Upload errors propagate.
 
-    Each batch's `model.done` files go in a second call once all the rest succeeded: `batch_bucket_files`
-    may split a batch and apply part of it, so with the markers last a failure can leave a module without
-    its marker (invisible to compilers, published again later), never a marker alone.
+    Each batch's `model.done` files go in calls after all the rest succeeded: `batch_bucket_files` may
+    split a batch and apply part of it, so with the markers last a failure can leave a module without its
+    marker (invisible to compilers, published again later), never a marker alone.
     """
     logger.info(
-        "publishing %d files of %d modules to %s", sum(len(f) for _, f in modules), len(modules), bucket.bucket_id
+        "publishing %d files of %d modules to %s", sum(len(u.files) for u in modules), len(modules), bucket.bucket_id
     )
     changed: dict[str, str] = {}
     for batch in _batches(modules):
         for markers in (False, True):
-            part = [
-                (module, [pair for pair in files if (Path(pair[0]).name == DONE_MARKER) == markers])
-                for module, files in batch
-                if module not in changed
+            pairs = [
+                (upload, pair)
+                for upload in batch
+                if upload.module not in changed
+                for pair in upload.files
+                if (Path(pair[0]).name == DONE_MARKER) == markers
             ]
-            _upload(api, bucket, upper, [(module, files) for module, files in part if files], changed)
+            for chunk in _chunks(pairs, UPLOAD_BATCH_FILES):
+                by_module: dict[str, tuple[Upload, Additions]] = {}
+                for upload, pair in chunk:
+                    if upload.module not in changed:
+                        by_module.setdefault(upload.module, (upload, []))[1].append(pair)
+                _upload(api, bucket, upper, list(by_module.values()), changed)
     return changed
 
 
-def plan_push(upper: Path, bucket: Bucket) -> PushPlan:
-    """Select the local modules that are complete (neff + done, no lock, no log) and not yet published."""
+def lost_race(bucket: Bucket, upload: Upload) -> str | None:
+    """After a module's upload: the conflict if the bucket does not hold exactly its files (another node
+    published the same module meanwhile, with other bytes), or None."""
+    theirs = remote_hashes(bucket, upload.module)
+    differ = sorted(n for n, h in upload.hashes.items() if theirs.get(n) != h)
+    if differ:
+        return f"conflict: another copy of {upload.module} won the race ({differ[0]} differs in the bucket)"
+    return None
+
+
+ALREADY_PUBLISHED = "already published (the bucket holds the same content)"
+
+
+def prepare(bucket: Bucket, upper: Path, module: str, local: LocalModule, hashes: HashCache) -> Upload | str | None:
+    """The upload of a publishable `module`; None if the bucket already holds it; else the conflict."""
+    comparison = compare(bucket, upper, module, local.files, hashes)
+    if comparison.conflict:
+        return comparison.conflict
+    if not comparison.upload:
+        return None
+    return Upload(
+        module,
+        additions(bucket, upper, module, comparison.upload),
+        {n: local.files[n] for n in comparison.upload},
+        comparison.hashes,
+    )
+
+
+def plan_push(upper: Path, bucket: Bucket, checks: Checks, *, include_untrusted: bool = False) -> PushPlan:
+    """Select the local modules that are finished, trusted and not yet in the bucket (with that content)."""
     plan = PushPlan()
+    everyone = dataclasses.replace(checks, trust=None)
     for rel in local_modules(upper, plan.skipped):
-        local = publishable_files(upper, rel)
-        reason = local.reason
-        if reason is None:
+        local = publishable_files(upper, rel, checks)
+        note = ""
+        if local.untrusted and include_untrusted:
+            note = f" ({local.reason}; included by --include-untrusted)"
+            local = publishable_files(upper, rel, everyone)
+        if local.reason is None:
             plan.skipped += [(f"{rel}/{name}", why) for name, why in local.skipped]
-            files = unpublished(bucket, rel, local.files)
-            if not files:
-                reason = "already published (same files and sizes in the bucket)"
-        if reason:
-            plan.skipped.append((rel, reason))
-            continue
-        plan.upload.append((rel, additions(bucket, upper, rel, files)))
+            upload = prepare(bucket, upper, rel, local, checks.hashes)
+            if isinstance(upload, Upload):
+                plan.upload.append(upload)
+                plan.notes[rel] = note
+                continue
+            plan.skipped.append((rel, upload or ALREADY_PUBLISHED))
+        else:
+            plan.skipped.append((rel, local.reason))
     return plan
 
 
-def push(state: dict, *, dry_run: bool = False, api: object | None = None) -> PushPlan:
-    """Publish the complete local modules of the NEFF mount described by runtime `state`."""
+def push(
+    state: dict,
+    *,
+    dry_run: bool = False,
+    api: object | None = None,
+    include_untrusted: bool = False,
+    writing: frozenset[tuple[int, int]] = frozenset(),
+) -> PushPlan:
+    """Publish the finished, trusted local modules of the NEFF mount described by runtime `state`.
+
+    `writing`: (dev, ino) of the layer files the running daemon has open for writing (from its status).
+    """
     from huggingface_hub import HfApi
 
     if state.get("view") != "neff":
@@ -318,10 +631,19 @@ def push(state: dict, *, dry_run: bool = False, api: object | None = None) -> Pu
     http = HubHttp(state.get("endpoint"))
     bucket = Bucket(http, state["source"], state.get("options", {}).get("prefix"))
     upper = Path(layer) / "upper"
-    plan = plan_push(upper, bucket)
+    options = state.get("options", {})
+    # The mount's owner is whoever owns its layer (the daemon made it), also when root runs push.
+    trust = TrustedWriters.parse(os.stat(layer).st_uid, options.get("publish_from") or ())
+    checks = Checks.for_layer(
+        upper, trust, writing=lambda: writing, max_bytes=options.get("publish_max_bytes") or constants.PUBLISH_MAX_BYTES
+    )
+    plan = plan_push(upper, bucket, checks, include_untrusted=include_untrusted)
     if dry_run or not plan.upload:
         return plan
     changed = publish_modules(api or HfApi(endpoint=http.endpoint), bucket, upper, plan.upload)
+    for upload in plan.upload:
+        if upload.module not in changed and (conflict := lost_race(bucket, upload)):
+            changed[upload.module] = conflict
     plan.skipped += [(module, f"not pushed: {reason}") for module, reason in changed.items()]
-    plan.upload = [(module, files) for module, files in plan.upload if module not in changed]
+    plan.upload = [upload for upload in plan.upload if upload.module not in changed]
     return plan

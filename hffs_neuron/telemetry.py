@@ -40,7 +40,7 @@ _SUN_PATH_MAX = 100
 # Parts of the status that other subsystems fill in (`Telemetry.provide`); these values stand until then.
 NEUTRAL_SECTIONS: dict[str, Any] = {
     "read_ahead": {"queued": 0, "in_flight": 0, "done": 0},
-    "publish": {"mode": "off", "published": 0, "pending": 0, "failed": []},
+    "publish": {"mode": "off", "published": 0, "pending": 0, "failed": [], "untrusted": [], "conflicts": []},
     "follow": "ttl",
     "stale_locks": [],
 }

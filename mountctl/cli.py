@@ -18,7 +18,8 @@ from hffs_neuron import constants
 from hffs_neuron.config import parse_duration, parse_size
 from hffs_neuron.errors import HffsError, MountError, UsageError
 from hffs_neuron.mount import cache_prune, cache_usage, mount, mount_state_of, prefetch, status, unmount
-from hffs_neuron.runtime import check_fuse_available
+from hffs_neuron.runtime import check_fuse_available, socket_path
+from hffs_neuron.telemetry import query_status
 
 EXIT_CODES = """exit codes:
   0  success
@@ -141,6 +142,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="publish local modules to the bucket once complete (default: $HFFS_PUBLISH, else off)",
     )
     neff.add_argument(
+        "--publish-from",
+        action="append",
+        default=None,
+        metavar="USER|@GROUP",
+        help="also publish modules written by this user or group (repeatable; default: $HFFS_PUBLISH_FROM, "
+        "comma-separated; the mount's owner and root always)",
+    )
+    neff.add_argument(
+        "--publish-max-bytes",
+        default=None,
+        metavar="SIZE",
+        help="never publish a module larger than this, e.g. 8G (default: $HFFS_PUBLISH_MAX_BYTES, else 8G)",
+    )
+    neff.add_argument(
         "--keep-stale-locks",
         action=argparse.BooleanOptionalAction,
         default=constants.KEEP_STALE_LOCKS,
@@ -197,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
     pu = sub.add_parser("push", help="NEFF view: publish complete local modules to the bucket")
     pu.add_argument("mountpoint")
     pu.add_argument("--dry-run", action="store_true")
+    pu.add_argument(
+        "--include-untrusted",
+        action="store_true",
+        help="also push modules written by users outside --publish-from (--dry-run says which)",
+    )
 
     c = sub.add_parser("cache", help="inspect or shrink the blob store")
     c.add_argument("action", choices=("du", "prune"))
@@ -271,6 +291,10 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
             read_only=args.read_only,
             show_model_area=args.show_model_area,
             publish=args.publish,
+            publish_from=list(constants.PUBLISH_FROM) if args.publish_from is None else args.publish_from,
+            publish_max_bytes=parse_size(args.publish_max_bytes)
+            if args.publish_max_bytes
+            else constants.PUBLISH_MAX_BYTES,
             keep_stale_locks=args.keep_stale_locks,
             stale_lock_grace=parse_duration(args.stale_lock_grace),
             follow_events=args.follow_events,
@@ -408,10 +432,13 @@ def cmd_push(args: argparse.Namespace) -> int:
     state = mount_state_of(args.mountpoint)
     if state is None or os.path.realpath(args.mountpoint) != state.get("mountpoint"):
         raise MountError(f"{args.mountpoint}: not an hffs mount (see mountctl status)")
-    plan = push(state, dry_run=args.dry_run)
+    live = query_status(socket_path(state["mountpoint"])) if state.get("alive") else None
+    # Files the running daemon has open for writing: their modules are not finished.
+    writing = frozenset(tuple(key) for key in (live or {}).get("open_for_writing", ()))
+    plan = push(state, dry_run=args.dry_run, include_untrusted=args.include_untrusted, writing=writing)
     verb = "would push" if args.dry_run else "pushed"
-    for module, files in plan.upload:
-        print(f"{verb} {module} ({len(files)} files)")
+    for upload in plan.upload:
+        print(f"{verb} {upload.module} ({len(upload.files)} files){plan.notes.get(upload.module, '')}")
     for module, reason in plan.skipped:
         print(f"skipped {module}: {reason}")
     if not plan.upload:
@@ -491,7 +518,7 @@ _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other":
                  "follow_events": "--follow-events", "nofollow_events": "--no-follow-events"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
                   "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group",
-                  "max_resolutions_per_s", "stale_lock_grace",
+                  "max_resolutions_per_s", "stale_lock_grace", "publish_from", "publish_max_bytes",
                   "max_connections", "read_ahead", "xet"}  # fmt: skip
 
 

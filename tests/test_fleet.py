@@ -157,7 +157,14 @@ def test_published_module_reaches_another_node_in_seconds(
     assert any(r.path.endswith(f"/tree/{module}") for r in hub.requests("/tree/"))
 
     wait_for(lambda: state_of(node_a)["publish"]["published"] == 1, 5, "status of node A")
-    assert state_of(node_a)["publish"] == {"mode": "on-completion", "published": 1, "pending": 0, "failed": []}
+    assert state_of(node_a)["publish"] == {
+        "mode": "on-completion",
+        "published": 1,
+        "pending": 0,
+        "failed": [],
+        "untrusted": [],
+        "conflicts": [],
+    }
     assert state_of(node_b)["follow"] == "probe"
     assert state_of(node_b)["publish"]["mode"] == "off"
 

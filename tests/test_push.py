@@ -17,7 +17,7 @@ import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
 
-from hffs_neuron.publish import UPLOAD_BATCH_FILES, additions, publish_modules, push
+from hffs_neuron.publish import UPLOAD_BATCH_FILES, Upload, additions, publish_modules, push
 from hffs_neuron.remote.bucket import Bucket
 from hffs_neuron.remote.http import HubHttp
 from hffs_neuron.runtime import read_states
@@ -132,7 +132,7 @@ def test_push_selects_complete_modules_and_is_idempotent(hub: HubEmulator, mount
 
     plan = push(state, dry_run=True, api=api)
     assert api.calls == []  # dry run uploads nothing
-    assert sorted(m for m, _ in plan.upload) == sorted([modules["complete"], noisy])
+    assert sorted(u.module for u in plan.upload) == sorted([modules["complete"], noisy])
     skipped = dict(plan.skipped)
     assert "lock" in skipped[modules["locked"]]
     assert "failed" in skipped[modules["failed"]]
@@ -286,7 +286,7 @@ def test_push_skips_held_deleted_locks_and_scratch_files(hub: HubEmulator, mount
         skipped = dict(plan.skipped)
         if hidden:  # (a mount with hard_remove drops the name instead: nothing is left to see)
             assert "in progress" in skipped[held], plan
-        (files_of_done,) = [f for m, f in plan.upload if m == done]
+        (files_of_done,) = [u.files for u in plan.upload if u.module == done]
         assert sorted(Path(local).name for local, _ in files_of_done) == ["model.done", "model.neff"]
         assert not any(".fuse_hidden" in k or "hffs-copyup" in k for k in skipped)
     finally:
@@ -319,17 +319,21 @@ def test_upload_opens_files_without_following_symlinks(tmp_path: Path) -> None:
 
 
 def test_publish_modules_bounds_fds_and_sends_markers_after_the_rest(hub: HubEmulator, tmp_path: Path) -> None:
-    """300 modules (600 files) go in calls of at most UPLOAD_BATCH_FILES files, each batch's done markers in
-    a call after its other files; no more fds are held during a call than it uploads, none afterwards."""
+    """40 modules (80 files) and one of 40 files go in calls of at most UPLOAD_BATCH_FILES files, each batch's
+    done markers in a call after its other files (the large module's after all its chunks); no more fds are
+    held during a call than it uploads, none afterwards."""
     bucket = Bucket(HubHttp(hub.url), build_neff_bucket(hub)["bucket_id"])
     upper = tmp_path / "upper"
     modules = []
-    for i in range(300):
+    for i in range(41):
         rel = f"{VERSION}/MODULE_{i:020d}+{i:08x}"
         (upper / rel).mkdir(parents=True)
         (upper / rel / "model.neff").write_bytes(b"neff %d" % i)
         (upper / rel / "model.done").write_bytes(b"")
-        modules.append((rel, additions(bucket, upper, rel, ["model.done", "model.neff"])))
+        extra = [f"part{n}.bin" for n in range(38)] if i == 40 else []
+        for name in extra:
+            (upper / rel / name).write_bytes(name.encode())
+        modules.append(Upload(rel, additions(bucket, upper, rel, ["model.done", "model.neff", *extra])))
     api = RecordingApi(hub)
 
     def layer_fds(files: list[str]) -> int:  # hf_xet's sockets and runtime fds come and go: not counted
@@ -344,10 +348,12 @@ def test_publish_modules_bounds_fds_and_sends_markers_after_the_rest(hub: HubEmu
     for call, files in zip(sent, api.fds_during_calls, strict=True):
         assert layer_fds(files) <= len(call) + 1  # (+1: the listing's own fd)
     position = {dest: n for n, call in enumerate(sent) for dest in call}
-    assert len(position) == 600
-    for rel, _ in modules:
-        assert position[f"{rel}/model.neff"] < position[f"{rel}/model.done"]
-    assert all(
-        all(d.endswith("/model.done") for d in call) != all(d.endswith("/model.neff") for d in call) for call in sent
-    )
-    assert api.uploaded[f"{modules[299][0]}/model.neff"] == b"neff 299"
+    assert len(position) == 40 * 2 + 40
+    for upload in modules:
+        rel = upload.module
+        assert all(
+            position[dest] < position[f"{rel}/model.done"] for _, dest in upload.files if dest != f"{rel}/model.done"
+        )
+    markers = [sum(d.endswith("/model.done") for d in call) for call in sent]
+    assert all(n in (0, len(call)) for n, call in zip(markers, sent, strict=True))  # markers never mixed in
+    assert api.uploaded[f"{modules[39].module}/model.neff"] == b"neff 39"

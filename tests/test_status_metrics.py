@@ -74,7 +74,14 @@ def test_status_is_live_right_after_a_read(
     assert state["alive"] is True and state["pid"] > 0 and state["uptime_s"] >= 0
     assert state["in_flight"] == []
     assert state["read_ahead"] == {"queued": 0, "in_flight": 0, "done": 0}
-    assert state["publish"] == {"mode": "off", "published": 0, "pending": 0, "failed": []}
+    assert state["publish"] == {
+        "mode": "off",
+        "published": 0,
+        "pending": 0,
+        "failed": [],
+        "untrusted": [],
+        "conflicts": [],
+    }
     assert state["follow"] in ("events", "probe", "ttl") and state["stale_locks"] == []
 
     assert (mp / MODULE / "model.neff").read_bytes() == neff  # page cache: may not even reach the daemon

@@ -1,4 +1,8 @@
-"""Who created each entry of a local layer: uid, pid and the pid's start time (issue 12 item 1).
+"""Who created each entry of a local layer (uid, pid and the pid's start time), and who else wrote it.
+
+Writers are recorded only when they are not the mount's owner or root (see `CreatorLog.note_writer`):
+publish trust (`publish.Checks.untrusted`) needs to know whether anyone else ever wrote a file or touched a
+module, and the owner's own writes, by far the most, then cost nothing.
 
 The record lives in the layer state as an append-only log (one JSON line per change, file mode 0600),
 compacted when the view starts, so a create costs one short append and never a rewrite of the whole
@@ -69,20 +73,24 @@ def creator_alive(creator: Creator) -> bool | None:
 class CreatorLog:
     """{layer path: Creator} for the local entries clients created, persisted in `tree`/`name`."""
 
-    def __init__(self, tree: LocalTree, name: str = "creators.jsonl"):
+    def __init__(self, tree: LocalTree, name: str = "creators.jsonl", *, read_only: bool = False):
+        """`read_only`: a snapshot for another process (`mountctl push`), never written."""
         self._tree = tree
         self._name = name
         self._lock = threading.Lock()
         self._records: dict[str, Creator] = {}
+        self._writers: dict[str, frozenset[int]] = {}  # path -> uids other than owner and root that wrote it
         self._lines = self._load()
         self._fd = -1
+        if read_only:
+            return
         if self._lines == 0 or self._too_long():
             self._compact()
         else:
             self._fd = tree.open(name, os.O_WRONLY | os.O_APPEND, 0o600)
 
     def _too_long(self) -> bool:
-        return self._lines > 2 * len(self._records) + _COMPACT_SLACK
+        return self._lines > 2 * (len(self._records) + len(self._writers)) + _COMPACT_SLACK
 
     def _load(self) -> int:
         try:
@@ -99,8 +107,11 @@ class CreatorLog:
                     continue
                 if op == "+":
                     self._records[path] = Creator(*rest)
+                elif op == "w":
+                    self._writers[path] = self._writers.get(path, frozenset()) | {int(rest[0])}
                 elif op == "-":
                     self._records.pop(path, None)
+                    self._writers.pop(path, None)
         return lines
 
     def _compact(self) -> None:
@@ -110,11 +121,13 @@ class CreatorLog:
         with os.fdopen(fd, "w") as f:
             for path, c in self._records.items():
                 f.write(json.dumps(["+", path, c.uid, c.pid, c.start]) + "\n")
+            for path, uids in self._writers.items():
+                f.writelines(json.dumps(["w", path, uid]) + "\n" for uid in sorted(uids))
         self._tree.rename(tmp, self._name)
         if self._fd >= 0:
             os.close(self._fd)
         self._fd = self._tree.open(self._name, os.O_WRONLY | os.O_APPEND, 0o600)
-        self._lines = len(self._records)
+        self._lines = len(self._records) + sum(len(u) for u in self._writers.values())
 
     def _append(self, *items: list) -> None:
         data = "".join(json.dumps(item) + "\n" for item in items).encode()
@@ -135,6 +148,20 @@ class CreatorLog:
         with self._lock:
             return {p: c for p, c in self._records.items() if p.endswith(suffix)}
 
+    def writers(self, path: str) -> frozenset[int]:
+        """The uids other than the owner's and root that wrote `path` (or, for a directory, in it)."""
+        with self._lock:
+            return self._writers.get(path, frozenset())
+
+    def note_writer(self, paths: tuple[str, ...], uid: int) -> None:
+        """`uid` wrote (or created, renamed, removed) `paths`; recorded once per path and uid."""
+        with self._lock:
+            new = [p for p in paths if uid not in self._writers.get(p, ())]
+            for path in new:
+                self._writers[path] = self._writers.get(path, frozenset()) | {uid}
+            if new:
+                self._append(*(["w", p, uid] for p in new))
+
     def record(self, path: str, caller: Caller) -> None:
         with self._lock:
             creator = Creator.of(caller)
@@ -143,7 +170,8 @@ class CreatorLog:
 
     def forget(self, path: str) -> None:
         with self._lock:
-            if self._records.pop(path, None) is not None:
+            had_writers = self._writers.pop(path, None) is not None
+            if self._records.pop(path, None) is not None or had_writers:
                 self._append(["-", path])
 
     def move(self, old: str, new: str) -> None:
@@ -151,15 +179,20 @@ class CreatorLog:
         prefix = f"{old}/"
         with self._lock:
             items: list[list] = []
-            replaced = [p for p in self._records if p == new or p.startswith(f"{new}/")]
-            for path in replaced:
-                del self._records[path]
+            known = self._records.keys() | self._writers.keys()
+            for path in [p for p in known if p == new or p.startswith(f"{new}/")]:
+                self._records.pop(path, None)
+                self._writers.pop(path, None)
                 items.append(["-", path])
-            for path in [p for p in self._records if p == old or p.startswith(prefix)]:
-                c = self._records.pop(path)
+            for path in [p for p in known if p == old or p.startswith(prefix)]:
                 moved = new + path[len(old) :]
-                self._records[moved] = c
-                items += [["-", path], ["+", moved, c.uid, c.pid, c.start]]
+                items.append(["-", path])
+                if (c := self._records.pop(path, None)) is not None:
+                    self._records[moved] = c
+                    items.append(["+", moved, c.uid, c.pid, c.start])
+                if (uids := self._writers.pop(path, None)) is not None:
+                    self._writers[moved] = uids
+                    items += [["w", moved, uid] for uid in sorted(uids)]
             if items:
                 self._append(*items)
 

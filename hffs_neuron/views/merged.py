@@ -160,6 +160,14 @@ class MergedView:
         """Permission bits `path` always has, whoever created it (shared directories), or None."""
         return None
 
+    def owned_by_mount(self, path: str, is_dir: bool) -> bool:
+        """Does `path` belong to the mount's owner whoever creates it (shared directories)?"""
+        return False
+
+    def trust_scope(self, path: str) -> str | None:
+        """The directory whose record also keeps who wrote `path` (NEFF: its module), or None."""
+        return None
+
     def adjust_attrs(self, path: str, attrs: dict) -> None:
         """Last word on the attributes shown for `path` (subclasses restrict modes, e.g. gated repos)."""
         mode = self.policy_mode(path, stat.S_ISDIR(attrs["st_mode"]))
@@ -188,9 +196,15 @@ class MergedView:
         return False
 
     def check_write(self, path: str, caller: Caller | None) -> None:
-        """Raise unless `caller` may create, change or delete `path` (EROFS, EACCES...)."""
+        """Raise unless `caller` may create, change or delete `path` (EROFS, EACCES...); record who
+        other than the owner and root does so (publish trust reads it)."""
         if self.read_only:
             raise fs_error(errno.EROFS)
+        if caller is not None and caller.uid not in (0, self.uid):
+            key = self._key(self._rel(path))
+            scope = self.trust_scope(path)
+            keys = (key,) if scope is None else (key, self._key(self._rel(scope)))
+            self.creators.note_writer(keys, caller.uid)
 
     def bump_generation(self) -> None:
         self.generation_ns = max(time.time_ns(), self.generation_ns + 1)
@@ -292,7 +306,11 @@ class MergedView:
             attrs = local_attrs(st)
             if stat.S_ISDIR(st.st_mode):  # may merge virtual children: changes with them too
                 attrs["st_mtime"] = max(attrs["st_mtime"], self.generation_ns)
-            if not _CAN_CHOWN and (creator := self.creators.get(self._key(rel))) is not None:
+            if (
+                not _CAN_CHOWN
+                and not self.owned_by_mount(path, stat.S_ISDIR(st.st_mode))
+                and (creator := self.creators.get(self._key(rel))) is not None
+            ):
                 # A daemon that cannot chown still shows each entry as its creator's, so that the
                 # kernel lets creators (and only them) change and remove what they made.
                 attrs["st_uid"] = creator.uid
@@ -522,7 +540,7 @@ class MergedView:
             self._check_absent(path, rel, node)
             self.local.mkdir(rel, 0o700)
             self.local.chmod(rel, self._new_mode(path, mode, is_dir=True))
-            if caller is not None and _CAN_CHOWN:
+            if caller is not None and _CAN_CHOWN and not self.owned_by_mount(path, True):
                 self.local.chown(rel, caller.uid, caller.gid)
             self._created(path, rel, caller, opaque=node is not None)  # hidden before: recreate empty
 
@@ -620,6 +638,12 @@ class MergedView:
         with self._locks.hold(old, new):
             self.local.rename(old_rel, new_rel, noreplace=noreplace)
             self.creators.move(self._key(old_rel), self._key(new_rel))
+            if src_is_dir and self.owned_by_mount(new, True):
+                # A directory renamed into a shared place (a user's own directory made a module) becomes
+                # the owner's, as if created there: its creator must not own a module others fill.
+                if _CAN_CHOWN:
+                    self.local.chown(new_rel, self.uid, self.gid)
+                self.local.chmod(new_rel, self._new_mode(new, 0o755, is_dir=True))
             if src_node is not None:
                 self.hide(old)
             self.unhide(new, opaque=dst_node is not None and dst_node.kind == "dir")

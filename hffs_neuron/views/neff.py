@@ -288,6 +288,18 @@ class NeffView(LayerEvents, MergedView):
             return 0o666
         return None
 
+    def owned_by_mount(self, path: str, is_dir: bool) -> bool:
+        """Version and module directories are the owner's whoever creates them: with the sticky bit,
+        the kernel then lets each user remove only their own files there, never the bucket's or another
+        user's, nor the directory itself."""
+        return is_dir and (not path or self._is_version_dir(path) or self._is_module_dir(path))
+
+    def trust_scope(self, path: str) -> str | None:
+        parts = path.split("/")
+        if len(parts) > 2 and parts[0].startswith(VERSION_PREFIX) and parts[1].startswith(MODULE_PREFIX):
+            return f"{parts[0]}/{parts[1]}"
+        return None
+
     def adjust_attrs(self, path: str, attrs: dict) -> None:
         super().adjust_attrs(path, attrs)
         if self.private and not path:
