@@ -8,12 +8,15 @@ friends once, at import time: the environment must be set before any test module
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -183,3 +186,87 @@ def run_parallel(argvs: list[list[str]], *, env: dict[str, str], timeout: float)
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+# -- a second local user (shared hosts, publish trust) -------------------------------------------
+@dataclass(frozen=True)
+class OtherUser:
+    name: str
+    uid: int
+    gid: int
+    home: Path  # writable by the user: its HF_HOME
+
+    def run(
+        self, argv: list[str], *, env: dict[str, str] | None = None, timeout: float = 60, groups: tuple[int, ...] = ()
+    ):
+        """Run `argv` as this user (with supplementary `groups`); returns the CompletedProcess (text)."""
+        base = dict(os.environ if env is None else env, HOME=str(self.home), HF_HOME=str(self.home / "hf"))
+        base.pop("HF_TOKEN", None)  # the other user has no token of its own
+        extra = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+        wrapped = ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", extra, *argv]
+        return subprocess.run(wrapped, env=base, capture_output=True, text=True, timeout=timeout)
+
+    def python(self, script: str, *args: str, env: dict[str, str] | None = None, groups: tuple[int, ...] = ()):
+        return self.run([sys.executable, "-c", script, *args], env=env, groups=groups)
+
+
+@pytest.fixture(scope="session")
+def other_user() -> Iterator[OtherUser]:
+    if os.geteuid() != 0 or shutil.which("useradd") is None or shutil.which("setpriv") is None:
+        pytest.skip("needs root, useradd and setpriv")
+    name = f"hffs-sec-{secrets.token_hex(4)}"
+    subprocess.run(["useradd", "--no-create-home", "--shell", "/bin/sh", name], check=True, timeout=30)
+    home = Path(tempfile.mkdtemp(prefix=f"{name}-home-"))
+    try:
+        uid = int(subprocess.run(["id", "-u", name], capture_output=True, text=True, check=True).stdout)
+        gid = int(subprocess.run(["id", "-g", name], capture_output=True, text=True, check=True).stdout)
+        os.chown(home, uid, gid)
+        yield OtherUser(name, uid, gid, home)
+    finally:
+        subprocess.run(["userdel", name], check=False, timeout=30)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def shared_mounts(runtime_env: dict[str, str]) -> Iterator[Mounts]:
+    """Like `mounts`, but under a directory every user can traverse (tmp_path is root-only)."""
+    base = Path(tempfile.mkdtemp(prefix="hffs-sec-mnt-"))
+    base.chmod(0o755)
+    factory = Mounts(base, runtime_env)
+    try:
+        yield factory
+    finally:
+        factory.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# The other user's probe: run one file-system call, print its errno name (or "ok" and a result).
+PROBE = r"""
+import errno, json, os, sys
+op, args = sys.argv[1], json.loads(sys.argv[2])
+try:
+    if op == "read":
+        result = len(open(args[0], "rb").read())
+    elif op == "write":
+        with open(args[0], args[2] if len(args) > 2 else "wb") as f:
+            f.write(args[1].encode())
+        result = None
+    elif op == "replace":  # huggingface_hub's ref update: temp file, then os.replace
+        tmp = args[0] + ".0123abcd.tmp"
+        with open(tmp, "w") as f:
+            f.write(args[1])
+        os.replace(tmp, args[0])
+        result = None
+    else:
+        result = getattr(os, op)(*args)
+    print(json.dumps(["ok", result]))
+except OSError as exc:
+    print(json.dumps([errno.errorcode[exc.errno], None]))
+"""
+
+
+def _as(user: OtherUser, op: str, *args: object, groups: tuple[int, ...] = ()) -> str:
+    """errno name (or "ok") of `os.<op>(*args)` (or read/write/replace) run as `user`."""
+    result = user.python(PROBE, op, json.dumps([str(a) if isinstance(a, Path) else a for a in args]), groups=groups)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])[0]

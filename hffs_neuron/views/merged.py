@@ -665,9 +665,13 @@ class MergedView:
         self.local.truncate(self._local_for_modify(path, caller), length)
 
     def chmod(self, path: str, mode: int, caller: Caller | None = None) -> None:
+        if mode & ~_ALLOWED_BITS & 0o7777:
+            # setuid/setgid are never stored (README "Security model"): refused, not silently dropped.
+            raise fs_error(errno.EPERM)
         rel = self._local_for_modify(path, caller)
         is_dir = stat.S_ISDIR(self.local.lstat(rel).st_mode)
-        self.local.chmod(rel, self._new_mode(path, mode & ~0o002, is_dir=is_dir))  # never world-writable
+        # Modes are honoured as asked, o+w included: publish trust judges who wrote a file, not its mode.
+        self.local.chmod(rel, self._new_mode(path, mode, is_dir=is_dir))
 
     def chown(self, path: str, uid: int, gid: int, caller: Caller | None = None) -> None:
         self.local.chown(self._local_for_modify(path, caller), uid, gid)
