@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import constants, telemetry
+from . import constants, supervision, telemetry
 from .config import MountConfig, parse_host_port, parse_repo_spec, parse_size
 from .errors import HffsError, MountError, UsageError
 from .proc import HOST, pid_alive
@@ -108,6 +108,7 @@ class MountRuntime:
             self.telemetry.provide("open_for_writing", lambda: sorted(self.view.writing()))
         if self.stale_locks is not None:
             self.telemetry.provide("stale_locks", self.stale_locks.status)
+        self.telemetry.provide("threads", supervision.health)
         self.metrics: telemetry.Metrics | None = None
         self.status_server: telemetry.StatusServer | None = None
         self._start_telemetry()
@@ -206,7 +207,12 @@ class MountRuntime:
             writing=self.view.writing,
             max_bytes=self.config.publish_max_bytes,
         )
-        publisher = NeffPublisher(os.path.join(self.view.state_dir, self.view.upper), self.view.remote, checks)
+        publisher = NeffPublisher(
+            os.path.join(self.view.state_dir, self.view.upper),
+            self.view.remote,
+            checks,
+            stall_timeout=self.config.timeout,
+        )
         self.view.on_change = publisher.notify
         return publisher
 
@@ -248,7 +254,7 @@ class MountRuntime:
             if watcher is not None:
                 watcher.start()
         self.ready.set()
-        self._reporter = threading.Thread(target=self._report_loop, name="hffs-stats", daemon=True)
+        self._reporter = supervision.thread("hffs-stats", self._report_loop)
         self._reporter.start()
 
     def stats(self, live: bool = False) -> dict:
@@ -333,11 +339,7 @@ class MountRuntime:
             write_state(self.config.mountpoint, self.stats())
 
     def _report_loop(self) -> None:
-        while not self._stop.wait(1.0):
-            try:
-                self.write_state()
-            except OSError as exc:
-                logger.debug("could not write runtime state: %s", exc)
+        supervision.every(1.0, self._stop, "writing the runtime state", self.write_state)
 
     def close(self) -> None:
         self._stop.set()
@@ -429,6 +431,18 @@ def disable_core_dumps() -> None:
         logger.debug("prctl unavailable; only RLIMIT_CORE limits core dumps")
 
 
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every open blob, upload and connection holds a descriptor,
+    and running out (EMFILE) fails readers and can end daemon threads."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:  # e.g. an unlimited hard limit above fs.nr_open
+        logger.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
+
+
 def read_config(fd: int) -> MountConfig:
     """The mount's configuration, as JSON written by `mount()` to the pipe `fd` (read to its end)."""
     with os.fdopen(fd, "rb") as pipe:
@@ -510,6 +524,7 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
     from .fuse_ops import run_fuse
 
     disable_core_dumps()
+    raise_fd_limit()
     bound_malloc()
     tune_http_reads()
     report = _ReadyPipe(ready_fd).send

@@ -28,6 +28,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from . import supervision
+
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
@@ -43,6 +45,7 @@ NEUTRAL_SECTIONS: dict[str, Any] = {
     "publish": {"mode": "off", "published": 0, "pending": 0, "failed": [], "untrusted": [], "conflicts": []},
     "follow": "ttl",
     "stale_locks": [],
+    "threads": {},
 }
 
 _lock = threading.Lock()
@@ -143,7 +146,7 @@ class StatusServer:
         except OSError:
             self._sock.close()
             raise
-        self._thread = threading.Thread(target=self._serve, name="hffs-status", daemon=True)
+        self._thread = supervision.thread("hffs-status", self._serve)
         self._thread.start()
 
     def _serve(self) -> None:
@@ -231,6 +234,7 @@ class Metrics:
         )
         self.registry.register(_StatusCollector(status))
         self._server, self._thread = start_http_server(port, host, registry=self.registry)
+        supervision.adopt("hffs-metrics", self._thread)
         bound = self._server.server_address
         self.address = f"[{bound[0]}]:{bound[1]}" if ":" in bound[0] else f"{bound[0]}:{bound[1]}"
         _upstream_latency = upstream
@@ -256,6 +260,7 @@ class Metrics:
     def close(self) -> None:
         global _upstream_latency
         _upstream_latency = None
+        supervision.forget("hffs-metrics")
         self._server.shutdown()
         self._server.server_close()
 

@@ -19,6 +19,7 @@ from hffs_neuron.config import parse_duration, parse_size
 from hffs_neuron.errors import HffsError, MountError, UsageError
 from hffs_neuron.mount import cache_prune, cache_usage, mount, mount_state_of, prefetch, status, unmount
 from hffs_neuron.runtime import check_fuse_available, socket_path
+from hffs_neuron.supervision import dead as dead_threads
 from hffs_neuron.telemetry import query_status
 
 EXIT_CODES = """exit codes:
@@ -203,7 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help='machine-readable: {"mounts": [...]}')
     s.add_argument("--watch", action="store_true", help="refresh in place until interrupted (Ctrl-C)")
     s.add_argument("--interval", default="1", help="seconds between refreshes with --watch")
-    s.add_argument("--check", action="store_true", help="exit 3 unless every mount shown is running (probes)")
+    s.add_argument(
+        "--check", action="store_true", help="exit 3 unless every mount shown is running, no daemon thread dead"
+    )
 
     pf = sub.add_parser("prefetch", help="warm files or whole directories of a mount")
     pf.add_argument("paths", nargs="+")
@@ -370,6 +373,8 @@ def _render_status(states: list[dict], as_json: bool) -> str:
                 f"failed {len(pub['failed'])}"
             )
             lines += [f"  not published {f['module']}: {f['reason']}" for f in pub["failed"]]
+        for name, error in sorted(dead_threads(s.get("threads", {})).items()):
+            lines.append(f"  DEAD thread {name}: {error}")
         for lock in s.get("stale_locks", []):
             creator = f"pid {lock['pid']}" if lock.get("pid") else "creator unknown"
             lines.append(f"  stale lock {lock['path']} ({creator}, {lock['age_s']:.0f}s old)")
@@ -385,12 +390,23 @@ def _render_status(states: list[dict], as_json: bool) -> str:
     return "\n".join(lines)
 
 
+def _check(states: list[dict]) -> None:
+    """`status --check`: every mount shown is running and none of its daemon threads died (one line each)."""
+    if not states or any(s["health"] != "running" for s in states):
+        raise MountError("not running: " + (", ".join(s["mountpoint"] for s in states) or "no hffs mounts"))
+    dead = [(s["mountpoint"], *item) for s in states for item in sorted(dead_threads(s.get("threads", {})).items())]
+    for mountpoint, name, error in dead:
+        print(f"mountctl: {mountpoint}: daemon thread {name} died: {error}", file=sys.stderr)
+    if dead:
+        raise MountError(f"{len(dead)} daemon thread(s) died (see the daemon's log); remount to recover")
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     if not args.watch:
         states = status(args.mountpoint)
         print(_render_status(states, args.json))
-        if args.check and (not states or any(s["health"] != "running" for s in states)):
-            raise MountError("not running: " + (", ".join(s["mountpoint"] for s in states) or "no hffs mounts"))
+        if args.check:
+            _check(states)
         return 0
     interval = parse_duration(args.interval)
     # On a terminal: home the cursor and clear, like top; in a pipe or file, one frame after another.

@@ -6,6 +6,7 @@ prometheus_client's own parser after real reads through real mounts.
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import signal
@@ -221,3 +222,56 @@ def test_metrics_addr_three_ways() -> None:
     code = "from mountctl.cli import build_parser as b; print(b().parse_args(['mount', 'hub-cache', 'm']).metrics_addr)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "0.0.0.0:9200"
+
+
+def test_daemon_threads_are_reported_and_a_dead_one_fails_check(
+    files: dict[str, bytes],
+    mounts: Mounts,
+    runtime_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`threads` lists the daemon's long-lived threads; `status --check` fails naming any that died. A real
+    daemon's threads do not die on demand, so the dead one is put into its live answer as read here."""
+    from mountctl import cli
+
+    mount_module = importlib.import_module("hffs_neuron.mount")  # the package exports a function of that name
+
+    mp = Path(mounts("neff", BUCKET, metrics_addr="127.0.0.1:0").mountpoint)
+    threads = status_json(runtime_env, mp)["threads"]
+    assert threads == {name: "ok" for name in ("hffs-stats", "hffs-status", "hffs-stale-locks", "hffs-metrics")}
+    assert mountctl(runtime_env, "status", str(mp), "--check").returncode == 0
+
+    real_query = mount_module.query_status
+
+    def one_thread_dead(path: Path) -> dict | None:
+        answer = real_query(path)
+        if answer is not None:
+            answer["threads"]["hffs-stale-locks"] = "RuntimeError: boom"
+        return answer
+
+    monkeypatch.setattr(mount_module, "query_status", one_thread_dead)
+    capsys.readouterr()
+    assert cli.main(["status", str(mp), "--check"]) == 3
+    out, err = capsys.readouterr()
+    assert "DEAD thread hffs-stale-locks: RuntimeError: boom" in out
+    assert f"mountctl: {mp}: daemon thread hffs-stale-locks died: RuntimeError: boom" in err.splitlines()
+    assert "hffs-stats" not in err
+
+
+def test_daemon_raises_its_open_file_limit(
+    files: dict[str, bytes], mounts: Mounts, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip(f"hard RLIMIT_NOFILE {hard}: nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))  # inherited by the daemon
+    try:
+        handle = mounts("neff", BUCKET)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    limits = Path(f"/proc/{handle.pid}/limits").read_text()
+    (line,) = [line for line in limits.splitlines() if line.startswith("Max open files")]
+    assert line.split()[3:5] == [str(hard), str(hard)]

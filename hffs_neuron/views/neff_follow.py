@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from huggingface_hub._bucket_live_follow import BucketEventsUnavailable, BucketFileChange, BucketFollower
 
+from .. import supervision
 from ..remote.bucket import Bucket
 from .neff import NeffView
 
@@ -51,7 +52,8 @@ class _Follower(BucketFollower):
 
     def run(self) -> None:
         try:
-            super().run()
+            with supervision.watched("hffs-follow"):
+                super().run()
         finally:
             if not self.closing:
                 logger.info("bucket %s: not following its event feed; probe mode (TTL + probes)", self.bucket_id)
@@ -119,5 +121,6 @@ class EventFollow:
         if not self._started:
             self._started = True
             return
-        self.view.forget_listings()
-        self.invalidate("")
+        with supervision.one_round("dropping listings for the event feed"):  # raising would end the library's thread
+            self.view.forget_listings()
+            self.invalidate("")

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from .. import supervision
 from .creators import Creator, creator_alive
 from .merged import MergedView
 
@@ -53,7 +54,7 @@ class StaleLocks:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="hffs-stale-locks", daemon=True)
+        self._thread = supervision.thread("hffs-stale-locks", self._run)
         self._thread.start()
 
     def close(self) -> None:
@@ -67,11 +68,7 @@ class StaleLocks:
             return [dict(r) for r in self._reported]
 
     def _run(self) -> None:
-        while not self._stop.wait(CHECK_INTERVAL):
-            try:
-                self.check()
-            except Exception:  # a bad round must not end the watch
-                logger.exception("stale lock check failed")
+        supervision.every(CHECK_INTERVAL, self._stop, "stale lock check", self.check)
 
     def check(self) -> None:
         """One round: classify every lock of the layer, remove those stale for longer than the grace."""
