@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import publish
+from . import constants, publish, supervision
 from .errors import RemoteAccessDenied, RemoteNotFound
 from .remote.bucket import Bucket
 from .views.neff import MODULE_PREFIX, VERSION_PREFIX
@@ -43,7 +43,7 @@ class PermanentError(Exception):
 
 def classify(exc: BaseException, bucket_id: str) -> PermanentError | None:
     """The permanent failure `exc` stands for, or None if it is worth retrying."""
-    status = getattr(getattr(exc, "response", None), "status_code", None)
+    status = getattr(exc, "status", None) or getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, RemoteAccessDenied) or status in (401, 403):
         return PermanentError(
             f"no write access to bucket {bucket_id} ({exc}); remount with a token that can write to it "
@@ -71,8 +71,12 @@ class NeffPublisher:
         *,
         api: Any = None,
         debounce: float = DEBOUNCE_S,
+        stall_timeout: float = constants.OPERATION_TIMEOUT,
     ):
+        """`api`: an HfApi to upload with in this process; None (the daemon): worker processes, each
+        stopped when no byte moved for `stall_timeout` seconds (`publish.run_upload`)."""
         self.upper = Path(upper)
+        self.stall_timeout = stall_timeout
         self.bucket = bucket
         self.checks = checks
         self.debounce = debounce
@@ -86,7 +90,7 @@ class NeffPublisher:
         self._conflicts: dict[str, str] = {}  # module -> what differs: never uploaded again by this mount
         self._blocked: str | None = None  # a bucket-wide permanent failure
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="hffs-publish", daemon=True)
+        self._thread = supervision.thread("hffs-publish", self._run)
 
     # -- interface --------------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,7 +141,8 @@ class NeffPublisher:
                     due = self._take_due()
                 if self._stop:
                     return
-            self._publish(due)
+            with supervision.one_round("publish round"):  # a bad round must not end publishing
+                self._publish(due)
 
     def _take_due(self) -> list[str]:
         now = time.monotonic()
@@ -162,7 +167,9 @@ class NeffPublisher:
         if not ready:
             return
         try:
-            changed = publish.publish_modules(self._client(), self.bucket, self.upper, ready)
+            changed = publish.publish_modules(
+                self._api, self.bucket, self.upper, ready, stall_timeout=self.stall_timeout
+            )
             for upload in ready:
                 if upload.module not in changed and (conflict := publish.lost_race(self.bucket, upload)):
                     self._conflict(upload.module, conflict)
@@ -209,13 +216,6 @@ class NeffPublisher:
         with self._cond:
             self._conflicts[module] = reason
             self._failed.pop(module, None)
-
-    def _client(self) -> Any:
-        if self._api is None:
-            from huggingface_hub import HfApi
-
-            self._api = HfApi(endpoint=self.bucket.endpoint)
-        return self._api
 
     def _done(self, module: str) -> None:
         with self._cond:

@@ -25,7 +25,10 @@ import logging
 import os
 import pwd
 import stat
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +61,7 @@ DONE_MARKER = "model.done"
 # Local xet hashes, cached in the layer state by (device, inode, size, mtime): a restart re-hashes nothing.
 _HASHES_FILE = "publish-hashes.json"
 _HASHES_MAX = 100_000
+_UPLOAD_POLL_S = 0.25  # how often a worker's byte counters are read
 
 # (local path, path in the bucket) of each file of one upload.
 Additions = list[tuple[str, str]]
@@ -436,6 +440,61 @@ def upload_to_bucket(api: Any, bucket_id: str, additions: Additions) -> None:
     api.batch_bucket_files(bucket_id, add=additions)
 
 
+class UploadFailed(Exception):
+    """An upload call failed in its worker process; `status` is the Hub's HTTP status, if it answered."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+def _io_bytes(pid: int) -> int:
+    """Bytes process `pid` has read and written so far (files and sockets alike), 0 if unknown."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        return int(fields.get("rchar", 0)) + int(fields.get("wchar", 0))
+    except (OSError, ValueError):
+        return 0
+
+
+def run_upload(endpoint: str | None, bucket_id: str, add: Additions, fds: list[int], stall_timeout: float) -> None:
+    """One upload call in a worker process (`upload_worker`) holding `fds`, stopped once no byte has moved
+    for `stall_timeout` seconds (UploadFailed): however the Hub or hf_xet stalls, publishing goes on."""
+    request = json.dumps({"endpoint": endpoint, "bucket_id": bucket_id, "add": add})
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "hffs_neuron.upload_worker"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # hf_xet's progress noise; failures come back on stdout
+        pass_fds=fds,
+        text=True,
+    )
+    try:
+        worker.stdin.write(request)
+        worker.stdin.close()
+        moved, last_move = _io_bytes(worker.pid), time.monotonic()
+        while worker.poll() is None:
+            time.sleep(_UPLOAD_POLL_S)
+            now_moved = _io_bytes(worker.pid)
+            if now_moved != moved:
+                moved, last_move = now_moved, time.monotonic()
+            elif time.monotonic() - last_move > stall_timeout:
+                raise UploadFailed(f"upload stalled: no byte moved for {stall_timeout:.0f} s")
+        output = worker.stdout.read()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        worker.wait()
+        worker.stdout.close()
+    if worker.returncode != 0:
+        try:
+            failure = json.loads(output.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise UploadFailed(f"upload worker ended with status {worker.returncode}") from None
+        raise UploadFailed(failure.get("error", "upload failed"), failure.get("status"))
+
+
 def _open_module_files(upper: Path, rel: str, names: list[str]) -> list[int]:
     """Fds of the module's regular files, each reached without following any symlink under `upper`.
 
@@ -494,9 +553,15 @@ def _same_file(st: os.stat_result, checked: os.stat_result | None) -> bool:
 
 
 def _upload(
-    api: Any, bucket: Bucket, upper: Path, part: list[tuple[Upload, Additions]], changed: dict[str, str]
+    api: Any,
+    bucket: Bucket,
+    upper: Path,
+    part: list[tuple[Upload, Additions]],
+    changed: dict[str, str],
+    stall_timeout: float,
 ) -> None:
-    """One upload call of the files in `part`, each read through an fd checked to be a regular file.
+    """One upload call of the files in `part`, each read through an fd checked to be a regular file (in
+    a worker process unless an `api` object is given: see `run_upload`).
 
     A module whose files cannot be opened so (swapped for a symlink, removed), or whose files are not the
     ones checked before or after the call (the bytes uploaded must be those on disk), goes to `changed`.
@@ -518,7 +583,10 @@ def _upload(
         if not add:
             return
         before = {fd: os.fstat(fd) for _, _, fd in fds}
-        upload_to_bucket(api, bucket.bucket_id, add)
+        if api is None:
+            run_upload(bucket.endpoint, bucket.bucket_id, add, [fd for _, _, fd in fds], stall_timeout)
+        else:
+            upload_to_bucket(api, bucket.bucket_id, add)
         for upload, name, fd in fds:
             st = os.fstat(fd)
             if not (_same_file(st, upload.checked.get(name)) and _same_file(st, before[fd])):
@@ -528,9 +596,17 @@ def _upload(
             os.close(fd)
 
 
-def publish_modules(api: Any, bucket: Bucket, upper: Path, modules: Sequence[Upload]) -> dict[str, str]:
+def publish_modules(
+    api: Any,
+    bucket: Bucket,
+    upper: Path,
+    modules: Sequence[Upload],
+    *,
+    stall_timeout: float = constants.OPERATION_TIMEOUT,
+) -> dict[str, str]:
     """Upload the files of `modules` from the local layer `upper`; returns module -> reason of those left out
-    because they changed since they were checked. Upload errors propagate.
+    because they changed since they were checked. Upload errors propagate. `api` None: each call runs in
+    a worker process, stopped when no byte moved for `stall_timeout` seconds.
 
     Each batch's `model.done` files go in calls after all the rest succeeded: `batch_bucket_files` may
     split a batch and apply part of it, so with the markers last a failure can leave a module without its
@@ -554,7 +630,7 @@ def publish_modules(api: Any, bucket: Bucket, upper: Path, modules: Sequence[Upl
                 for upload, pair in chunk:
                     if upload.module not in changed:
                         by_module.setdefault(upload.module, (upload, []))[1].append(pair)
-                _upload(api, bucket, upper, list(by_module.values()), changed)
+                _upload(api, bucket, upper, list(by_module.values()), changed, stall_timeout)
     return changed
 
 
@@ -621,8 +697,6 @@ def push(
 
     `writing`: (dev, ino) of the layer files the running daemon has open for writing (from its status).
     """
-    from huggingface_hub import HfApi
-
     if state.get("view") != "neff":
         raise MountError(f"{state.get('mountpoint')}: push works on NEFF mounts only")
     layer = state.get("layer_dir")
@@ -640,7 +714,9 @@ def push(
     plan = plan_push(upper, bucket, checks, include_untrusted=include_untrusted)
     if dry_run or not plan.upload:
         return plan
-    changed = publish_modules(api or HfApi(endpoint=http.endpoint), bucket, upper, plan.upload)
+    changed = publish_modules(
+        api, bucket, upper, plan.upload, stall_timeout=options.get("timeout") or constants.OPERATION_TIMEOUT
+    )
     for upload in plan.upload:
         if upload.module not in changed and (conflict := lost_race(bucket, upload)):
             changed[upload.module] = conflict

@@ -193,3 +193,17 @@ def test_oversized_sparse_and_conflicting_modules_are_refused(hub: HubEmulator, 
     assert (hub.bucket_dir(bucket_id) / existing / "model.neff").read_bytes() == original
     # The daemon keeps serving.
     assert (mp / good / "model.neff").read_bytes() == b"good neff"
+
+
+def test_a_stalled_upload_is_stopped_and_retried(hub: HubEmulator, mounts: Mounts) -> None:
+    """The bucket accepts the upload's batch call and never answers: the upload worker is stopped once no
+    byte moved for --timeout, and the retry publishes the module."""
+    bucket = build_neff_bucket(hub)
+    bucket_id = bucket["bucket_id"]
+    hub.faults.add("/api/buckets/*/batch", "stall", seconds=120, count=1, methods=("POST",))
+    mp = Path(mounts("neff", bucket_id, publish=True, timeout=3).mountpoint)
+    module = _module("c" * 20)
+    _compile_as_owner(mp, module, b"neff after a stall")
+    wait_for(lambda: _in_bucket(hub, bucket_id, f"{module}/model.done"), 30, "the module after the stalled call")
+    assert (hub.bucket_dir(bucket_id) / module / "model.neff").read_bytes() == b"neff after a stall"
+    assert len(hub.requests("/batch", method="POST")) >= 2  # the stalled call, then the retry
