@@ -97,7 +97,10 @@ class TrustedWriters:
 
     @classmethod
     def parse(cls, owner_uid: int, names: Iterable[str]) -> TrustedWriters:
-        """`names`: user names, uids, `@group` names or `@gid`s; UsageError for one that does not exist."""
+        """`names`: user names, uids, `@group` names or `@gid`s; UsageError for a name that does not exist.
+
+        Numeric ids are taken as they are: in containers the users compiling are often in no passwd file.
+        """
         import grp
 
         uids, gids = {0, owner_uid}, set()
@@ -105,9 +108,9 @@ class TrustedWriters:
             try:
                 if name.startswith("@"):
                     key = name[1:]
-                    gids.add(grp.getgrgid(int(key)).gr_gid if key.isdigit() else grp.getgrnam(key).gr_gid)
+                    gids.add(int(key) if key.isdigit() else grp.getgrnam(key).gr_gid)
                 else:
-                    uids.add(pwd.getpwuid(int(name)).pw_uid if name.isdigit() else pwd.getpwnam(name).pw_uid)
+                    uids.add(int(name) if name.isdigit() else pwd.getpwnam(name).pw_uid)
             except KeyError:
                 what = "group" if name.startswith("@") else "user"
                 raise UsageError(f"--publish-from {name}: no such {what} on this host") from None

@@ -48,6 +48,7 @@ def _from_shell(text: str) -> Iterator[list[str]]:
     text = text.replace("\\\n", " ")
     text = re.sub(r'"\$\{?(HFFS_)?MOUNTCTL(:-[^}]*)?\}?"', "mountctl", text)
     text = re.sub(r'"\$\{token\[@\]\}"', "--token-file x", text)
+    text = re.sub(r'"\$\{publish_from\[@\]\}"', "--publish-from x", text)
     text = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", text)
     text = re.sub(r"\$\{?\w+\}?", "x", text)
     for line in text.splitlines():

@@ -20,6 +20,10 @@ export HFFS_RUNTIME_DIR=${HFFS_RUNTIME_DIR:-/run/hffs}
 
 token=()
 [ -r "$TOKEN_FILE" ] && token=(--token-file "$TOKEN_FILE")
+# Jobs compile as their own users: only the users of this group (and root) get modules published
+# (the epilog's push and --publish alike); everyone else's compiles stay on this node.
+publish_from=()
+[ -n "${HFFS_PUBLISH_FROM:-}" ] && publish_from=(--publish-from "$HFFS_PUBLISH_FROM")
 
 exec 9>"$LOCK_FILE"
 flock -w 300 9
@@ -27,7 +31,7 @@ flock -w 300 9
 if [ -n "$NEFF_BUCKET" ] && ! "$MOUNTCTL" status "$NEFF_MOUNT" --json --check >/dev/null 2>&1; then
     mkdir -p "$NEFF_MOUNT"
     "$MOUNTCTL" umount --force "$NEFF_MOUNT" >/dev/null 2>&1 || true  # a dead daemon's leftovers
-    "$MOUNTCTL" mount neff "$NEFF_BUCKET" "$NEFF_MOUNT" --allow-other --cache-dir "$CACHE_DIR" --cache-size "$CACHE_SIZE" "${token[@]}"
+    "$MOUNTCTL" mount neff "$NEFF_BUCKET" "$NEFF_MOUNT" --allow-other --cache-dir "$CACHE_DIR" --cache-size "$CACHE_SIZE" "${token[@]}" "${publish_from[@]}"
 fi
 if [ -n "$HUB_MOUNT" ] && ! "$MOUNTCTL" status "$HUB_MOUNT" --json --check >/dev/null 2>&1; then
     mkdir -p "$HUB_MOUNT"
