@@ -188,10 +188,11 @@ class NeffPublisher:
         """The upload `module` needs now, or None (not finished, refused, a conflict, or already there)."""
         local = publish.publishable_files(self.upper, module, self.checks)
         with self._cond:
-            if local.untrusted is None:
-                self._untrusted.pop(module, None)
-            elif self._untrusted.setdefault(module, local.untrusted) == local.untrusted:
-                logger.warning("not publishing %s: %s", module, local.reason)
+            known = self._untrusted.pop(module, None)
+            if local.untrusted is not None:
+                self._untrusted[module] = local.untrusted
+                if known is None:
+                    logger.warning("not publishing %s: %s", module, local.reason)
         if local.reason is not None:
             if local.refused and local.untrusted is None:
                 if self._failed.get(module) != local.reason:

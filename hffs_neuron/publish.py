@@ -36,6 +36,7 @@ from typing import Any
 
 from . import constants
 from .errors import MountError, RemoteNotFound, UsageError
+from .proc import HOST
 from .remote.bucket import Bucket
 from .remote.http import HubHttp
 from .store.verify import xet_hash
@@ -59,8 +60,9 @@ UPLOAD_BATCH_FILES = 16
 MAX_MODULE_FILES = 64
 DONE_MARKER = "model.done"
 # Local xet hashes, cached in the layer state by (device, inode, size, mtime): a restart re-hashes nothing.
-_HASHES_FILE = "publish-hashes.json"
+_HASHES_FILE = "publish-hashes.jsonl"
 _HASHES_MAX = 100_000
+_HASHES_SLACK = 1_000  # lines beyond twice the live entries before the log is rewritten
 _UPLOAD_POLL_S = 0.25  # how often a worker's byte counters are read
 
 # (local path, path in the bucket) of each file of one upload.
@@ -129,20 +131,42 @@ class TrustedWriters:
 
 
 class HashCache:
-    """Xet hashes of local files by (device, inode, size, mtime_ns), kept in the layer state."""
+    """Xet hashes of local files by (device, inode, size, mtime_ns), kept in the layer state.
+
+    The record is an append-only log (one JSON line per file hashed; a path's last line wins), rewritten
+    only when it has grown to twice its live entries: publishing a module appends a few lines, never a
+    rewrite of every module's. The daemon and `push` may both append; a line lost to a concurrent
+    rewrite costs one re-hash.
+    """
 
     def __init__(self, state: Path):
         self._path = state / _HASHES_FILE
         self._lock = threading.Lock()
-        self._dirty = False
+        self._hashes: dict[str, list] = {}
+        self._pending: list[str] = []
+        self._lines = 0
         try:
             fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            with os.fdopen(fd) as f:
-                self._hashes: dict[str, list] = dict(json.load(f))
-        except (OSError, ValueError, TypeError):
-            self._hashes = {}
+        except OSError:
+            return
+        with os.fdopen(fd) as f:
+            for line in f:
+                self._lines += 1
+                try:
+                    key, *entry = json.loads(line)
+                except (ValueError, TypeError):  # a torn last line after a crash
+                    continue
+                if isinstance(key, str) and len(entry) == 5:
+                    self._remember(key, entry)
+
+    def _remember(self, key: str, entry: list) -> None:
+        self._hashes.pop(key, None)  # re-inserted last: the oldest entries go first when over the bound
+        self._hashes[key] = entry
+        while len(self._hashes) > _HASHES_MAX:
+            del self._hashes[next(iter(self._hashes))]
 
     def hash_of(self, key: str, fd: int) -> str:
+        """The xet hash of the file open at `fd`, known by `key` (its path in the layer)."""
         st = os.fstat(fd)
         identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
         with self._lock:
@@ -151,27 +175,31 @@ class HashCache:
             return known[4]
         digest = xet_hash(f"/proc/self/fd/{fd}")
         with self._lock:
-            self._hashes.pop(key, None)  # re-inserted last: the oldest entries go first when over the bound
-            self._hashes[key] = [*identity, digest]
-            while len(self._hashes) > _HASHES_MAX:
-                del self._hashes[next(iter(self._hashes))]
-            self._dirty = True
+            self._remember(key, [*identity, digest])
+            self._pending.append(json.dumps([key, *identity, digest]) + "\n")
         return digest
 
     def save(self) -> None:
+        """Persist the hashes computed since the last save."""
         with self._lock:
-            if not self._dirty:
-                return
-            data, self._dirty = json.dumps(self._hashes), False
-        tmp = self._path.with_name(f"{_HASHES_FILE}.{os.getpid()}.{threading.get_ident()}.tmp")
+            lines, self._pending = self._pending, []
+            self._lines += len(lines)
+            rewrite = self._lines > 2 * len(self._hashes) + _HASHES_SLACK
+            if rewrite:
+                lines = [json.dumps([key, *entry]) + "\n" for key, entry in self._hashes.items()]
+                self._lines = len(lines)
+        if not lines:
+            return
+        target = self._path.with_name(f"{_HASHES_FILE}.{HOST}.{os.getpid()}.tmp") if rewrite else self._path
+        flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | (os.O_TRUNC if rewrite else os.O_APPEND)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(target, flags, 0o600)
             with os.fdopen(fd, "w") as f:
-                f.write(data)
-            os.replace(tmp, self._path)
+                f.write("".join(lines))
+            if rewrite:
+                os.replace(target, self._path)
         except OSError as exc:  # a cache: losing it costs a re-hash
             logger.warning("could not save the publish hash cache: %s", exc)
-            tmp.unlink(missing_ok=True)
 
 
 @dataclass

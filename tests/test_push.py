@@ -17,10 +17,11 @@ import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
 
-from hffs_neuron.publish import UPLOAD_BATCH_FILES, Upload, additions, publish_modules, push
+from hffs_neuron.publish import UPLOAD_BATCH_FILES, HashCache, Upload, additions, publish_modules, push
 from hffs_neuron.remote.bucket import Bucket
 from hffs_neuron.remote.http import HubHttp
 from hffs_neuron.runtime import read_states
+from hffs_neuron.store.verify import xet_hash
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
 
@@ -357,3 +358,31 @@ def test_publish_modules_bounds_fds_and_sends_markers_after_the_rest(hub: HubEmu
     markers = [sum(d.endswith("/model.done") for d in call) for call in sent]
     assert all(n in (0, len(call)) for n, call in zip(markers, sent, strict=True))  # markers never mixed in
     assert api.uploaded[f"{modules[39].module}/model.neff"] == b"neff 39"
+
+
+def test_local_hashes_survive_a_restart_and_follow_changes(tmp_path: Path) -> None:
+    """The publish hash cache: a file already hashed is not hashed again after a restart (its device,
+    inode, size and mtime are unchanged); a rewritten file is."""
+    neff = tmp_path / "model.neff"
+    neff.write_bytes(b"first compile")
+    log = tmp_path / "publish-hashes.jsonl"
+
+    def hashed(cache: HashCache) -> str:
+        fd = os.open(neff, os.O_RDONLY)
+        try:
+            return cache.hash_of(f"{VERSION}/MODULE_1/model.neff", fd)
+        finally:
+            os.close(fd)
+
+    first = HashCache(tmp_path)
+    digest = hashed(first)
+    first.save()
+    assert digest == xet_hash(neff) and len(log.read_text().splitlines()) == 1
+    restarted = HashCache(tmp_path)
+    assert hashed(restarted) == digest
+    restarted.save()
+    assert len(log.read_text().splitlines()) == 1  # known: not hashed again
+    neff.write_bytes(b"second compile")
+    assert hashed(restarted) == xet_hash(neff) != digest
+    restarted.save()
+    assert len(log.read_text().splitlines()) == 2
