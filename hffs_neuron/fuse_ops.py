@@ -18,6 +18,7 @@ import mfusepy  # noqa: E402
 from .errors import HffsError  # noqa: E402
 from .telemetry import count_error  # noqa: E402
 from .views.creators import Caller  # noqa: E402
+from .views.localfs import Timespec  # noqa: E402
 from .views.merged import FileHandle, MergedView, errno_of, local_attrs  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -328,9 +329,20 @@ class FuseOperations(mfusepy.Operations):
         self._call(self.view.chown, _relative(path), uid, gid, _caller())
         return 0
 
-    def utimens(self, path: str, times: tuple[int, int] | None = None, fh: Any = None) -> int:
+    def utimens(self, path: str, times: tuple[Timespec, Timespec] | None = None, fh: Any = None) -> int:
+        """`times`: raw (seconds, nanoseconds) pairs from `_CachingFUSE.utimens_fuse_3`."""
         self._call(self.view.utimens, _relative(path), times, _caller())
         return 0
+
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        self._call(self.view.mknod, _relative(path), mode, _caller())
+        return 0
+
+    def link(self, target: str, source: str) -> int:
+        # Hard links are refused (README "Security model"): with the high-level API each name is its own
+        # kernel inode with attributes cached for the attribute timeout, so a second name would show a
+        # stale link count and mode after a change through the first.
+        raise mfusepy.FuseOSError(count_error(errno.EPERM))
 
 
 class _CachingFUSE(mfusepy.FUSE):
@@ -356,6 +368,15 @@ class _CachingFUSE(mfusepy.FUSE):
         # mfusepy drops the file handle of an ftruncate (and the path is NULL once the file is unlinked).
         decoded = None if path is None else path.decode(self.encoding, self.errors)
         return self.operations.truncate(decoded, length, fip.contents if fip else None)
+
+    def utimens_fuse_3(self, path: bytes | None, buf: Any, fip: Any) -> int:
+        # mfusepy turns the times into numbers, UTIME_NOW and UTIME_OMIT included (stored as 1970 dates):
+        # hand on the raw timespecs for utimensat(2) to interpret.
+        times = None
+        if buf:
+            times = tuple((t.tv_sec, t.tv_nsec) for t in (buf.contents.actime, buf.contents.modtime))
+        decoded = None if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.utimens(decoded, times)
 
     def readdir_fuse_3(self, path: bytes, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         """Fill entries straight from (name, mode) pairs: mfusepy's generic loop costs several

@@ -17,7 +17,7 @@ import timeit
 import pytest
 
 from hffs_neuron.views import localfs
-from hffs_neuron.views.localfs import LocalTree
+from hffs_neuron.views.localfs import UTIME_NOW, UTIME_OMIT, LocalTree
 
 # A symlink in the way: ELOOP from both resolvers; the contract also allows ENOTDIR, which a race can
 # produce (the link was swapped back for a directory between the walk's open and its check).
@@ -126,16 +126,21 @@ def test_basic_operations(tree):
     assert stat.S_IMODE(os.lstat(f"{root}/d/f").st_mode) == 0o640
     tree.chown("d/f", 1234, 4321)
     assert (os.lstat(f"{root}/d/f").st_uid, os.lstat(f"{root}/d/f").st_gid) == (1234, 4321)
-    tree.utime("d/f", (1_000_000_000, 2_000_000_000))
+    tree.utimens("d/f", ((1, 0), (2, 0)))
     assert os.lstat(f"{root}/d/f").st_mtime_ns == 2_000_000_000
-    tree.utime("d/f", None)
+    tree.utimens("d/f", ((3, 5), (0, UTIME_OMIT)))  # the mtime left as it is
+    assert (os.lstat(f"{root}/d/f").st_atime_ns, os.lstat(f"{root}/d/f").st_mtime_ns) == (3_000_000_005, 2_000_000_000)
+    tree.utimens("d/f", ((0, UTIME_OMIT), (0, UTIME_NOW)))
+    assert os.lstat(f"{root}/d/f").st_atime_ns == 3_000_000_005
     assert os.lstat(f"{root}/d/f").st_mtime_ns > 2_000_000_000
+    tree.utimens("d/f", None)
+    assert os.lstat(f"{root}/d/f").st_atime_ns > 3_000_000_005
     tree.truncate("d/f", 2)
     assert _read(tree, "d/f") == b"he"
 
     tree.chmod("", 0o750)
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o750
-    tree.utime("", (5, 5_000_000_000))
+    tree.utimens("", ((0, 5), (5, 0)))
     assert os.stat(root).st_mtime_ns == 5_000_000_000
     tree.chown("", 0, 0)
     assert tree.statvfs().f_bsize > 0
@@ -205,7 +210,7 @@ def test_unsafe_rel_rejected(tree, rel, outside):
         lambda: tree.readlink(rel),
         lambda: tree.chmod(rel, 0o777),
         lambda: tree.chown(rel, 1, 1),
-        lambda: tree.utime(rel, None),
+        lambda: tree.utimens(rel, None),
         lambda: tree.truncate(rel, 0),
     ]
     for op in ops:
@@ -245,7 +250,7 @@ def _ops_through(tree: LocalTree, prefix: str) -> list:
         lambda: tree.readlink(f"{p}/secret"),
         lambda: tree.chmod(f"{p}/secret", 0o777),
         lambda: tree.chown(f"{p}/secret", 1234, 1234),
-        lambda: tree.utime(f"{p}/secret", (1, 1)),
+        lambda: tree.utimens(f"{p}/secret", ((0, 1), (0, 1))),
         lambda: tree.truncate(f"{p}/secret", 0),
     ]
 
@@ -297,7 +302,7 @@ def test_symlink_as_last_component_is_never_followed(tree, outside, flavour):
     assert _errno(tree.truncate, "link", 0) == errno.ELOOP
     # chown and utime act on the link itself (lchown, utimensat AT_SYMLINK_NOFOLLOW).
     tree.chown("link", 1234, 4321)
-    tree.utime("link", (7, 7))
+    tree.utimens("link", ((0, 7), (0, 7)))
     link_st = os.lstat(os.path.join(tree.root, "link"))
     assert (link_st.st_uid, link_st.st_gid, link_st.st_mtime_ns) == (1234, 4321, 7)
 
@@ -409,7 +414,7 @@ def test_swapping_a_directory_for_a_symlink_never_escapes(tree, outside):
                 (tree.mkdir, f"d/m{i}", 0o755),
                 (tree.symlink, "x", f"d/s{i}"),
                 (tree.chmod, "d/secret", 0o644),
-                (tree.utime, "d/secret", (i, i)),
+                (tree.utimens, "d/secret", ((0, i), (0, i))),
                 (tree.truncate, "d/secret", 6),
                 (tree.chown, "d/secret", 0, 0),
                 (tree.rename, "d/secret", "d/secret"),

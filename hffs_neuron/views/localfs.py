@@ -34,6 +34,13 @@ _RESOLVE_NO_SYMLINKS = 0x04
 _RESOLVE_BENEATH = 0x08
 _RESOLVE = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
 _RENAME_NOREPLACE = 1
+_AT_SYMLINK_NOFOLLOW = 0x100
+# utimensat(2)'s markers in tv_nsec: set that time to now, or leave it as it is.
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+# One openat2 call resolves a path shorter than PATH_MAX (4096 bytes). A client path near that limit,
+# under the layer's own prefix, is longer: it is resolved in pieces of at most this many bytes.
+_PIECE_BYTES = 3072
 
 # openat2 rejects flags it does not know (openat ignores them): pass on only these, as openat would use.
 _OPEN_FLAGS = (
@@ -67,6 +74,14 @@ class _OpenHow(ctypes.Structure):
 
 
 _OPEN_HOW_SIZE = ctypes.c_size_t(ctypes.sizeof(_OpenHow))
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+#: (seconds, nanoseconds) of one time as utimensat(2) takes it; nanoseconds may be UTIME_NOW or UTIME_OMIT.
+Timespec = tuple[int, int]
 
 
 def _oserror(err: int, rel: str) -> OSError:
@@ -171,8 +186,10 @@ class LocalTree:
         """O_PATH fd of directory `rel` (validated); the root's own fd for "" (see `_release`)."""
         if not rel:
             return self._fd
-        if self._openat2:
+        if self._openat2 and len(rel) <= _PIECE_BYTES:  # characters: at least as many bytes
             return _openat2(self._fd, rel, _DIR_PATH_OPENAT2, 0)
+        if self._openat2:
+            return self._dir_in_pieces(rel)
         fd = self._fd
         try:
             for part in rel.split("/"):
@@ -184,6 +201,29 @@ class LocalTree:
                     raise _oserror(errno.ELOOP if self._is_link(fd, part) else errno.ENOTDIR, rel) from None
                 except OSError as exc:
                     raise _oserror(exc.errno, rel) from None
+                self._release(fd)
+                fd = next_fd
+        except BaseException:
+            self._release(fd)
+            raise
+        return fd
+
+    def _dir_in_pieces(self, rel: str) -> int:
+        """`_dir` of a path too long for one openat2 call: a few components at a time, each piece resolved
+        beneath the directory the previous one reached (still no symlink anywhere)."""
+        pieces: list[list[str]] = [[]]
+        size = 0
+        for part in rel.split("/"):
+            length = len(os.fsencode(part)) + 1
+            if pieces[-1] and size + length > _PIECE_BYTES:
+                pieces.append([])
+                size = 0
+            pieces[-1].append(part)
+            size += length
+        fd = self._fd
+        try:
+            for piece in pieces:
+                next_fd = _openat2(fd, "/".join(piece), _DIR_PATH_OPENAT2, 0)
                 self._release(fd)
                 fd = next_fd
         except BaseException:
@@ -237,13 +277,13 @@ class LocalTree:
     def open(self, rel: str, flags: int, mode: int = 0o600) -> int:
         _check(rel)
         flags = (flags & _OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
-        if self._openat2:
+        if self._openat2 and len(rel) <= _PIECE_BYTES:
             return _openat2(self._fd, rel or ".", flags, mode)
         if not rel:
             return os.open(".", flags, mode, dir_fd=self._fd)
         fd, name = self._parent(rel, errno.EINVAL)
         try:
-            return os.open(name, flags, mode, dir_fd=fd)
+            return _openat2(fd, name, flags, mode) if self._openat2 else os.open(name, flags, mode, dir_fd=fd)
         finally:
             self._release(fd)
 
@@ -319,6 +359,14 @@ class LocalTree:
             os.link(old, new, src_dir_fd=old_fd, dst_dir_fd=new_fd, follow_symlinks=False)
             os.unlink(old, dir_fd=old_fd)
 
+    def mknod(self, rel: str, mode: int) -> None:
+        """A FIFO or socket node (`mode` holds its type); callers refuse device nodes before."""
+        fd, name = self._parent(rel, errno.EEXIST)
+        try:
+            os.mknod(name, mode, dir_fd=fd)
+        finally:
+            self._release(fd)
+
     def symlink(self, target: str, rel: str) -> None:
         fd, name = self._parent(rel, errno.EEXIST)
         try:
@@ -348,17 +396,22 @@ class LocalTree:
         finally:
             self._release(fd)
 
-    def utime(self, rel: str, ns: tuple[int, int] | None) -> None:
-        times = {} if ns is None else {"ns": ns}  # no ns: now, as utimensat(NULL)
+    def utimens(self, rel: str, times: tuple[Timespec, Timespec] | None) -> None:
+        """utimensat(2) of `rel` without following a symlink: (atime, mtime) as given, UTIME_NOW and
+        UTIME_OMIT included (os.utime cannot say "leave this one"); None: both now."""
         _check(rel)
+        spec = None if times is None else (_Timespec * 2)(*(_Timespec(sec, nsec) for sec, nsec in times))
         if not rel:
-            os.utime(self._root_path(), **times)
-            return
-        fd, name = self._parent(rel, errno.EINVAL)
+            path, fd, flags = os.fsencode(self._root_path()), -100, 0  # AT_FDCWD, the root's magic link
+        else:
+            fd, name = self._parent(rel, errno.EINVAL)
+            path, flags = os.fsencode(name), _AT_SYMLINK_NOFOLLOW
         try:
-            os.utime(name, dir_fd=fd, follow_symlinks=False, **times)
+            if _libc.utimensat(fd, path, spec, flags) != 0:
+                raise _oserror(ctypes.get_errno(), rel)
         finally:
-            self._release(fd)
+            if rel:
+                self._release(fd)
 
     def truncate(self, rel: str, length: int) -> None:
         # O_NONBLOCK: a FIFO planted under the name answers ENXIO instead of parking the caller.

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from ..errors import HffsError
 from ..proc import HOST, pid_alive
 from .creators import Caller, Creator, CreatorLog
-from .localfs import LocalTree
+from .localfs import LocalTree, Timespec
 
 logger = logging.getLogger(__name__)
 
@@ -412,6 +412,7 @@ class MergedView:
         return FileHandle(fd=self.local.open(rel, flags & ~(os.O_CREAT | os.O_EXCL)))
 
     def create(self, path: str, flags: int, mode: int, caller: Caller | None = None) -> FileHandle:
+        _refuse_setid(mode)
         self.check_write(path, caller)
         rel = self._rel(path)
         node = self.virtual_lookup(path)  # remote lookups before any lock
@@ -544,6 +545,24 @@ class MergedView:
                 self.local.chown(rel, caller.uid, caller.gid)
             self._created(path, rel, caller, opaque=node is not None)  # hidden before: recreate empty
 
+    def mknod(self, path: str, mode: int, caller: Caller | None = None) -> None:
+        """FIFOs and sockets, like any local file; device nodes are refused (EPERM): the layer's
+        backing directory need not be `nodev`, so a device node there would open the real device."""
+        kind = stat.S_IFMT(mode)
+        if kind in (stat.S_IFCHR, stat.S_IFBLK):
+            raise fs_error(errno.EPERM)
+        if kind not in (stat.S_IFIFO, stat.S_IFSOCK):
+            raise fs_error(errno.EINVAL)
+        _refuse_setid(mode)
+        rel, node = self._new_entry(path, caller)
+        with self._locks.hold(path):
+            self._check_absent(path, rel, node)
+            self.local.mknod(rel, kind | 0o600)
+            self.local.chmod(rel, self._new_mode(path, mode, is_dir=False))
+            if caller is not None and _CAN_CHOWN:
+                self.local.chown(rel, caller.uid, caller.gid)
+            self._created(path, rel, caller, opaque=False)
+
     def symlink(self, path: str, target: str, caller: Caller | None = None) -> None:
         rel, node = self._new_entry(path, caller)
         with self._locks.hold(path):
@@ -665,9 +684,7 @@ class MergedView:
         self.local.truncate(self._local_for_modify(path, caller), length)
 
     def chmod(self, path: str, mode: int, caller: Caller | None = None) -> None:
-        if mode & ~_ALLOWED_BITS & 0o7777:
-            # setuid/setgid are never stored (README "Security model"): refused, not silently dropped.
-            raise fs_error(errno.EPERM)
+        _refuse_setid(mode)
         rel = self._local_for_modify(path, caller)
         is_dir = stat.S_ISDIR(self.local.lstat(rel).st_mode)
         # Modes are honoured as asked, o+w included: publish trust judges who wrote a file, not its mode.
@@ -676,8 +693,16 @@ class MergedView:
     def chown(self, path: str, uid: int, gid: int, caller: Caller | None = None) -> None:
         self.local.chown(self._local_for_modify(path, caller), uid, gid)
 
-    def utimens(self, path: str, times: tuple[int, int] | None, caller: Caller | None = None) -> None:
-        self.local.utime(self._local_for_modify(path, caller), times)
+    def utimens(self, path: str, times: tuple[Timespec, Timespec] | None, caller: Caller | None = None) -> None:
+        """utimensat(2): (atime, mtime) as (seconds, nanoseconds), UTIME_NOW / UTIME_OMIT honoured."""
+        self.local.utimens(self._local_for_modify(path, caller), times)
+
+
+def _refuse_setid(mode: int) -> None:
+    """setuid/setgid are never stored (README "Security model"): asking for them is refused, never
+    silently dropped."""
+    if mode & ~_ALLOWED_BITS & 0o7777:
+        raise fs_error(errno.EPERM)
 
 
 # Only a root daemon can give new entries their creator's uid; otherwise they stay the daemon's.

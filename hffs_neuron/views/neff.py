@@ -208,6 +208,10 @@ class NeffView(LayerEvents, MergedView):
         if not path:
             return VNode("dir")
         parent, name = posixpath.split(path)
+        if parent and self.virtual_lookup(parent) is None:
+            # Below a directory the bucket does not have (a new module, a compiler's scratch tree): no
+            # listing to ask for, however deep the path (each level's answer is a cached listing).
+            return None
         entry = self._visible_children(parent).get(name)
         if entry is None and self.prober is not None and not self.events_live() and self.prober.probe(parent, name):
             self.bump_generation()
