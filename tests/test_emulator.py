@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import hf_xet
 import httpx2
@@ -346,6 +348,51 @@ def test_fault_latency_and_stall(hub: HubEmulator, repo: str) -> None:
     with pytest.raises(httpx2.ReadTimeout):
         get_session().get(url, timeout=0.5)
     assert time.monotonic() - start < 2
+
+
+def test_fault_blackhole_holds_the_connection_unread(hub: HubEmulator, repo: str) -> None:
+    hub.faults.add("*/config.json", "blackhole", seconds=1.5, count=1)
+    with socket.create_connection((urlsplit(hub.url).hostname, urlsplit(hub.url).port), timeout=0.5) as conn:
+        conn.sendall(b"GET /Org/Model/resolve/main/config.json HTTP/1.1\r\nHost: x\r\n\r\n")
+        with pytest.raises(TimeoutError):
+            conn.recv(1)  # accepted, never answered
+        conn.settimeout(5)
+        start = time.monotonic()
+        assert conn.recv(1) == b""  # closed once the fault's seconds are over, still without a byte
+        assert time.monotonic() - start < 2
+    assert [(r.fault, r.method) for r in hub.requests("config.json")] == [("blackhole", "GET")]
+    assert get_session().get(f"{hub.url}/Org/Model/resolve/main/config.json").content == CONFIG
+    with pytest.raises(ValueError):
+        hub.faults.add("*", "blackhole")  # unbounded: refused
+
+
+def test_fault_trickle(hub: HubEmulator, repo: str) -> None:
+    url = f"{hub.url}/Org/Model/resolve/main/model.safetensors"
+    # A body slower than its time limit: headers at once, ~512 bytes a second, then the connection ends.
+    hub.faults.add("*/model.safetensors", "trickle", rate_bps=512, seconds=1.5, count=1, methods=["GET"])
+    start = time.monotonic()
+    got = bytearray()
+    with pytest.raises(httpx2.TransportError):
+        with get_session().stream("GET", url, timeout=5) as response:
+            assert response.status_code == 200 and time.monotonic() - start < 0.5
+            for data in response.iter_raw():
+                got += data
+    assert 1.4 < time.monotonic() - start < 2.5
+    assert 512 <= len(got) <= 1024 and bytes(got) == WEIGHTS[: len(got)]
+    # Rate 0: headers, then silence.
+    hub.faults.add("*/model.safetensors", "trickle", rate_bps=0, seconds=3, count=1, methods=["GET"])
+    with get_session().stream("GET", url, timeout=0.5) as response:
+        assert response.status_code == 200
+        with pytest.raises(httpx2.ReadTimeout):
+            response.read()
+    # A body that fits its time is whole; HEAD passes through untouched.
+    hub.faults.add("*/config.json", "trickle", rate_bps=100, seconds=5, count=1)
+    config_url = f"{hub.url}/Org/Model/resolve/main/config.json"
+    assert get_session().head(config_url).status_code == 200
+    start = time.monotonic()
+    assert get_session().get(config_url).content == CONFIG
+    assert time.monotonic() - start >= 0.2
+    assert [r.fault for r in hub.requests("config.json", method="GET")] == ["trickle"]
 
 
 def test_fault_rate_is_seeded(hub: HubEmulator, repo: str) -> None:

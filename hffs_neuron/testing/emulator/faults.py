@@ -9,11 +9,13 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-FAULT_KINDS = ("latency", "stall", "status", "reset", "truncate", "corrupt")
+FAULT_KINDS = ("latency", "stall", "status", "reset", "truncate", "corrupt", "blackhole", "trickle")
+#: Faults decided before the request is read: matched on its first line, peeked at without reading it.
+CONNECTION_KINDS = frozenset({"blackhole"})
 #: Faults decided before the response is chosen.
 PRE_KINDS = frozenset({"latency", "stall", "status"})
-#: Faults that damage a response body.
-BODY_KINDS = frozenset({"reset", "truncate", "corrupt"})
+#: Faults that damage or slow a response body.
+BODY_KINDS = frozenset({"reset", "truncate", "corrupt", "trickle"})
 
 
 @dataclass
@@ -28,6 +30,7 @@ class FaultRule:
     status: int = 503
     retry_after: float | None = None
     methods: tuple[str, ...] = ("GET", "HEAD")
+    rate_bps: float | None = None
     fired: int = 0
 
 
@@ -36,7 +39,11 @@ class FaultInjector:
 
     Kinds ``latency``, ``stall`` and ``status`` apply to any request. ``reset``, ``truncate`` and
     ``corrupt`` damage a response body, so they only apply (and only count) when a non-empty body
-    is sent: a ``HEAD`` passes through untouched and the following ``GET`` gets the fault.
+    is sent: a ``HEAD`` passes through untouched and the following ``GET`` gets the fault; so does
+    ``trickle``, which sends normal headers, then the body at ``rate_bps`` bytes/s (``0``: nothing),
+    closing the connection after ``seconds`` if the body is not through by then. ``blackhole`` holds
+    the connection for ``seconds`` without reading the request or answering, then closes it.
+    Connection-holding kinds need a positive ``seconds``, so every held connection ends.
     """
 
     def __init__(self) -> None:
@@ -55,6 +62,7 @@ class FaultInjector:
         status: int = 503,
         retry_after: float | None = None,
         methods: Iterable[str] = ("GET", "HEAD"),
+        rate_bps: float | None = None,
     ) -> None:
         """Register a fault for URL paths matching the fnmatch ``pattern``.
 
@@ -63,6 +71,10 @@ class FaultInjector:
         """
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
+        if kind in ("blackhole", "trickle") and not float(seconds) > 0:
+            raise ValueError(f"a {kind} fault needs seconds > 0 (how long it may hold the connection)")
+        if kind == "trickle" and not (rate_bps is not None and float(rate_bps) >= 0):
+            raise ValueError("a trickle fault needs rate_bps >= 0")
         rule = FaultRule(
             pattern=pattern,
             kind=kind,
@@ -72,6 +84,7 @@ class FaultInjector:
             status=int(status),
             retry_after=retry_after,
             methods=tuple(m.upper() for m in methods),
+            rate_bps=float(rate_bps) if rate_bps is not None else None,
         )
         with self._lock:
             self._rules.append(rule)

@@ -11,12 +11,14 @@ import socket
 import socketserver
 import struct
 import threading
+import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from hffs_neuron.testing.emulator.accounting import RequestRecord
-from hffs_neuron.testing.emulator.faults import BODY_KINDS, PRE_KINDS
+from hffs_neuron.testing.emulator.faults import BODY_KINDS, CONNECTION_KINDS, PRE_KINDS, FaultRule
 from hffs_neuron.testing.emulator.network import NetworkProfile, Pacer
 from hffs_neuron.testing.emulator.protocol import FileBody, HubError, Request, Response, json_response
 from hffs_neuron.testing.emulator.xet_bridge import INTERNAL_HEADER
@@ -28,6 +30,10 @@ logger = logging.getLogger(__name__)
 
 _CHUNK = 8 * 1024 * 1024
 _CORRUPT_BYTES = 64
+#: How much of a request the black-hole check peeks at: its first line, in practice.
+_PEEK_BYTES = 8192
+#: A trickle sends a write about this often (at least one byte each).
+_TRICKLE_TICK_S = 0.1
 _UNSHAPED = NetworkProfile()
 
 
@@ -83,6 +89,40 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("%s %s", self.address_string(), format % args)
+
+    def handle_one_request(self) -> None:
+        try:
+            head = self.rfile.peek(_PEEK_BYTES)[:_PEEK_BYTES]
+        except (TimeoutError, OSError):  # idle keep-alive or client gone: end it, as the normal path would
+            self.close_connection = True
+            return
+        if self._blackholed(head):
+            self.close_connection = True
+            return
+        super().handle_one_request()
+
+    def _blackholed(self, head: bytes) -> bool:
+        """Apply a ``blackhole`` fault to the next request, if one matches: hold the connection for the
+        fault's ``seconds`` without reading the request (it stays in the socket buffer) or answering.
+
+        The request line is peeked at, not read; one that has not fully arrived in the first segment
+        passes through (requests from local clients arrive whole)."""
+        line, sep, rest = head.partition(b"\r\n")
+        parts = line.decode("latin-1").split()
+        if not sep or len(parts) != 3 or INTERNAL_HEADER.lower().encode() in rest.lower():
+            return False
+        split = urlsplit(parts[1])
+        path = unquote(split.path)
+        if path.startswith("/_emulator/"):
+            return False
+        emu = self.server.emulator
+        fault = emu.faults.take(path, parts[0], CONNECTION_KINDS)
+        if fault is None:
+            return False
+        rec = emu.accounting.record(parts[0], path, split.query, None)
+        rec.fault = fault.kind
+        emu.stop_event.wait(fault.seconds)
+        return True
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -205,6 +245,9 @@ class _Handler(BaseHTTPRequestHandler):
             if self.command == "HEAD" or length == 0:
                 return
             kind = fault.kind if fault is not None else None
+            if fault is not None and kind == "trickle":
+                self._trickle(resp.body, length, fault, rec)
+                return
             count = length // 2 if kind in ("reset", "truncate") else length
             self._write_body(resp.body, count, kind == "corrupt", rec)
             if kind == "truncate":
@@ -289,6 +332,32 @@ class _Handler(BaseHTTPRequestHandler):
                 offset += sent
                 count_bytes(rec, sent)
 
+    def _trickle(
+        self, body: bytes | FileBody | list[bytes | FileBody], length: int, fault: FaultRule, rec: RequestRecord | None
+    ) -> None:
+        """Send the body at the fault's ``rate_bps``; past its ``seconds``, close the connection mid-body."""
+        emu = self.server.emulator
+        rate = fault.rate_bps or 0.0
+        start = time.monotonic()
+        give_up = start + fault.seconds
+        step = max(1, int(rate * _TRICKLE_TICK_S))
+        sent = 0
+        for part in body if isinstance(body, list) else [body]:
+            for chunk in _chunks(part, step):
+                due = start + (sent + len(chunk)) / rate if rate > 0 else give_up
+                if due >= give_up:
+                    emu.stop_event.wait(max(0.0, give_up - time.monotonic()))
+                    self.close_connection = True
+                    return
+                if emu.stop_event.wait(max(0.0, due - time.monotonic())):
+                    self.close_connection = True
+                    return
+                self.wfile.write(chunk)
+                sent += len(chunk)
+                emu.accounting.count_bytes(rec, len(chunk))
+        if sent < length:  # a file shrank while serving
+            self.close_connection = True
+
     def _paced_write(self, data: bytes, network: NetworkProfile) -> None:
         """Write ``data``, first waiting for this connection's token bucket when a cap is set."""
         rate = network.bytes_per_s
@@ -301,6 +370,23 @@ class _Handler(BaseHTTPRequestHandler):
         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self.close_connection = True
         self.connection.close()
+
+
+def _chunks(part: bytes | FileBody, step: int) -> Iterator[bytes]:
+    """One body part in pieces of ``step`` bytes, read from its file as they are needed."""
+    if isinstance(part, bytes):
+        for start in range(0, len(part), step):
+            yield part[start : start + step]
+        return
+    with open(part.path, "rb") as f:
+        f.seek(part.offset)
+        left = part.length
+        while left > 0:
+            chunk = f.read(min(step, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
 
 
 def _flip(data: bytes) -> bytes:
