@@ -62,6 +62,10 @@ OPERATION_TIMEOUT = _env_float("HFFS_TIMEOUT", 120.0)
 MAX_RETRIES = _env_int("HFFS_MAX_RETRIES", 5)
 RETRY_BASE_WAIT = _env_float("HFFS_RETRY_BASE_WAIT", 0.25)
 RETRY_MAX_WAIT = _env_float("HFFS_RETRY_MAX_WAIT", 8.0)
+# Each attempt's connect and read timeouts are at most this fraction of OPERATION_TIMEOUT (--timeout):
+# a stalled attempt (accepted, or headers then silence) gives up early enough for a retry on a new
+# connection to fit in the operation's deadline.
+ATTEMPT_TIMEOUT_FRACTION = 1 / 3
 # A paginated listing also ends at OPERATION_TIMEOUT overall, and after this many pages (the Hub serves
 # 1,000 entries or more per page, so the cap is only ever met by a misbehaving server).
 MAX_LISTING_PAGES = _env_int("HFFS_MAX_LISTING_PAGES", 1000)

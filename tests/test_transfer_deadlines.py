@@ -28,12 +28,13 @@ def test_small_file_behind_a_large_slow_one_through_the_mount(
     big, mid = os.urandom(60 * MiB), os.urandom(3 * MiB)
     hub.add_repo("Org/Slow", {"big.bin": big, "mid.bin": mid})
     # Every range of big.bin waits 1 s before its first byte: in 4 MiB ranges over 2 connections the
-    # whole blob takes ~8 s, well over the mount's 3 s --timeout, while it keeps progressing.
+    # whole blob takes ~8 s, well over the mount's 4 s --timeout, while it keeps progressing (a third of
+    # it, the per-attempt timeout, is above the 1 s wait).
     hub.faults.add("*/big.bin", "latency", seconds=1.0, methods=("GET",))
     env = dict(runtime_env, HFFS_CHUNK_SIZE=str(4 * MiB), HFFS_PARALLEL_THRESHOLD=str(8 * MiB))
     backing = tmp_path / "backing"
     backing.mkdir()
-    handle = mounts("hub-cache", backing=str(backing), env=env, timeout=3, max_connections=4)
+    handle = mounts("hub-cache", backing=str(backing), env=env, timeout=4, max_connections=4)
     repo = Path(handle.mountpoint) / "models--Org--Slow"
     snap = repo / "snapshots" / (repo / "refs" / "main").read_text()
     results: dict[str, bytes | BaseException] = {}
@@ -160,3 +161,25 @@ def test_an_open_jumps_the_read_ahead_queue_and_joins_a_read_ahead_in_flight(hub
     # s5 left the queue for the open: fetched right after the one in flight, before s1..s4.
     order = [r.path.rsplit("/", 1)[-1] for r in hub.requests("/resolve/", "GET")]
     assert order == ["s0.bin", "s5.bin", "s1.bin", "s2.bin", "s3.bin", "s4.bin"], order
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("size", [3 * MiB, 12 * MiB], ids=["one-stream", "pieces"])
+def test_a_stalled_response_is_retried_within_the_timeout(
+    hub: HubEmulator, mounts: Mounts, tmp_path: Path, runtime_env: dict[str, str], size: int
+) -> None:
+    """Headers, then silence, on the first GET: a per-attempt read timeout of a third of --timeout lets
+    a retry on a new connection serve the bytes within --timeout (issue 26)."""
+    data = os.urandom(size)
+    hub.add_repo("Org/Stalled", {"shard.bin": data})
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    env = dict(runtime_env, HFFS_CHUNK_SIZE=str(4 * MiB), HFFS_PARALLEL_THRESHOLD=str(8 * MiB))
+    handle = mounts("hub-cache", backing=str(backing), env=env, timeout=6)
+    repo = Path(handle.mountpoint) / "models--Org--Stalled"
+    snap = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    hub.faults.add("*/shard.bin", "trickle", rate_bps=0, seconds=30, count=1, methods=("GET",))
+    start = time.monotonic()
+    assert (snap / "shard.bin").read_bytes() == data
+    assert time.monotonic() - start < 6 + 2
+    assert hub.faults.rules()[0].fired == 1

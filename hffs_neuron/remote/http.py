@@ -139,11 +139,11 @@ class HubHttp:
         """One attempt; `anonymous`: without our token (a URL the endpoint sent us to on another origin)."""
         headers = {k: v for k, v in self._headers.items() if not (anonymous and k.lower() == "authorization")}
         headers.update(kwargs.pop("headers", None) or {})
-        remaining = max(0.1, deadline - time.monotonic())
+        # A third of the operation's deadline at most (capped by what is left of it), so a stalled
+        # attempt leaves room for a retry on a new connection.
+        cap = min(max(0.1, deadline - time.monotonic()), self.operation_timeout * constants.ATTEMPT_TIMEOUT_FRACTION)
         timeout = self._client.timeout
-        timeout = httpx2.Timeout(
-            min(timeout.read or remaining, remaining), connect=min(timeout.connect or remaining, remaining)
-        )
+        timeout = httpx2.Timeout(min(timeout.read or cap, cap), connect=min(timeout.connect or cap, cap))
         with self._lock:
             self.requests_sent += 1
         request = self._client.build_request(method, url, headers=headers, timeout=timeout, **kwargs)
