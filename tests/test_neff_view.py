@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -488,3 +489,33 @@ def test_prefix_mount_and_remote_root_locks(hub: HubEmulator, mount_neff: MountF
     with open(mp / "lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
     assert (hub.bucket_dir("org/shared") / "team-a" / "lock").stat().st_size == 0  # local only
+
+
+# -- transient upstream failures (issue 26) ----------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_a_failed_probe_is_eio_never_absent(hub: HubEmulator, bucket: dict, mount_neff: MountFn) -> None:
+    """A probe of a new module that fails upstream (503 after retries) answers EIO, never ENOENT (the
+    compiler would recompile a module that exists); once the route answers, the module shows."""
+    negative_ttl, timeout = 1.0, 3
+    mp = mount_neff(bucket["bucket_id"], negative_ttl=negative_ttl, timeout=timeout)
+    version = bucket["compiler_versions"][0]
+    os.listdir(mp / version)  # the version's listing is cached without the module
+    name = "MODULE_published_elsewhere+0000abcd"
+    bucket_dir = hub.bucket_dir(bucket["bucket_id"])
+    for file, data in {"model.neff": b"neff", "compile_flags.json": b"[]", "model.done": b""}.items():
+        (bucket_dir / version / name).mkdir(parents=True, exist_ok=True)
+        (bucket_dir / version / name / file).write_bytes(data)
+    time.sleep(negative_ttl + 0.2)  # the cached listing is now old enough for a probe
+    hub.faults.add(f"*/tree/*{name}*", "status", status=503)
+    hub.faults.add("*/paths-info*", "status", status=503, methods=("POST",))
+    done = mp / version / name / "model.done"
+    start = time.monotonic()
+    assert _errno_of(lambda: os.stat(done)) == errno.EIO
+    assert time.monotonic() - start < timeout + 2
+    assert hub.faults.rules()[0].fired > 1  # retried before answering
+    hub.faults.clear()
+    start = time.monotonic()
+    while not os.path.exists(done):  # nothing failed is remembered beyond the negative TTL
+        assert time.monotonic() - start < negative_ttl + 2, "the module never showed after recovery"
+        time.sleep(0.1)
+    assert (mp / version / name / "model.neff").read_bytes() == b"neff"

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache, TTLCache
 
 from .. import constants
-from ..errors import HffsError, RemoteNotFound
+from ..errors import RemoteNotFound
 from ..remote.base import Remote, RemoteEntry
 from .neff import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
 
@@ -66,7 +66,7 @@ class NameProber:
         """`name` is missing from `parent`'s listing: ask upstream if that listing is old enough.
 
         Returns True if `name` is now among `parent`'s children (found by this probe or a concurrent
-        one): the caller looks it up again.
+        one): the caller looks it up again. Raises (EIO) if the probe failed upstream.
         """
         target = _probe_target(parent, name)
         if target is None:
@@ -87,15 +87,20 @@ class NameProber:
                 self._inflight[target] = future
                 self.probes += 1
         if not leader:
-            future.result(timeout=constants.OPERATION_TIMEOUT)
+            future.result(timeout=constants.OPERATION_TIMEOUT)  # the leader's failure is raised here too
         else:
             try:
                 self._probe(seen, parent, name, target)
-            finally:
+            except BaseException as exc:
+                # Not remembered as probed: the next lookup asks again instead of answering "absent".
                 with self._lock:
-                    self._recent[target] = True
                     self._inflight.pop(target, None)
-                future.set_result(None)
+                future.set_exception(exc)
+                raise
+            with self._lock:
+                self._recent[target] = True
+                self._inflight.pop(target, None)
+            future.set_result(None)
         with self._lock:
             seen = self._seen.get(parent)
             return seen is not None and name in seen.merged
@@ -105,9 +110,8 @@ class NameProber:
             entries = self.remote.list(target)
         except RemoteNotFound:
             entries = []
-        except HffsError as exc:  # transient: answer from the listing; the next probe may do better
-            logger.debug("probe of %s failed: %s", target, exc)
-            return
+        # Any other failure (after the HTTP layer's retries within --timeout) propagates as EIO: an
+        # answer of "absent" would make a compiler recompile a module that exists.
         if target == parent:  # a small directory (the root, one module) listed again: it replaces
             merged = {e.name: e for e in entries}
         elif entries:  # a module found in a large version directory: added to it
