@@ -26,7 +26,7 @@ MODULE = "neuronxcc-2.21.0.0+abc/MODULE_pjd+00000000"
 # Why a subtest may fail on a NEFF mount although it passes on a local directory (README: refusals).
 REASONS = {
     "device": "device nodes: mknod of a block or character device is refused with EPERM",
-    "setid": "setuid/setgid bits: chmod, create and mkdir with S_ISUID/S_ISGID are refused with EPERM",
+    "setid": "setuid/setgid bits: chmod and create with S_ISUID or S_ISGID are refused with EPERM",
     "link": "hard links: link is refused with EPERM",
     "estale": "fstat of an open file after its unlink: ESTALE (libfuse high-level API limitation)",
 }
@@ -35,7 +35,8 @@ HEADER = """\
 # pjdfstest subtests that fail in a module directory of a NEFF mount because of deliberate,
 # documented refusals (README). scripts/conformance.sh counts a failure listed here as a refusal
 # and any other failure as unexpected. Regenerate with: scripts/conformance.sh --record [PJDFSTEST]
-# Format: <test file under pjdfstest's tests/> <subtests: N or N-M, comma-separated>.
+# Format: <test file under pjdfstest's tests/> <subtests: N or N-M, comma-separated>; a file's
+# subtests may take several lines.
 # Later subtests on a name whose creation was refused fail with it (ENOENT, wrong type, ...).
 """
 
@@ -111,6 +112,7 @@ CREATE_OPS = {
     "rename": 1,
 }
 CASCADE_GAP = 10
+LINE_WIDTH = 100  # of the recorded list
 # What a step on a name whose creation (or link) was refused gets besides a wrong value.
 CASCADE_ERRNOS = {"ENOENT", "EEXIST", "EADDRINUSE", "EISDIR", "ENOTDIR", "ENOTEMPTY"}
 
@@ -270,7 +272,13 @@ def record(path: Path, reasons: dict[tuple[str, int], str]) -> None:
         if reason in groups:
             lines.append(f"\n# {REASONS[reason]}\n")
             for name in sorted(groups[reason], key=lambda s: (s.split("/")[0], s)):
-                lines.append(f"{name} {ranges(groups[reason][name])}\n")
+                line = name
+                for part in ranges(groups[reason][name]).split(","):
+                    if len(line) + len(part) + 1 > LINE_WIDTH and line != name:
+                        lines.append(line + "\n")
+                        line = name
+                    line += ("," if line != name else " ") + part
+                lines.append(line + "\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(lines))
 
