@@ -37,6 +37,11 @@ class RemoteUnavailable(HffsError):
     exit_code = 6
 
 
+class RangeIgnored(RemoteUnavailable):
+    """The server answered a Range request for bytes past the start with the whole body (200): pieces
+    cannot be fetched from it, only one stream from byte 0."""
+
+
 class Throttled(HffsError):
     """Over this mount's own limit on upstream lookups: try again shortly (nothing was cached)."""
 

@@ -395,6 +395,17 @@ def test_fault_trickle(hub: HubEmulator, repo: str) -> None:
     assert [r.fault for r in hub.requests("config.json", method="GET")] == ["trickle"]
 
 
+def test_fault_ignore_range(hub: HubEmulator, repo: str) -> None:
+    url = f"{hub.url}/Org/Model/resolve/main/model.safetensors"
+    hub.faults.add("*/model.safetensors", "ignore_range", count=1)
+    assert get_session().get(url).content == WEIGHTS  # no Range: passes through, not counted
+    full = get_session().get(url, headers={"Range": "bytes=100-199"})
+    assert full.status_code == 200 and full.content == WEIGHTS  # as a proxy that drops Range
+    ranged = get_session().get(url, headers={"Range": "bytes=100-199"})
+    assert ranged.status_code == 206 and ranged.content == WEIGHTS[100:200]
+    assert [r.fault for r in hub.requests("model.safetensors", method="GET")] == [None, "ignore_range", None]
+
+
 def test_fault_rate_is_seeded(hub: HubEmulator, repo: str) -> None:
     url = f"{hub.url}/Org/Model/resolve/main/config.json"
 

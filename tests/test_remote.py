@@ -15,7 +15,7 @@ import pytest
 from conftest import TEST_TOKEN
 from huggingface_hub import constants as hf_constants
 
-from hffs_neuron.errors import RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, UsageError
+from hffs_neuron.errors import RangeIgnored, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, UsageError
 from hffs_neuron.remote import Bucket, HubHttp, HubRepo, RemoteEntry, is_safe_path, token_fingerprint
 from hffs_neuron.remote.base import Digest
 from hffs_neuron.testing.hub_emulator import HubEmulator, git_blob_sha1
@@ -442,3 +442,18 @@ def test_bucket_transient_failures(hub: HubEmulator, http: HubHttp, bucket_files
     entry = bucket.stat("foo/a.bin")
     hub.faults.add("/buckets/*", "reset", count=2)
     assert read_all(bucket, entry) == bucket_files["foo/a.bin"]
+
+
+def test_a_server_that_ignores_range(hub: HubEmulator, http: HubHttp, repo_sha: str) -> None:
+    """A 200 to a ranged request is the whole body: from byte 0 its first bytes serve the range; past
+    the start it raises RangeIgnored at once, without retries (issue 26)."""
+    repo = HubRepo(http, "model", "Org/Model")
+    entry = repo.stat("model.safetensors")
+    hub.faults.add("*/model.safetensors", "ignore_range")
+    assert read_all(repo, entry, 0, 1000) == WEIGHTS[:1000]
+    assert read_all(repo, entry) == WEIGHTS
+    hub.reset_stats()
+    with pytest.raises(RangeIgnored) as raised:
+        read_all(repo, entry, 1000, 2000)
+    assert raised.value.errno == errno.EIO
+    assert len(hub.requests("model.safetensors", method="GET")) == 1

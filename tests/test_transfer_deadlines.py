@@ -183,3 +183,24 @@ def test_a_stalled_response_is_retried_within_the_timeout(
     assert (snap / "shard.bin").read_bytes() == data
     assert time.monotonic() - start < 6 + 2
     assert hub.faults.rules()[0].fired == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_server_that_ignores_range_still_serves_a_large_blob(
+    hub: HubEmulator, mounts: Mounts, tmp_path: Path, runtime_env: dict[str, str]
+) -> None:
+    """Behind a proxy that answers every Range request with 200 and the whole body, a blob large enough
+    for parallel pieces is fetched as one stream instead of failing with EIO (issue 26)."""
+    data = os.urandom(12 * MiB + 7)
+    hub.add_repo("Org/NoRange", {"wide.bin": data})
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    env = dict(runtime_env, HFFS_CHUNK_SIZE=str(4 * MiB), HFFS_PARALLEL_THRESHOLD=str(8 * MiB))
+    handle = mounts("hub-cache", backing=str(backing), env=env, timeout=6)
+    repo = Path(handle.mountpoint) / "models--Org--NoRange"
+    snap = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    hub.faults.add("*/wide.bin", "ignore_range")
+    assert (snap / "wide.bin").read_bytes() == data
+    assert hub.faults.rules()[0].fired >= 1
+    # The pieces' ranged requests fail at their headers; then one stream carries the blob.
+    assert hub.bytes_served("wide.bin") < 3 * len(data)

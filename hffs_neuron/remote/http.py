@@ -22,7 +22,7 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
 
 from .. import __version__, constants
-from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable
+from ..errors import HffsError, RangeIgnored, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable
 from ..telemetry import timed_send
 
 logger = logging.getLogger(__name__)
@@ -233,9 +233,11 @@ class HubHttp:
     ) -> None:
         """Stream bytes [start, end) to `sink(offset, data)`, resuming after transient failures.
 
-        A server that ignores Range, answers another range than the one asked (`Content-Range`, checked
-        on every attempt, resumes included) or sends the wrong length is a transient failure: retried,
-        and nothing of that answer reaches `sink`.
+        A 200 to a request from byte 0 is the whole body: its first `end` bytes are taken. A 200 to a
+        request past the start raises `RangeIgnored` at once (that server will not resume or serve a
+        piece; the caller fetches one stream from 0). Another range than the one asked
+        (`Content-Range`, checked on every attempt, resumes included) or the wrong length is a transient
+        failure: retried, and nothing of that answer reaches `sink`.
         """
         if end <= start:
             return
@@ -247,22 +249,25 @@ class HubHttp:
             response = self._send("GET", url, deadline, stream=True, headers=headers)
             try:
                 raise_for_status(response, what)
-                if response.status_code != 206 and not (position == 0 and response.status_code == 200):
+                whole = response.status_code == 200
+                if whole and position > 0:
+                    raise RangeIgnored(f"{what}: the server ignored Range (HTTP 200 to bytes={position}-)")
+                if not whole and response.status_code != 206:
                     raise _Transient(f"HTTP {response.status_code} to a Range request")
-                if response.status_code == 206:
+                if not whole:
                     _check_content_range(response.headers.get("Content-Range"), position, end)
-                else:
-                    length = response.headers.get("Content-Length", "")
-                    if not length.isdigit() or int(length) != end - position:
-                        raise _Transient("server ignored Range and sent a different length")
                 for data in response.iter_raw():  # network-sized pieces: no 1 MiB re-chunking copies
                     if time.monotonic() > deadline:
                         raise _Transient("deadline exceeded mid-body")
                     room = end - position
                     if len(data) > room:
-                        raise _Transient("server sent more bytes than requested")
+                        if not whole:
+                            raise _Transient("server sent more bytes than requested")
+                        data = data[:room]  # the whole body: what follows is not asked for
                     sink(position, data)
                     position += len(data)
+                    if whole and position == end:
+                        break
                 if position < end:
                     raise _Transient(f"truncated body: {end - position} bytes missing")
             finally:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import constants
-from ..errors import CacheFull, HffsError, IntegrityError, RemoteUnavailable
+from ..errors import CacheFull, HffsError, IntegrityError, RangeIgnored, RemoteUnavailable
 from ..proc import HOST, pid_alive
 from ..remote.base import XET, Digest, Remote, RemoteEntry
 from ..remote.xet import XetDownloader
@@ -331,7 +331,11 @@ class BlobStore:
         def read(start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
             remote.read_range(entry, start, end, sink, deadline)
 
-        self._download_by(key, entry, fetch, "http", read)
+        try:
+            self._download_by(key, entry, fetch, "http", read)
+        except RangeIgnored as exc:  # a proxy that drops Range: pieces cannot work, one stream can
+            logger.info("%s: %s; fetching it as one stream", entry.path, exc)
+            self._download_by(key, entry, fetch, "http", read, one_stream=True)
 
     def _download_by(
         self,
@@ -342,13 +346,14 @@ class BlobStore:
         read: ReadRange,
         piece_size: int | None = None,
         stop: Callable[[], None] | None = None,
+        one_stream: bool = False,
     ) -> None:
         path = self.blob_path(key)
         path.parent.mkdir(exist_ok=True, mode=0o700)
         tmp = self.root / "tmp" / self._tmp_name(key)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            actual = self._fill(fd, read, entry, fetch, piece_size, stop)
+            actual = self._fill(fd, read, entry, fetch, piece_size, stop, one_stream)
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
@@ -381,6 +386,7 @@ class BlobStore:
         fetch: _Fetch,
         piece_size: int | None,
         stop: Callable[[], None] | None,
+        one_stream: bool,
     ) -> str | None:
         """Download `entry` into `fd` through the scheduler with `read`; return the hex digest of what was
         written. `stop()`, if given, is called once the transfer is over (done, failed or abandoned), before
@@ -397,7 +403,7 @@ class BlobStore:
         # The transfer writes through its own descriptor, closed only when its last worker is done.
         with self._lock:
             priority = fetch.priority
-        transfer = self.scheduler.start(entry.path, entry.size, os.dup(fd), read, priority, piece_size)
+        transfer = self.scheduler.start(entry.path, entry.size, os.dup(fd), read, priority, piece_size, one_stream)
         with self._lock:
             fetch.transfer = transfer
             if fetch.priority != priority:

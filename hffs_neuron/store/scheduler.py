@@ -31,7 +31,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import HffsError, RemoteUnavailable
+from ..errors import HffsError, RangeIgnored, RemoteUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +97,13 @@ class Transfer:
         read: ReadRange,
         priority: int,
         piece_size: int,
+        one_stream: bool = False,
     ):
         self.name = name
         self.size = size
         self.priority = priority
         self.piece_size = piece_size
+        self.one_stream = one_stream  # never cut into pieces: the server ignores Range
         self._scheduler = scheduler
         self._fd = fd
         self._read = read
@@ -266,6 +268,9 @@ class Transfer:
                 flush()
                 if pos < piece.end:
                     raise RemoteUnavailable(f"{self.name}: the range ended early at byte {pos}")
+            except RangeIgnored:
+                flush()
+                raise  # no resuming from that server: the caller fetches one stream instead
             except RemoteUnavailable as exc:
                 flush()  # bytes that arrived before the failure are good: resume after them
                 if self.error is not None:
@@ -317,13 +322,15 @@ class TransferScheduler:
         read: ReadRange,
         priority: int = FOREGROUND,
         piece_size: int | None = None,
+        one_stream: bool = False,
     ) -> Transfer:
         """Queue the download of bytes [0, size) into `fd` (which the transfer now owns: see `release`).
 
         `piece_size`: the range a connection takes at a time from a large blob (default `chunk_size`);
-        a reader with a cost per range (a Xet reconstruction request) asks for larger ones.
+        a reader with a cost per range (a Xet reconstruction request) asks for larger ones. `one_stream`:
+        one connection from byte 0 to the end (a server that ignores Range).
         """
-        transfer = Transfer(self, name, size, fd, read, priority, piece_size or self.chunk_size)
+        transfer = Transfer(self, name, size, fd, read, priority, piece_size or self.chunk_size, one_stream)
         with self._lock:
             if self._closed:
                 raise RemoteUnavailable(f"{name}: the mount is shutting down")
@@ -357,7 +364,9 @@ class TransferScheduler:
             return None
         t = min(runnable, key=lambda t: (t.priority, t.active, t.seq))
         remaining = t.size - t.next_offset
-        if t.size >= self.parallel_threshold:
+        if t.one_stream:
+            length = remaining
+        elif t.size >= self.parallel_threshold:
             # The last pieces shrink (to _PIECE_MIN at least) so that every connection gets a share of the
             # tail and they finish together, instead of one piece running alone at the end.
             length = min(t.piece_size, max(_PIECE_MIN, -(-remaining // self.max_connections)))

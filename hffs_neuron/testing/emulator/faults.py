@@ -9,11 +9,14 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-FAULT_KINDS = ("latency", "stall", "status", "reset", "truncate", "corrupt", "blackhole", "trickle")
+FAULT_KINDS = ("latency", "stall", "status", "reset", "truncate", "corrupt", "blackhole", "trickle", "ignore_range")
 #: Faults decided before the request is read: matched on its first line, peeked at without reading it.
 CONNECTION_KINDS = frozenset({"blackhole"})
 #: Faults decided before the response is chosen.
 PRE_KINDS = frozenset({"latency", "stall", "status"})
+#: Faults that change how the request is answered: ``ignore_range`` answers a ranged request in full
+#: (200 and the whole body), as a proxy that drops ``Range`` does; it only counts for ranged requests.
+ANSWER_KINDS = frozenset({"ignore_range"})
 #: Faults that damage or slow a response body.
 BODY_KINDS = frozenset({"reset", "truncate", "corrupt", "trickle"})
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from hffs_neuron.testing.emulator.accounting import RequestRecord
-from hffs_neuron.testing.emulator.faults import BODY_KINDS, CONNECTION_KINDS, PRE_KINDS, FaultRule
+from hffs_neuron.testing.emulator.faults import ANSWER_KINDS, BODY_KINDS, CONNECTION_KINDS, PRE_KINDS, FaultRule
 from hffs_neuron.testing.emulator.network import NetworkProfile, Pacer
 from hffs_neuron.testing.emulator.protocol import FileBody, HubError, Request, Response, json_response
 from hffs_neuron.testing.emulator.xet_bridge import INTERNAL_HEADER
@@ -168,6 +168,9 @@ class _Handler(BaseHTTPRequestHandler):
                     headers["Retry-After"] = str(int(ra)) if float(ra).is_integer() else str(ra)
                 self._send(json_response({"error": "injected fault"}, fault.status, headers), rec)
                 return
+        if "Range" in self.headers and emu.faults.take(path, self.command, ANSWER_KINDS) is not None:
+            rec.fault = "ignore_range"
+            del self.headers["Range"]
         self._send(self._answer(raw_path, query, body), rec)
 
     def _answer(self, raw_path: str, query: str, body: bytes) -> Response:
