@@ -493,12 +493,19 @@ def test_prefix_mount_and_remote_root_locks(hub: HubEmulator, mount_neff: MountF
 
 # -- transient upstream failures (issue 26) ----------------------------------------------------------
 @pytest.mark.timeout(60)
-def test_a_failed_probe_is_eio_never_absent(hub: HubEmulator, bucket: dict, mount_neff: MountFn) -> None:
-    """A probe of a new module that fails upstream (503 after retries) answers EIO, never ENOENT (the
-    compiler would recompile a module that exists); once the route answers, the module shows."""
+def test_a_failed_probe_or_listing_is_eio_never_absent(hub: HubEmulator, bucket: dict, mount_neff: MountFn) -> None:
+    """A module listing or a probe of a new module that fails upstream (503 after retries) answers EIO,
+    never ENOENT (the compiler would recompile a module that exists); once the route answers, the module
+    shows."""
     negative_ttl, timeout = 1.0, 3
     mp = mount_neff(bucket["bucket_id"], negative_ttl=negative_ttl, timeout=timeout)
     version = bucket["compiler_versions"][0]
+    # A module of the listing whose own listing fails: EIO too, and nothing of the failure is kept.
+    known = next(m for m in bucket["complete"] if m.startswith(f"{version}/"))
+    hub.faults.add(f"*/tree/{known}", "status", status=503)
+    assert _errno_of(lambda: os.stat(mp / known / "model.done")) == errno.EIO
+    hub.faults.clear()
+    assert os.path.exists(mp / known / "model.done")
     os.listdir(mp / version)  # the version's listing is cached without the module
     name = "MODULE_published_elsewhere+0000abcd"
     bucket_dir = hub.bucket_dir(bucket["bucket_id"])
