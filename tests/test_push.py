@@ -17,7 +17,8 @@ import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
 
-from hffs_neuron.publish import UPLOAD_BATCH_FILES, HashCache, Upload, additions, publish_modules, push
+from hffs_neuron.publish import UPLOAD_BATCH_FILES, Upload, additions, publish_modules, push
+from hffs_neuron.publish_checks import HashCache
 from hffs_neuron.remote.bucket import Bucket
 from hffs_neuron.remote.http import HubHttp
 from hffs_neuron.runtime import read_states
