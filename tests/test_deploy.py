@@ -147,7 +147,7 @@ def slurm_env(tmp_path: Path, hub: HubEmulator, monkeypatch: pytest.MonkeyPatch)
         HFFS_CACHE_SIZE="1G",
         HFFS_TOKEN_FILE=str(tmp_path / "no-token"),
         HFFS_RUNTIME_DIR=str(runtime),
-        HFFS_LOCK_FILE=str(tmp_path / "slurm.lock"),
+        HFFS_SLURM_LOCK_DIR=str(tmp_path / "slurm-lock"),
     )
     try:
         yield env
