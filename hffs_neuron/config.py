@@ -77,6 +77,10 @@ class MountConfig:
     max_connections: int = constants.MAX_CONNECTIONS
     read_ahead: str = constants.READ_AHEAD
     xet: str = constants.XET  # "auto": hf_xet for files with a xet hash, "off": HTTP Range only
+    # The FUSE fsname: the source as /proc/mounts, findmnt, df and mount(8) show it. The mount helper
+    # sets it to the source exactly as the fstab line writes it (util-linux matches "already mounted"
+    # on that string); "" means default_fsname(): `neff:ORG/NAME` or `hub-cache`.
+    fsname: str = ""
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -84,6 +88,15 @@ class MountConfig:
     @classmethod
     def from_json(cls, text: str) -> MountConfig:
         return cls(**json.loads(text))
+
+
+def default_fsname(view: str, source: str) -> str:
+    """The fsname of a mount not made from fstab: the form an fstab line would write for it."""
+    return f"neff:{source}" if view == "neff" else "hub-cache"
+
+
+def mount_fsname(config: MountConfig) -> str:
+    return config.fsname or default_fsname(config.view, config.source)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
@@ -116,6 +129,8 @@ def validate_config(config: MountConfig) -> None:
         check_bucket_id(config.source)
     elif config.publish:
         raise UsageError("--publish works on NEFF mounts only")
+    if config.fsname and (not config.fsname.isprintable() or any(c.isspace() for c in config.fsname)):
+        raise UsageError(f"source {config.fsname!r}: no spaces or control characters")
     if config.stale_lock_grace < 0:
         raise UsageError(f"--stale-lock-grace {config.stale_lock_grace}: must be 0 or more seconds")
     if config.publish_from:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import constants, supervision, telemetry
-from .config import MountConfig, parse_host_port, parse_repo_spec, parse_size
+from .config import MountConfig, mount_fsname, parse_host_port, parse_repo_spec, parse_size
 from .errors import HffsError, MountError, UsageError
 from .proc import HOST, pid_alive
 from .runtime import (
@@ -269,6 +269,7 @@ class MountRuntime:
             "pid": os.getpid(),
             "view": self.config.view,
             "source": self.config.source or "hub",
+            "fsname": mount_fsname(self.config),  # the source as fstab, findmnt and df write it
             "mountpoint": os.path.realpath(self.config.mountpoint),
             "alive": True,
             "uptime_s": round(time.time() - self.started, 1),
@@ -554,7 +555,12 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
 
     threading.Thread(target=announce_when_ready, name="hffs-ready", daemon=True).start()
     # Idle libfuse workers beyond 16 retire, so a burst of callers does not pin threads forever.
-    options: dict[str, Any] = {"max_threads": config.max_threads, "max_idle_threads": 16}
+    options: dict[str, Any] = {
+        "max_threads": config.max_threads,
+        "max_idle_threads": 16,
+        "fsname": mount_fsname(config),  # the source as findmnt/df/mount(8) show it
+        "subtype": "hffs",  # type fuse.hffs
+    }
     if config.allow_other:
         options["allow_other"] = True
     if config.read_only:

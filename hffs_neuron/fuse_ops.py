@@ -403,7 +403,8 @@ def run_fuse(ops: FuseOperations, mountpoint: str, *, foreground: bool = True, *
     otherwise rename it to `.fuse_hidden*`, which for a remote file meant a full copy-up).
     """
     options.update(default_permissions=True, hard_remove=True)
-    options.setdefault("fsname", "hffs")
+    # libfuse splits -o at commas; a backslash escapes one (a source never has one, but be exact).
+    options["fsname"] = str(options.get("fsname") or "hffs").replace("\\", "\\\\").replace(",", "\\,")
     options.setdefault("subtype", "hffs")
     options.setdefault("max_read", MAX_READ)
     _CachingFUSE(ops, mountpoint, raw_fi=True, foreground=foreground, **options)

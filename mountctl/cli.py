@@ -81,6 +81,8 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metadata-ttl", default=str(constants.METADATA_TTL), help="seconds a listing is trusted")
     p.add_argument("--negative-ttl", default=str(constants.NEGATIVE_TTL), help="seconds 'not found' is trusted")
     p.add_argument("--endpoint", default=None, help="Hub endpoint (default: $HF_ENDPOINT or https://huggingface.co)")
+    # Set by mount.hffs: the source exactly as the fstab line writes it (the FUSE fsname).
+    p.add_argument("--fsname", default="", help=argparse.SUPPRESS)
     tok = p.add_mutually_exclusive_group()
     tok.add_argument(
         "--token",
@@ -285,6 +287,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
         "metrics_addr": args.metrics_addr,
         "max_connections": args.max_connections,
         "xet": args.xet,
+        "fsname": args.fsname,
     }
     parse_size(args.cache_size)
     if args.view == "neff":
@@ -545,7 +548,8 @@ def _is_token_key(key: str) -> bool:
 
 def mount_helper_argv(argv: list[str]) -> tuple[list[str], bool]:
     """`mount.hffs SOURCE MOUNTPOINT [-sfnvw] [-N ns] [-o opt,key=value...] [-t type]` -> (`mountctl mount ...`
-    arguments, fake). `fake` (`-f`) means: check everything, mount nothing.
+    arguments, fake). `fake` (`-f`) means: check everything, mount nothing. The same program answers as
+    `mount.fuse.hffs` (mount(8) looks for that name for `-t fuse.hffs`, with the same arguments).
 
     SOURCE is `neff:<namespace>/<bucket>` (or a bare bucket id) or `hub-cache`. This is how mount(8)
     calls `/sbin/mount.hffs` for an fstab line such as
@@ -597,6 +601,9 @@ def mount_helper_argv(argv: list[str]) -> tuple[list[str], bool]:
             # The key only: a value may be a secret under a misspelt name.
             shown = f"{raw_key}=..." if has_value else raw_key
             raise UsageError(f"mount.hffs: unknown option {shown!r}")
+    # The FUSE fsname is the source exactly as written: util-linux matches a mount to its fstab line
+    # by that string (a second `mount -a` is then a no-op) and findmnt/df show it.
+    out.append(f"--fsname={source}")
     if source.startswith("hub-cache"):
         return ["mount", "hub-cache", *out, "--", mountpoint], fake
     return ["mount", "neff", *out, "--", source.removeprefix("neff:"), mountpoint], fake

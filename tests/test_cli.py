@@ -413,6 +413,87 @@ def test_mount_hffs_helper_maps_fstab_options(cli: Cli, bucket: dict) -> None:
     assert SECRET not in "".join(cli.outputs)
 
 
+# -- fstab through mount(8): the helper linked into /sbin as util-linux finds it ------------------------
+def mountinfo(mp: Path) -> list[tuple[str, str]]:
+    """(fstype, source) of each mount on `mp` in /proc/self/mountinfo."""
+    found = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        if fields.split()[4] == str(mp):
+            fstype, source = tail.split()[:2]
+            found.append((fstype, source))
+    return found
+
+
+@pytest.fixture
+def sbin_helpers() -> Iterator[None]:
+    """/sbin/mount.hffs and /sbin/mount.fuse.hffs -> this venv's mount.hffs, removed afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mount(8) with a helper in /sbin needs root")
+    links = [Path("/sbin/mount.hffs"), Path("/sbin/mount.fuse.hffs")]
+    if any(link.exists() or link.is_symlink() for link in links):
+        pytest.skip("a mount.hffs helper is already installed in /sbin")
+    try:
+        for link in links:
+            link.symlink_to(MOUNT_HFFS)
+        yield
+    finally:
+        for link in links:
+            link.unlink(missing_ok=True)
+
+
+@pytest.mark.timeout(120)
+def test_fstab_mount_a_twice_mounts_once_under_the_fstab_source(cli: Cli, bucket: dict, sbin_helpers: None) -> None:
+    path, data = a_neff(bucket)
+    nc, hf = cli.mountpoint(), cli.mountpoint()
+    fstab = cli.tmp / "fstab"
+    fstab.write_text(
+        f"neff:{BUCKET}  {nc}  hffs  cache_dir={cli.tmp / 'fstab-cache'},_netdev,nofail  0 0\n"
+        f"hub-cache  {hf}  hffs  _netdev,nofail  0 0\n"
+    )
+    for _ in range(2):  # the second `mount -a` finds both mounted: rc 0, nothing mounted twice
+        result = subprocess.run(
+            ["mount", "--fstab", str(fstab), "-a"], env=cli.env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        assert mountinfo(nc) == [("fuse.hffs", f"neff:{BUCKET}")]
+        assert mountinfo(hf) == [("fuse.hffs", "hub-cache")]
+    assert (nc / path).read_bytes() == data
+    findmnt = subprocess.run(["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(nc)], capture_output=True, text=True)
+    assert findmnt.stdout.split() == [f"neff:{BUCKET}", "fuse.hffs"]
+    df = subprocess.run(["df", "--output=source", str(hf)], capture_output=True, text=True)
+    assert df.stdout.split()[-1] == "hub-cache"
+    assert (cli.state(nc)["fsname"], cli.state(hf)["fsname"]) == (f"neff:{BUCKET}", "hub-cache")
+    for mp in (nc, hf):
+        cli.ok("umount", str(mp))
+    assert_nothing_left(cli, nc)
+
+
+@pytest.mark.timeout(120)
+def test_mount_t_fuse_hffs_and_hffs_and_mountctl_name_the_source(cli: Cli, bucket: dict, sbin_helpers: None) -> None:
+    path, data = a_neff(bucket)
+    a, b, c = cli.mountpoint(), cli.mountpoint(), cli.mountpoint()
+    # One cache dir each: the same bucket twice in one cache dir is refused.
+    opts = [f"cache_dir={cli.tmp / name}" for name in ("cache-a", "cache-b")]
+
+    def mount(*args: str) -> None:
+        result = subprocess.run(["mount", *args], env=cli.env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+
+    mount("-t", "fuse.hffs", "-o", opts[0], f"neff:{BUCKET}", str(a))  # the type mount(8) itself reports
+    mount("-t", "hffs", "-o", opts[1], BUCKET, str(b))  # a bare bucket id: shown as written
+    cli.ok("mount", "neff", BUCKET, str(c), "--cache-dir", str(cli.tmp / "cache-c"))
+    assert mountinfo(a) == [("fuse.hffs", f"neff:{BUCKET}")]
+    assert mountinfo(b) == [("fuse.hffs", BUCKET)]
+    assert mountinfo(c) == [("fuse.hffs", f"neff:{BUCKET}")]  # what an fstab line for it would write
+    for mp in (a, b, c):
+        assert (mp / path).read_bytes() == data
+        findmnt = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mp)], capture_output=True, text=True)
+        assert findmnt.stdout.strip() == mountinfo(mp)[0][1]
+        cli.ok("umount", str(mp))
+    assert_nothing_left(cli, a)
+
+
 # -- errors: one line, the right exit code, nothing left behind ------------------------------------
 def assert_nothing_left(cli: Cli, mp: Path | None = None) -> None:
     if mp is not None and mp.is_dir():
