@@ -134,7 +134,7 @@ def validate_config(config: MountConfig) -> None:
     if config.stale_lock_grace < 0:
         raise UsageError(f"--stale-lock-grace {config.stale_lock_grace}: must be 0 or more seconds")
     if config.publish_from:
-        from .publish import TrustedWriters
+        from .publish_checks import TrustedWriters
 
         TrustedWriters.parse(0, config.publish_from)  # names that do not exist: said now, not at publish time
     if config.publish_max_bytes <= 0:
