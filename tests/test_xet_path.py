@@ -184,3 +184,29 @@ def test_xet_transfer_is_split_into_ranges_by_the_scheduler(
     assert hub.bytes_served("model.safetensors") == 0  # nothing over HTTP Range
     transfers = state_of(mp)["transfers"]
     assert transfers["xet"] == {"count": 1, "bytes": len(DATA)} and transfers["http"]["count"] == 0
+
+
+def test_stalled_token_route_answers_within_the_deadline(
+    hub: HubEmulator, mounts: Mounts, xet_env: dict[str, str]
+) -> None:
+    # The token request goes through the mount's own client (deadline --timeout, attempts a third of
+    # it), not huggingface_hub's session (no timeout): a token route that accepts and never answers
+    # costs the read at most --timeout, then HTTP Range serves it. Once the route answers again (and the
+    # pause after a failure is over), a new file goes over Xet.
+    env = dict(xet_env, HFFS_XET_PAUSE_AFTER_FAILURE="1")
+    hub.add_bucket("org/x", {"a.bin": DATA, "b.bin": DATA[::-1]})
+    hub.prepare_xet()
+    hub.faults.add("/api/buckets/*/xet-read-token", "stall", seconds=60)
+    mp = Path(mounts("neff", "org/x", env=env, timeout=4).mountpoint)
+    assert (mp / "a.bin").stat().st_size == len(DATA)  # metadata first: only the read is timed
+    started = time.monotonic()
+    assert (mp / "a.bin").read_bytes() == DATA
+    assert time.monotonic() - started < 4 + 2
+    transfers = state_of(mp)["transfers"]
+    assert transfers["http"]["count"] == 1 and transfers["xet"]["count"] == 0
+    hub.faults.clear()
+    time.sleep(1.5)  # the Xet path's pause after a failure is over
+    started = time.monotonic()
+    assert (mp / "b.bin").read_bytes() == DATA[::-1]
+    assert time.monotonic() - started < 4 + 2
+    assert state_of(mp)["transfers"]["xet"] == {"count": 1, "bytes": len(DATA)}

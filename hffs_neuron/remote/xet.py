@@ -1,13 +1,16 @@
 """The Xet path: a second way for a remote to fill a blob, beside HTTP Range (remote/http.py).
 
 A file the Hub lists with a xet hash is reconstructed from the Xet CAS by `hf_xet`, as `hf_hub_download`
-does (huggingface_hub's `xet_get`): the same token route and connection-info cache
-(`refresh_xet_connection_info`), the same token refresh. Unlike `hf_hub_download`, the mount takes the
-bytes from hf_xet's ordered byte streams (`XetDownloadStreamGroup.download_stream(start, end)`) and
-writes them itself: a Xet transfer is then a transfer like any other for the store's scheduler (one
-connection budget, foreground before read-ahead, byte ranges over several connections, progress
-deadlines) and its bytes reach the verifying hash in order while they arrive, instead of a second pass
-over the finished file.
+does (huggingface_hub's `xet_get`): the same token route and token refresh. The first token of a route is
+asked for with the mount's own `HubHttp` (its deadline, per-attempt timeouts, retries and connections),
+not huggingface_hub's shared session (no timeout), one request in flight per route, outside any lock that
+closing a transfer takes: a stalled token route costs a read at most `--timeout`, then HTTP Range.
+
+Unlike `hf_hub_download`, the mount takes the bytes from hf_xet's ordered byte streams
+(`XetDownloadStreamGroup.download_stream(start, end)`) and writes them itself: a Xet transfer is then a
+transfer like any other for the store's scheduler (one connection budget, foreground before read-ahead,
+byte ranges over several connections, progress deadlines) and its bytes reach the verifying hash in order
+while they arrive, instead of a second pass over the finished file.
 
 The store asks for this path first and falls back to HTTP Range on any failure (logged once per mount);
 the file it fills is the store's private temp file, verified and renamed by the store, so a blob is
@@ -23,18 +26,23 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from .. import constants
 from ..errors import HffsError, RemoteUnavailable
 from .base import RemoteEntry
 
+if TYPE_CHECKING:
+    from .http import HubHttp
+
 logger = logging.getLogger(__name__)
 
 # After a failure the Xet path is skipped for this long (seconds): a broken CAS costs one file's deadline,
-# not every file's.
-_PAUSE_AFTER_FAILURE = 60.0
+# not every file's. HFFS_XET_PAUSE_AFTER_FAILURE changes it (tests).
+_PAUSE_AFTER_FAILURE = float(os.environ.get("HFFS_XET_PAUSE_AFTER_FAILURE") or 60.0)
+# A cached token is asked for again this long before it expires (seconds), as huggingface_hub does.
+_TOKEN_SAFETY_PERIOD = 60
 _lock = threading.Lock()
 _module: Any = None
 
@@ -97,6 +105,28 @@ class XetSource:
 
     file_hash: str
     token_url: str
+    http: HubHttp = field(compare=False, repr=False)  # the mount's client: asks the token route
+
+
+@dataclass(frozen=True)
+class _Token:
+    """A Xet read token as the token route grants it (its `X-Xet-*` headers)."""
+
+    endpoint: str
+    access_token: str
+    expiry: int  # unix seconds
+
+    def fresh(self) -> bool:
+        return self.expiry > int(time.time()) + _TOKEN_SAFETY_PERIOD
+
+
+class _TokenRequest:
+    """One token request in flight for a route: its waiters wait on `done` for `token` or `error`."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.token: _Token | None = None
+        self.error: BaseException | None = None
 
 
 class XetDownloader:
@@ -110,6 +140,8 @@ class XetDownloader:
         self._lock = threading.Lock()
         self._warned = False
         self._paused_until = 0.0
+        self._tokens: dict[str, _Token] = {}  # by token route
+        self._token_requests: dict[str, _TokenRequest] = {}  # by token route, while one is in flight
 
     def _get_session(self) -> Any:
         with self._lock:
@@ -125,24 +157,73 @@ class XetDownloader:
     def source(self, remote: object, entry: RemoteEntry) -> XetSource | None:
         """The Xet source of `entry` if it has a xet hash and its remote a token route, else None."""
         token_url = getattr(remote, "xet_token_url", None)
-        if not entry.xet_hash or token_url is None or entry.size == 0 or time.monotonic() < self._paused_until:
+        http = getattr(remote, "_http", None)
+        if not entry.xet_hash or token_url is None or http is None or entry.size == 0:
             return None
-        return XetSource(entry.xet_hash, token_url())
+        if time.monotonic() < self._paused_until:
+            return None
+        return XetSource(entry.xet_hash, token_url(), http)
 
     def reader(self, source: XetSource, entry: RemoteEntry) -> XetFileReader:
         """A reader of `entry`'s byte ranges for one transfer; `close()` it when the transfer ends."""
         return XetFileReader(self, source, entry)
 
-    def _new_group(self, source: XetSource) -> Any:
-        from huggingface_hub.utils._xet import XetFileData, refresh_xet_connection_info
+    def token(self, source: XetSource, deadline: float) -> _Token:
+        """A read token of `source`'s route: cached while fresh, else asked for with the mount's `HubHttp`
+        by one caller at a time per route; the others wait for its answer until `deadline` (monotonic).
 
-        info = refresh_xet_connection_info(
-            file_data=XetFileData(source.file_hash, source.token_url), headers=self._headers
-        )
+        No lock is held while the request runs. A failure raises `HffsError`, never `RemoteUnavailable`,
+        by `deadline`: the scheduler then fails the transfer at once (the store falls back to HTTP Range)
+        instead of asking again with a new deadline.
+        """
+        url = source.token_url
+        with self._lock:
+            token = self._tokens.get(url)
+            if token is not None and token.fresh():
+                return token
+            request = self._token_requests.get(url)
+            leader = request is None
+            if leader:
+                request = self._token_requests[url] = _TokenRequest()
+        assert request is not None
+        if not leader:
+            if not request.done.wait(max(0.0, deadline - time.monotonic())):
+                raise HffsError(f"xet read token: not answered by {url} within the deadline")
+            if request.token is None:
+                raise HffsError(f"xet read token: {request.error}")
+            return request.token
+        try:
+            request.token = self._ask_token(source.http, url, deadline)
+            with self._lock:
+                self._tokens[url] = request.token
+            return request.token
+        except BaseException as exc:
+            request.error = exc
+            if isinstance(exc, HffsError):
+                raise HffsError(f"xet read token: {exc}") from exc
+            raise
+        finally:
+            with self._lock:
+                self._token_requests.pop(url, None)
+            request.done.set()
+
+    def _ask_token(self, http: HubHttp, url: str, deadline: float) -> _Token:
+        response = http.request("GET", url, "xet read token", deadline=deadline, headers=self._headers)
+        try:
+            return _Token(
+                endpoint=response.headers["X-Xet-Cas-Url"],
+                access_token=response.headers["X-Xet-Access-Token"],
+                expiry=int(response.headers["X-Xet-Token-Expiration"]),
+            )
+        except (KeyError, ValueError) as exc:
+            raise HffsError(f"xet read token: the answer of {url} has no usable X-Xet-* headers") from exc
+
+    def _new_group(self, source: XetSource, deadline: float) -> Any:
+        token = self.token(source, deadline)
         return self._get_session().new_download_stream_group(
-            endpoint=info.endpoint,
-            token=info.access_token,
-            token_expiry_unix_secs=info.expiration_unix_epoch,
+            endpoint=token.endpoint,
+            token=token.access_token,
+            token_expiry_unix_secs=token.expiry,
             token_refresh_url=source.token_url,
             token_refresh_headers=self._headers,
             custom_headers=self._cas_headers,
@@ -174,25 +255,39 @@ class XetFileReader:
         self._group: Any = None
         self._closed = False
 
-    def _stream_group(self) -> Any:
+    def _stream_group(self, deadline: float) -> Any:
+        """The transfer's stream group, opened by the first caller. The token request and the group's
+        creation run outside `_lock`, so `close()` never waits on the network; a group opened by a caller
+        that lost the race (or after `close()`) is aborted."""
         with self._lock:
-            if self._group is None and not self._closed:
-                self._group = self._downloader._new_group(self._source)
             if self._closed:
                 raise RemoteUnavailable(f"{self._entry.path}: xet transfer stopped")
-            return self._group
+            if self._group is not None:
+                return self._group
+        group = self._downloader._new_group(self._source, deadline)
+        with self._lock:
+            if self._group is None and not self._closed:
+                self._group = group
+                return group
+            kept, closed = self._group, self._closed
+        _abort(group)
+        if closed:
+            raise RemoteUnavailable(f"{self._entry.path}: xet transfer stopped")
+        return kept
 
     def read(self, start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
         """Stream bytes [start, end) to `sink(offset, data)` in order.
 
         Ends early (the scheduler resumes or fails the piece) when the group is aborted; hf_xet retries
         transient CAS failures itself, and the scheduler's progress deadline bounds a stall (then the
-        transfer is closed, which aborts the group). `deadline` is not used: a xet read has no timeout
-        of its own to set. Any hf_xet error is an HffsError, which makes the store fall back to HTTP.
+        transfer is closed, which aborts the group). `deadline` bounds the token request (with the mount's
+        `--timeout`); the CAS reads have no timeout of their own to set. Any hf_xet error is an
+        HffsError, which makes the store fall back to HTTP.
         """
         hf_xet = hf_xet_module()
         try:
-            stream = self._stream_group().download_stream(
+            deadline = min(deadline, time.monotonic() + self._source.http.operation_timeout)
+            stream = self._stream_group(deadline).download_stream(
                 hf_xet.XetFileInfo(self._source.file_hash, self._entry.size), start, end
             )
             pos = start
@@ -212,7 +307,11 @@ class XetFileReader:
             self._closed = True
             group, self._group = self._group, None
         if group is not None:
-            try:
-                group.abort()
-            except Exception:  # already finished or failed: nothing more to stop
-                pass
+            _abort(group)
+
+
+def _abort(group: Any) -> None:
+    try:
+        group.abort()
+    except Exception:  # already finished or failed: nothing more to stop
+        pass
