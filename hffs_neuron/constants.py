@@ -112,6 +112,8 @@ GROUP = os.environ.get("HFFS_GROUP") or None
 # The Xet download path (`--xet`): "auto" uses hf_xet for files listed with a xet hash, "off" HTTP Range
 # only. HF_HUB_DISABLE_XET=1 in the daemon's environment means "off" whatever the flag says.
 XET = os.environ.get("HFFS_XET", "auto")
+# After a Xet failure the mount reads over HTTP Range for this long before trying Xet again (seconds).
+XET_PAUSE_AFTER_FAILURE = _env_float("HFFS_XET_PAUSE_AFTER_FAILURE", 60.0)
 HF_HUB_DISABLE_XET = os.environ.get("HF_HUB_DISABLE_XET", "").strip().lower() in ("1", "true", "yes", "on")
 # Bytes of --cache-size set aside for hf_xet's own files under <cache>/xet (logs, shard cache of uploads).
 XET_CACHE_RESERVE = _env_int("HFFS_XET_CACHE_RESERVE", 256 * 1024 * 1024)

@@ -75,7 +75,7 @@ class MountRuntime:
         configure_hf_xet(cache_dir, xet_reserve)
         xet = None
         if xet_available(config.xet):
-            xet = XetDownloader(self.http.headers, max_connections=config.max_connections)
+            xet = XetDownloader(self.http, max_connections=config.max_connections)
         self.store = BlobStore(
             cache_dir / "blobs-store",
             max_size=cache_size - xet_reserve,

@@ -26,7 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .. import constants
@@ -39,8 +39,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # After a failure the Xet path is skipped for this long (seconds): a broken CAS costs one file's deadline,
-# not every file's. HFFS_XET_PAUSE_AFTER_FAILURE changes it (tests).
-_PAUSE_AFTER_FAILURE = float(os.environ.get("HFFS_XET_PAUSE_AFTER_FAILURE") or 60.0)
+# not every file's (HFFS_XET_PAUSE_AFTER_FAILURE).
+_PAUSE_AFTER_FAILURE = constants.XET_PAUSE_AFTER_FAILURE
 # A cached token is asked for again this long before it expires (seconds), as huggingface_hub does.
 _TOKEN_SAFETY_PERIOD = 60
 _lock = threading.Lock()
@@ -105,7 +105,6 @@ class XetSource:
 
     file_hash: str
     token_url: str
-    http: HubHttp = field(compare=False, repr=False)  # the mount's client: asks the token route
 
 
 @dataclass(frozen=True)
@@ -132,9 +131,11 @@ class _TokenRequest:
 class XetDownloader:
     """Reads byte ranges of files from the Xet CAS with the mount's identity; one per daemon."""
 
-    def __init__(self, headers: dict[str, str], *, max_connections: int):
-        self._headers = dict(headers)  # the Hub's auth headers: sent to the token route only
-        self._cas_headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+    def __init__(self, http: HubHttp, *, max_connections: int):
+        """`http`: the mount's client; token requests go through it (its deadline, retries, connections)."""
+        self._http = http
+        self._headers = dict(http.headers)  # the Hub's auth headers: sent to the token route only
+        self._cas_headers = {k: v for k, v in http.headers.items() if k.lower() != "authorization"}
         self._max_connections = max_connections
         self._session: Any = None
         self._lock = threading.Lock()
@@ -157,12 +158,11 @@ class XetDownloader:
     def source(self, remote: object, entry: RemoteEntry) -> XetSource | None:
         """The Xet source of `entry` if it has a xet hash and its remote a token route, else None."""
         token_url = getattr(remote, "xet_token_url", None)
-        http = getattr(remote, "_http", None)
-        if not entry.xet_hash or token_url is None or http is None or entry.size == 0:
+        if not entry.xet_hash or token_url is None or entry.size == 0:
             return None
         if time.monotonic() < self._paused_until:
             return None
-        return XetSource(entry.xet_hash, token_url(), http)
+        return XetSource(entry.xet_hash, token_url())
 
     def reader(self, source: XetSource, entry: RemoteEntry) -> XetFileReader:
         """A reader of `entry`'s byte ranges for one transfer; `close()` it when the transfer ends."""
@@ -193,7 +193,7 @@ class XetDownloader:
                 raise HffsError(f"xet read token: {request.error}")
             return request.token
         try:
-            request.token = self._ask_token(source.http, url, deadline)
+            request.token = self._ask_token(url, deadline)
             with self._lock:
                 self._tokens[url] = request.token
             return request.token
@@ -207,8 +207,12 @@ class XetDownloader:
                 self._token_requests.pop(url, None)
             request.done.set()
 
-    def _ask_token(self, http: HubHttp, url: str, deadline: float) -> _Token:
-        response = http.request("GET", url, "xet read token", deadline=deadline, headers=self._headers)
+    @property
+    def operation_timeout(self) -> float:
+        return self._http.operation_timeout
+
+    def _ask_token(self, url: str, deadline: float) -> _Token:
+        response = self._http.request("GET", url, "xet read token", deadline=deadline, headers=self._headers)
         try:
             return _Token(
                 endpoint=response.headers["X-Xet-Cas-Url"],
@@ -286,7 +290,7 @@ class XetFileReader:
         """
         hf_xet = hf_xet_module()
         try:
-            deadline = min(deadline, time.monotonic() + self._source.http.operation_timeout)
+            deadline = min(deadline, time.monotonic() + self._downloader.operation_timeout)
             stream = self._stream_group(deadline).download_stream(
                 hf_xet.XetFileInfo(self._source.file_hash, self._entry.size), start, end
             )
