@@ -163,6 +163,20 @@ def test_an_open_jumps_the_read_ahead_queue_and_joins_a_read_ahead_in_flight(hub
     assert order == ["s0.bin", "s5.bin", "s1.bin", "s2.bin", "s3.bin", "s4.bin"], order
 
 
+def _pieced_file(
+    hub: HubEmulator, mounts: Mounts, tmp_path: Path, runtime_env: dict[str, str], repo_id: str, name: str, data: bytes
+) -> Path:
+    """`data` as file `name` of a new repo, seen through a hub-cache mount (`--timeout 6`) that splits
+    blobs from 8 MiB into 4 MiB pieces; returns the file's snapshot path (no byte fetched yet)."""
+    hub.add_repo(repo_id, {name: data})
+    backing = tmp_path / "backing"
+    backing.mkdir()
+    env = dict(runtime_env, HFFS_CHUNK_SIZE=str(4 * MiB), HFFS_PARALLEL_THRESHOLD=str(8 * MiB))
+    handle = mounts("hub-cache", backing=str(backing), env=env, timeout=6)
+    repo = Path(handle.mountpoint) / f"models--{repo_id.replace('/', '--')}"
+    return repo / "snapshots" / (repo / "refs" / "main").read_text() / name
+
+
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("size", [3 * MiB, 12 * MiB], ids=["one-stream", "pieces"])
 def test_a_stalled_response_is_retried_within_the_timeout(
@@ -171,16 +185,10 @@ def test_a_stalled_response_is_retried_within_the_timeout(
     """Headers, then silence, on the first GET: a per-attempt read timeout of a third of --timeout lets
     a retry on a new connection serve the bytes within --timeout (issue 26)."""
     data = os.urandom(size)
-    hub.add_repo("Org/Stalled", {"shard.bin": data})
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    env = dict(runtime_env, HFFS_CHUNK_SIZE=str(4 * MiB), HFFS_PARALLEL_THRESHOLD=str(8 * MiB))
-    handle = mounts("hub-cache", backing=str(backing), env=env, timeout=6)
-    repo = Path(handle.mountpoint) / "models--Org--Stalled"
-    snap = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    shard = _pieced_file(hub, mounts, tmp_path, runtime_env, "Org/Stalled", "shard.bin", data)
     hub.faults.add("*/shard.bin", "trickle", rate_bps=0, seconds=30, count=1, methods=("GET",))
     start = time.monotonic()
-    assert (snap / "shard.bin").read_bytes() == data
+    assert shard.read_bytes() == data
     assert time.monotonic() - start < 6 + 2
     assert hub.faults.rules()[0].fired == 1
 
@@ -192,15 +200,9 @@ def test_a_server_that_ignores_range_still_serves_a_large_blob(
     """Behind a proxy that answers every Range request with 200 and the whole body, a blob large enough
     for parallel pieces is fetched as one stream instead of failing with EIO (issue 26)."""
     data = os.urandom(12 * MiB + 7)
-    hub.add_repo("Org/NoRange", {"wide.bin": data})
-    backing = tmp_path / "backing"
-    backing.mkdir()
-    env = dict(runtime_env, HFFS_CHUNK_SIZE=str(4 * MiB), HFFS_PARALLEL_THRESHOLD=str(8 * MiB))
-    handle = mounts("hub-cache", backing=str(backing), env=env, timeout=6)
-    repo = Path(handle.mountpoint) / "models--Org--NoRange"
-    snap = repo / "snapshots" / (repo / "refs" / "main").read_text()
+    wide = _pieced_file(hub, mounts, tmp_path, runtime_env, "Org/NoRange", "wide.bin", data)
     hub.faults.add("*/wide.bin", "ignore_range")
-    assert (snap / "wide.bin").read_bytes() == data
+    assert wide.read_bytes() == data
     assert hub.faults.rules()[0].fired >= 1
     # The pieces' ranged requests fail at their headers; then one stream carries the blob.
     assert hub.bytes_served("wide.bin") < 3 * len(data)

@@ -17,10 +17,14 @@ import logging
 import os
 import platform
 import stat
+from collections.abc import Callable
+from typing import TypeVar
 
 from .. import constants
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
@@ -250,6 +254,14 @@ class LocalTree:
         head, _, name = rel.rpartition("/")
         return self._dir(head), name
 
+    def _at(self, rel: str, root_errno: int, op: Callable[[str, int], T]) -> T:
+        """`op(final name, parent dir fd)`: one `*at` call on `rel`, its parent resolved without links."""
+        fd, name = self._parent(rel, root_errno)
+        try:
+            return op(name, fd)
+        finally:
+            self._release(fd)
+
     def _root_path(self) -> str:
         # The root fd's inode by a path, for calls that cannot take an O_PATH fd (chown, utime).
         return f"/proc/self/fd/{self._fd}"
@@ -302,11 +314,7 @@ class LocalTree:
         return entries
 
     def readlink(self, rel: str) -> str:
-        fd, name = self._parent(rel, errno.EINVAL)
-        try:
-            return os.readlink(name, dir_fd=fd)
-        finally:
-            self._release(fd)
+        return self._at(rel, errno.EINVAL, lambda name, fd: os.readlink(name, dir_fd=fd))
 
     def statvfs(self) -> os.statvfs_result:
         return os.statvfs(self._fd)
@@ -314,25 +322,13 @@ class LocalTree:
     # -- mutations ----------------------------------------------------------------------------
 
     def mkdir(self, rel: str, mode: int) -> None:
-        fd, name = self._parent(rel, errno.EEXIST)
-        try:
-            os.mkdir(name, mode, dir_fd=fd)
-        finally:
-            self._release(fd)
+        self._at(rel, errno.EEXIST, lambda name, fd: os.mkdir(name, mode, dir_fd=fd))
 
     def rmdir(self, rel: str) -> None:
-        fd, name = self._parent(rel, errno.EBUSY)
-        try:
-            os.rmdir(name, dir_fd=fd)
-        finally:
-            self._release(fd)
+        self._at(rel, errno.EBUSY, lambda name, fd: os.rmdir(name, dir_fd=fd))
 
     def unlink(self, rel: str) -> None:
-        fd, name = self._parent(rel, errno.EISDIR)
-        try:
-            os.unlink(name, dir_fd=fd)
-        finally:
-            self._release(fd)
+        self._at(rel, errno.EISDIR, lambda name, fd: os.unlink(name, dir_fd=fd))
 
     def rename(self, old: str, new: str, *, noreplace: bool = False) -> None:
         old_fd, old_name = self._parent(old, errno.EBUSY)
@@ -361,18 +357,10 @@ class LocalTree:
 
     def mknod(self, rel: str, mode: int) -> None:
         """A FIFO or socket node (`mode` holds its type); callers refuse device nodes before."""
-        fd, name = self._parent(rel, errno.EEXIST)
-        try:
-            os.mknod(name, mode, dir_fd=fd)
-        finally:
-            self._release(fd)
+        self._at(rel, errno.EEXIST, lambda name, fd: os.mknod(name, mode, dir_fd=fd))
 
     def symlink(self, target: str, rel: str) -> None:
-        fd, name = self._parent(rel, errno.EEXIST)
-        try:
-            os.symlink(target, name, dir_fd=fd)
-        finally:
-            self._release(fd)
+        self._at(rel, errno.EEXIST, lambda name, fd: os.symlink(target, name, dir_fd=fd))
 
     def chmod(self, rel: str, mode: int) -> None:
         # Linux has no lchmod: pin the inode with an O_PATH fd (a symlink is opened as itself), refuse
