@@ -11,13 +11,11 @@ and serves until unmounted or signalled.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import grp
 import hashlib
 import logging
 import os
-import resource
 import stat
 import sys
 import threading
@@ -29,6 +27,7 @@ from . import constants, supervision, telemetry
 from .config import MountConfig, mount_fsname, parse_host_port, parse_repo_spec, parse_size
 from .errors import HffsError, MountError, UsageError
 from .proc import HOST, pid_alive
+from .process_tuning import tune_process, tune_readahead
 from .runtime import (
     check_fuse_available,
     check_mountpoint,
@@ -145,7 +144,7 @@ class MountRuntime:
             from .views.neff import NeffView
 
             bucket = Bucket(self.http, config.source, config.prefix)
-            # Layers are per host (DESIGN.md "Several hosts"): a cache dir on a cluster filesystem
+            # Layers are per host (README "Sharing one cache between nodes"): a cache dir on a cluster filesystem
             # gives each host its own.
             layer = f"{self.http.endpoint}|{bucket.bucket_id}|{bucket.prefix}|{HOST}"
             key = hashlib.sha256(layer.encode()).hexdigest()[:16]
@@ -258,7 +257,7 @@ class MountRuntime:
         self._reporter.start()
 
     def stats(self, live: bool = False) -> dict:
-        """This mount's status: DESIGN.md's `mountctl status --json` schema, plus what `push` reads.
+        """This mount's status: the `mountctl status --json` schema (README "Status and metrics") and `push`'s fields.
 
         `live` (an answer on the control socket) adds the cache's disk use, a directory scan that the
         once-a-second state file goes without (`mountctl status` measures it for a saved state).
@@ -404,74 +403,10 @@ def configure_logging(config: MountConfig) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)  # its request lines would carry URLs only, but are noise
 
 
-READ_AHEAD_KB = 16 * 1024
-
-
-def tune_readahead(device: int, kb: int = READ_AHEAD_KB) -> None:
-    """Raise the mount's block-device readahead (default 128 KiB) so sequential reads arrive as 1 MiB
-    FUSE requests. Needs root (sysfs); silently skipped otherwise."""
-    path = f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}/read_ahead_kb"
-    try:
-        with open(path, "w") as f:
-            f.write(str(kb))
-    except OSError as exc:
-        logger.debug("could not set %s: %s", path, exc)
-
-
-PR_SET_DUMPABLE = 4
-
-
-def disable_core_dumps() -> None:
-    """No core dump, and no same-user ptrace or /proc/<pid>/mem reads: the daemon holds the token and
-    bytes of private repos in memory (RLIMIT_CORE 0 and PR_SET_DUMPABLE 0)."""
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    try:
-        if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:
-            logger.warning("prctl(PR_SET_DUMPABLE, 0) failed: errno %d", ctypes.get_errno())
-    except (OSError, AttributeError):  # not glibc/Linux: the rlimit above still applies
-        logger.debug("prctl unavailable; only RLIMIT_CORE limits core dumps")
-
-
-def raise_fd_limit() -> None:
-    """Soft RLIMIT_NOFILE up to the hard limit: every open blob, upload and connection holds a descriptor,
-    and running out (EMFILE) fails readers and can end daemon threads."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == hard:
-        return
-    try:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    except (OSError, ValueError) as exc:  # e.g. an unlimited hard limit above fs.nr_open
-        logger.warning("could not raise the open-file limit from %d to %d: %s", soft, hard, exc)
-
-
 def read_config(fd: int) -> MountConfig:
     """The mount's configuration, as JSON written by `mount()` to the pipe `fd` (read to its end)."""
     with os.fdopen(fd, "rb") as pipe:
         return MountConfig.from_json(pipe.read().decode())
-
-
-def bound_malloc() -> None:
-    """Keep the daemon's memory flat under many parallel readers (glibc only; a no-op elsewhere).
-
-    glibc gives every busy thread (libfuse workers, range downloads) its own arena, and after the first
-    free of a large block serves large buffers from arenas that never shrink: measured 330 MB peak for
-    8 cold 256 MiB readers. Two arenas and a fixed 1 MiB mmap threshold (libfuse's 1 MiB request
-    buffers are mapped and unmapped; download pieces, ~64 KiB, stay on the heap where mapping each one
-    would slow transfers) bring that to about 75 MB. (A threshold above 1 MiB brings the peak back over
-    200 MB.) Mapped blocks get transparent huge pages: `mount.with_huge_page_malloc`.
-    """
-    try:
-        libc = ctypes.CDLL(None)
-        libc.mallopt(-8, 2)  # M_ARENA_MAX
-        libc.mallopt(-3, 1024 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        logger.debug("mallopt unavailable; memory tuning skipped")
-
-
-# Bytes one socket read of a download may return: one Python-level iteration (HTTP parsing, our sink)
-# per up to 512 KiB instead of per 64 KiB (httpcore's default). Not 1 MiB: at the daemon's 1 MiB mmap
-# threshold every read buffer would be a fresh mapping (measured +1.5 s of system CPU per GiB).
-HTTP_READ_BYTES = 512 * 1024
 
 
 def _tree_bytes(root: Path) -> int:
@@ -484,16 +419,6 @@ def _tree_bytes(root: Path) -> int:
             except FileNotFoundError:
                 continue
     return total
-
-
-def tune_http_reads(size: int = HTTP_READ_BYTES) -> None:
-    """Larger socket reads for this process's HTTP/1.1 connections (skipped if the attribute moved)."""
-    try:
-        from httpcore2._sync.http11 import HTTP11Connection
-    except ImportError:
-        return
-    if isinstance(getattr(HTTP11Connection, "READ_NUM_BYTES", None), int):
-        HTTP11Connection.READ_NUM_BYTES = size
 
 
 class _ReadyPipe:
@@ -524,10 +449,7 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
     """Run a mount in this process until it is unmounted or the process gets SIGTERM/SIGINT."""
     from .fuse_ops import run_fuse
 
-    disable_core_dumps()
-    raise_fd_limit()
-    bound_malloc()
-    tune_http_reads()
+    tune_process()
     report = _ReadyPipe(ready_fd).send
 
     try:

@@ -399,7 +399,7 @@ def run_fuse(ops: FuseOperations, mountpoint: str, *, foreground: bool = True, *
     """Mount and serve until unmounted (blocks). `options` become libfuse `-o` options.
 
     Always with `default_permissions` (the kernel checks the modes and owners the views report: the
-    multi-user model in DESIGN.md) and `hard_remove` (unlinking an open file unlinks it; libfuse would
+    multi-user model in README "Security model") and `hard_remove` (unlinking an open file unlinks it; libfuse would
     otherwise rename it to `.fuse_hidden*`, which for a remote file meant a full copy-up).
     """
     options.update(default_permissions=True, hard_remove=True)

@@ -23,6 +23,7 @@ from . import constants, errors
 from .config import VIEWS, MountConfig, parse_size, validate_config
 from .errors import HffsError, MountError, UsageError
 from .proc import pid_alive
+from .process_tuning import with_huge_page_malloc
 from .runtime import (
     check_fuse_available,
     check_mountpoint,
@@ -138,26 +139,6 @@ def mount(
             error_class = MountError
         raise error_class(text or detail or "the mount daemon exited before the mount was ready")
     return MountHandle(config.mountpoint, process.pid, process)
-
-
-_HUGE_PAGE_MALLOC = "glibc.malloc.hugetlb=1"
-
-
-def with_huge_page_malloc(tunables: str | None) -> str:
-    """The daemon's `GLIBC_TUNABLES` (glibc reads them only when a process starts): `tunables` plus
-    transparent huge pages for the blocks malloc maps.
-
-    Under the daemon's 1 MiB mmap threshold (`daemon.bound_malloc`, which keeps its memory flat) every
-    large block is a fresh mapping: hf_xet's buffers and the bytes its streams return are 13-24 MiB each,
-    and faulting them in 4 KiB at a time cost ~0.5 s of system time per GiB fetched over Xet (1 GiB,
-    loopback, 2 cores: the fill took 2.1-2.3 s, with huge pages 1.6-1.7 s; peak memory unchanged). A
-    value the user set for the same tunable wins; other C libraries ignore the variable.
-    """
-    if not tunables:
-        return _HUGE_PAGE_MALLOC
-    if "glibc.malloc.hugetlb=" in tunables:
-        return tunables
-    return f"{tunables}:{_HUGE_PAGE_MALLOC}"
 
 
 def _send_config(fd: int, config: MountConfig) -> None:
@@ -295,7 +276,7 @@ def _busy_or_fail(mountpoint: str, stderr: str, force: bool, pid: int) -> str:
 
 # -- status, prefetch and cache: the rest of the API the CLI prints --------------------------------
 def status(mountpoint: str | os.PathLike | None = None) -> list[dict]:
-    """Status of every recorded mount (or the one at `mountpoint`), in DESIGN.md's schema.
+    """Status of every recorded mount (or the one at `mountpoint`), in the schema of README "Status and metrics".
 
     A running daemon answers on its control socket with figures of this moment (`live`: true); a dead
     or silent one is shown from its last saved state (`live`: false, and `alive`: false if dead).

@@ -3,7 +3,7 @@
 - Process-wide tallies that a layer bumps with one call: FUSE replies by errno (`count_error`, from the
   adapter's error mapping) and upstream requests by status class (`timed_send`, around the HTTP send).
 - `StatusServer`: the mount's control socket in the runtime directory (owner-only). It answers each
-  connection with the daemon's status, built at that moment, in the JSON schema of DESIGN.md, so a
+  connection with the daemon's status, built at that moment, in the JSON schema of README "Status and metrics", so a
   figure read right after an operation already includes it. `query_status` is its client.
 - `Metrics`: `--metrics-addr` serves /metrics with prometheus_client from a private registry. Counters
   and gauges are read from the same status snapshot at scrape time (nothing is counted twice, nothing

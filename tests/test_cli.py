@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from hffs_neuron.mount import with_huge_page_malloc
+from hffs_neuron.process_tuning import with_huge_page_malloc
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
 

@@ -70,7 +70,7 @@ def test_status_is_live_right_after_a_read(
     assert state["cache"]["used_bytes"] >= len(neff) and state["cache"]["limit_bytes"] == 50 * 1024**3
     assert state["cache"]["dir"] == state["cache_dir"]
     assert c["http_requests"] >= 1 and c["http_status"].get("2xx", 0) >= 1
-    # The whole DESIGN.md schema, with neutral values for parts other subsystems fill in.
+    # The whole schema of README "Status and metrics", with neutral values for parts other subsystems fill in.
     assert (state["view"], state["source"], state["mountpoint"]) == ("neff", BUCKET, str(mp))
     assert state["alive"] is True and state["pid"] > 0 and state["uptime_s"] >= 0
     assert state["in_flight"] == []

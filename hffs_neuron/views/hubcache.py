@@ -398,7 +398,7 @@ class HubCacheView(MergedView):
             return FileHandle(fd=fd, keep_cache=True, on_release=unpin)
         raise fs_error(errno.ENOENT)
 
-    # -- shared-host rules (DESIGN.md "Multi-user model") ---------------------------------------
+    # -- shared-host rules (README "Security model") ---------------------------------------
     def check_write(self, path: str, caller: Caller | None) -> None:
         """Other users write only where huggingface_hub must: lock files, `.no_exist` markers and refs
         (a ref only as a rename that names the Hub's commit, see `rename`). Snapshots and blobs come

@@ -36,14 +36,13 @@ from .creators import Caller
 from .layer_events import LayerEvents
 from .localfs import LocalTree
 from .merged import FileHandle, MergedView, VNode, fs_error
+from .neff_names import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
 
 if TYPE_CHECKING:
     from .neff_probe import NameProber
 
 logger = logging.getLogger(__name__)
 
-MODULE_PREFIX = "MODULE_"
-VERSION_PREFIX = "neuronxcc-"
 # Up to this many not-yet-listed modules, a readdir lists each to hide failed ones.
 EAGER_MODULE_CHECKS = 64
 
@@ -51,10 +50,6 @@ EAGER_MODULE_CHECKS = 64
 def is_module_complete(names: set[str]) -> bool:
     """A compiled entry is complete when its NEFF and done marker exist and nothing says otherwise."""
     return "model.neff" in names and "model.done" in names and "model.log" not in names
-
-
-def is_lock_name(name: str) -> bool:
-    return name.endswith(".lock") or name == "lock"
 
 
 class NeffView(LayerEvents, MergedView):
@@ -131,6 +126,7 @@ class NeffView(LayerEvents, MergedView):
         elif partial:
             self.meta.update(self._listing_key(parent), lambda _listing: None)
         else:
+            self._seed_new_directories(parent)
             self._edit_listing(parent, lambda listing: {**listing, name: entry})
         if entry is not None:  # its directories exist now (bucket directories are implicit)
             directory = parent
@@ -149,6 +145,21 @@ class NeffView(LayerEvents, MergedView):
             directory = posixpath.dirname(directory)
             affected.append(directory)
         return affected
+
+    def _seed_new_directories(self, directory: str) -> None:
+        """Cache an empty listing for each directory of `directory` (top down) that its parent's cached
+        listing lacks: it is new upstream, so every file in it arrives through the feed, which fills the
+        listing. Without this each node that follows the bucket would list a module another node just
+        published on its next lookup (one tree listing per module per node)."""
+        chain = []
+        while directory:
+            chain.append(directory)
+            directory = posixpath.dirname(directory)
+        for directory in reversed(chain):
+            up, child = posixpath.split(directory)
+            above = self.meta.peek(self._listing_key(up))
+            if isinstance(above, dict) and child not in above:
+                self.meta.get(self._listing_key(directory), dict, ttl=self.listing_ttl)  # no-op if cached
 
     def forget_listings(self) -> None:
         """Drop every cached listing (the event feed lost track: the next lookups relist)."""

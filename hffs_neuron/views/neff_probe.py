@@ -21,7 +21,7 @@ from cachetools import LRUCache, TTLCache
 from .. import constants
 from ..errors import RemoteNotFound
 from ..remote.base import Remote, RemoteEntry
-from .neff import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
+from .neff_names import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
 
 logger = logging.getLogger(__name__)
 
