@@ -123,10 +123,10 @@ def parse_repo_spec(spec: str) -> tuple[str, str, str]:
 
 def validate_config(config: MountConfig) -> None:
     """Raise UsageError for input problems detectable before contacting anything."""
-    from .remote.bucket import check_bucket_id
+    from .sources import parse_source
 
     if config.view == "neff":
-        check_bucket_id(config.source)
+        parse_source(config.source, config.prefix)
     elif config.publish:
         raise UsageError("--publish works on NEFF mounts only")
     if config.fsname and (not config.fsname.isprintable() or any(c.isspace() for c in config.fsname)):

@@ -40,6 +40,7 @@ from .runtime import (
     state_path,
     users_of,
 )
+from .sources import parse_source
 from .telemetry import query_status
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,8 @@ def mount(
     if view not in VIEWS:
         raise UsageError(f"unknown view {view!r}: expected one of {', '.join(VIEWS)}")
     config = MountConfig(view=view, mountpoint=os.path.abspath(mountpoint), source=source, **options)
+    if view == "neff":  # any accepted spelling (hffs_neuron/sources.py) is kept in its one canonical form
+        config.source, config.prefix = parse_source(config.source, config.prefix).config_fields()
     validate_config(config)
     check_fuse_available()
     check_mountpoint(config.mountpoint)

@@ -133,7 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mount", help="mount a view")
     views = m.add_subparsers(dest="view", required=True, parser_class=_Parser)
     neff = views.add_parser("neff", help="a Storage Bucket's flat Neuron cache (NEURON_COMPILE_CACHE_URL)")
-    neff.add_argument("bucket_id")
+    neff.add_argument(
+        "bucket_id", metavar="SOURCE", help="ORG/NAME (a bucket), hf://buckets/ORG/NAME[/PREFIX], hf://ORG/NAME[@REV]"
+    )
     neff.add_argument("mountpoint")
     neff.add_argument("--prefix", default=None, help="mount this folder of the bucket")
     neff.add_argument("--read-only", action="store_true", help="refuse writes with EROFS")
@@ -271,6 +273,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
     """(view, mountpoint, source, token, MountConfig options) of a `mount` command, checked as far as
     possible without mounting (FUSE present, sizes, durations, ids, token file, log level)."""
     from hffs_neuron.config import MountConfig, validate_config
+    from hffs_neuron.sources import parse_source
 
     check_fuse_available()
     options = {
@@ -291,9 +294,9 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
     }
     parse_size(args.cache_size)
     if args.view == "neff":
-        source = args.bucket_id
+        source, prefix = parse_source(args.bucket_id, args.prefix).config_fields()
         options.update(
-            prefix=args.prefix,
+            prefix=prefix,
             read_only=args.read_only,
             show_model_area=args.show_model_area,
             publish=args.publish,
