@@ -8,8 +8,10 @@ A session resumes strictly after ``?cursor=``, or replays the changes since ``?s
 
 Changes are found by comparing snapshots of a bucket's directory (size, mtime): a write through the
 batch route is recorded at once, a file written straight into the directory within one poll (while a
-client follows). Off by default (most tests exercise probe mode): ``hub.bucket_events.enabled = True``
-serves it; switching it off ends open sessions, and new ones get 404.
+client follows). However many sessions follow a bucket (a fleet: one per node), its directory is
+scanned at most once per poll interval, and each batch of changes is hashed once for all of them.
+Off by default (most tests exercise probe mode): ``hub.bucket_events.enabled = True`` serves it; switching
+it off ends open sessions, and new ones get 404.
 """
 
 from __future__ import annotations
@@ -23,12 +25,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hffs_neuron.testing.emulator.protocol import NOT_FOUND, HubError, Request, Response, iso
-
-if TYPE_CHECKING:
-    from hffs_neuron.testing.emulator.hub import HubEmulator
+from hffs_neuron.testing.emulator.protocol import NOT_FOUND, EmulatorHub, HubError, Request, Response, iso
 
 POLL_INTERVAL = 0.2  # seconds between directory scans while a client follows
 KEEPALIVE = 5.0  # seconds between keep-alive comments (the Hub pings every ~30 s; shorter frees threads sooner)
@@ -42,10 +41,11 @@ class _Feed:
     batches: deque = field(default_factory=lambda: deque(maxlen=REPLAY_BATCHES))  # (seq, time, changes)
     seq: int = 0
     updated: float = field(default_factory=time.time)
+    polled: float = field(default_factory=time.monotonic)  # when a session's poll last scanned it
 
 
 class BucketEvents:
-    def __init__(self, hub: HubEmulator) -> None:
+    def __init__(self, hub: EmulatorHub) -> None:
         self.hub = hub
         self.enabled = False
         self._cond = threading.Condition()
@@ -63,8 +63,18 @@ class BucketEvents:
             feed = self._feeds.get(directory)
         return iso(feed.updated if feed else directory.stat().st_mtime)
 
-    def scan(self, directory: Path) -> None:
-        """Record what changed in `directory` since the last scan (nothing before the first one)."""
+    def scan(self, directory: Path, *, poll: bool = False) -> None:
+        """Record what changed in `directory` since the last scan (nothing before the first one).
+
+        `poll`: a following session's idle poll, skipped if another session's poll scanned within the
+        poll interval (N sessions cost one scan per interval, not N).
+        """
+        if poll:
+            with self._cond:
+                feed = self._feeds.get(directory)
+                if feed is None or time.monotonic() - feed.polled < POLL_INTERVAL:
+                    return
+                feed.polled = time.monotonic()
         snapshot = _snapshot(directory)
         with self._cond:
             feed = self._feeds.get(directory)
@@ -160,7 +170,7 @@ class BucketEvents:
                 yield _event("changes", {"cursor": str(seq), "changes": items})
                 after = seq
             if not fresh:
-                self.scan(directory)
+                self.scan(directory, poll=True)
                 if time.monotonic() - pinged > KEEPALIVE:
                     pinged = time.monotonic()
                     yield b": ping\n\n"
