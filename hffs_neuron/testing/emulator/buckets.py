@@ -14,11 +14,12 @@ import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from hffs_neuron.testing.emulator.cas import token_response
 from hffs_neuron.testing.emulator.protocol import (
     NOT_FOUND,
+    EmulatorHub,
     HubError,
     Request,
     Response,
@@ -31,9 +32,6 @@ from hffs_neuron.testing.emulator.protocol import (
 )
 from hffs_neuron.testing.emulator.repos import FileSource
 
-if TYPE_CHECKING:
-    from hffs_neuron.testing.emulator.hub import HubEmulator
-
 
 def bucket_key(bucket_id: str) -> str:
     return f"bucket:{bucket_id.lower()}"
@@ -42,7 +40,7 @@ def bucket_key(bucket_id: str) -> str:
 class BucketStore:
     """Every bucket of one emulator (its directories under the root) and the routes that read them."""
 
-    def __init__(self, hub: HubEmulator) -> None:
+    def __init__(self, hub: EmulatorHub) -> None:
         self.hub = hub
 
     @property

@@ -26,10 +26,10 @@ import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from hffs_neuron.testing.emulator.protocol import (
     HEX,
+    EmulatorHub,
     HubError,
     RangeNotSatisfiable,
     Request,
@@ -41,9 +41,6 @@ from hffs_neuron.testing.emulator.protocol import (
 )
 from hffs_neuron.testing.emulator.xet_bridge import EMPTY_HASH
 from hffs_neuron.testing.emulator.xet_format import FormatError, Segment, parse_shard, xorb_chunk_offsets
-
-if TYPE_CHECKING:
-    from hffs_neuron.testing.emulator.hub import HubEmulator
 
 #: Route prefix of the ranged xorb downloads a reconstruction points to.
 XORB_DATA = "/v1/xorb-data/"
@@ -58,7 +55,7 @@ def _is_hash(value: str) -> bool:
 class CasStore:
     """Xorbs, shards and file reconstructions of one emulator, and the CAS routes."""
 
-    def __init__(self, hub: HubEmulator, token_ttl: float) -> None:
+    def __init__(self, hub: EmulatorHub, token_ttl: float) -> None:
         self.hub = hub
         self.token_ttl = token_ttl
         self._lock = threading.Lock()

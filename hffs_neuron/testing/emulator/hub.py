@@ -14,11 +14,12 @@ first time a bucket file is seen with a given size and mtime), never per request
 
 from __future__ import annotations
 
+import bisect
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -38,6 +39,7 @@ from hffs_neuron.testing.emulator.protocol import (
     decode_cursor,
     encode_cursor,
     json_response,
+    whoami,
 )
 from hffs_neuron.testing.emulator.repos import FileSource, RepoStore, repo_key
 from hffs_neuron.testing.emulator.server import Server
@@ -49,8 +51,9 @@ logger = logging.getLogger(__name__)
 class HubEmulator:
     """A Hub served from ``root`` on a local port (plus a second "CDN" origin for LFS redirects).
 
-    Use as a context manager or call :meth:`start` / :meth:`stop`. ``page_size`` and
-    ``redirect_lfs`` may be changed while it runs. ``conn_mbps`` (a bandwidth cap per TCP connection,
+    Use as a context manager or call :meth:`start` / :meth:`stop`. ``page_size``, ``page_latency_s``
+    (seconds each page of a tree listing takes before it is answered, like a slow Hub paging a large
+    repo) and ``redirect_lfs`` may be changed while it runs. ``conn_mbps`` (a bandwidth cap per TCP connection,
     in 10^6 bytes/s) and ``latency_ms`` (added to every request) simulate a real network; both are off
     by default and can be changed while running with :meth:`set_network`.
 
@@ -67,6 +70,7 @@ class HubEmulator:
         host: str = "127.0.0.1",
         port: int = 0,
         page_size: int = 1000,
+        page_latency_s: float = 0.0,
         redirect_lfs: bool = False,
         tokens: Iterable[str] = (),
         conn_mbps: float | None = None,
@@ -76,9 +80,9 @@ class HubEmulator:
     ) -> None:
         self.root = Path(root).absolute()
         self.host, self._port = host, port
-        self.page_size, self.redirect_lfs = page_size, redirect_lfs
+        self.page_size, self.page_latency_s, self.redirect_lfs = page_size, page_latency_s, redirect_lfs
         self.network = NetworkProfile(conn_mbps, latency_ms)
-        self._defaults = (page_size, redirect_lfs, self.network, xet)
+        self._defaults = (page_size, page_latency_s, redirect_lfs, self.network, xet)
         self.tokens = frozenset(tokens)
         self.xet = xet
         self.faults = FaultInjector()
@@ -145,7 +149,7 @@ class HubEmulator:
                 else:
                     child.unlink()
             self._init_root()
-        self.page_size, self.redirect_lfs, self.network, self.xet = self._defaults
+        self.page_size, self.page_latency_s, self.redirect_lfs, self.network, self.xet = self._defaults
         self.faults.clear()
         self.reset_stats()
 
@@ -256,6 +260,8 @@ class HubEmulator:
             return cas
         if seg[:2] == ["api", "agent-harnesses"]:
             return json_response({"standardEnvVars": [], "harnesses": {}})
+        if seg[:2] == ["api", "whoami-v2"] and method == "GET":
+            return whoami(bearer_token(req.headers), self.tokens)
         if len(seg) >= 4 and seg[0] == "api" and seg[1] in ("models", "datasets"):
             return self.repos.route_api(seg[1][:-1], f"{seg[2]}/{seg[3]}", seg[4:], req)
         if len(seg) >= 4 and seg[:2] == ["api", "buckets"]:
@@ -279,15 +285,21 @@ class HubEmulator:
         The cursor is the last path served, so a listing that changes between pages still progresses.
         """
         items.sort(key=lambda i: str(i.get("path", "")))
+        paths = [str(i.get("path", "")) for i in items]
+        return self.paginated_paths(paths, lambda index: items[index], req)
+
+    def paginated_paths(self, paths: Sequence[str], item: Callable[[int], dict[str, Any]], req: Request) -> Response:
+        """Like :meth:`paginated` for sorted ``paths`` whose items ``item(index)`` builds: only the page's
+        items are built, so paging a listing of 500,000 entries costs each page its own size."""
         cursor = req.param("cursor")
-        if cursor:
-            last = decode_cursor(cursor)
-            items = [i for i in items if str(i.get("path", "")) > last]
+        start = bisect.bisect_right(paths, decode_cursor(cursor)) if cursor else 0
         size = max(1, int(self.page_size))
-        page = items[:size]
+        page = [item(i) for i in range(start, min(start + size, len(paths)))]
         headers = {}
-        if len(items) > size:
+        if start + size < len(paths):
             params = [(k, v) for k, vs in req.query.items() if k != "cursor" for v in vs]
-            params.append(("cursor", encode_cursor(str(page[-1].get("path", "")))))
+            params.append(("cursor", encode_cursor(paths[start + size - 1])))
             headers["Link"] = f'<{self.url}{req.raw_path}?{urlencode(params)}>; rel="next"'
+        if self.page_latency_s > 0:
+            self.stop_event.wait(self.page_latency_s)
         return json_response(page, headers=headers)

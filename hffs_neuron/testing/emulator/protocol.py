@@ -8,15 +8,42 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qs
 
 HEX = frozenset("0123456789abcdef")
 NOT_FOUND = "Sorry, we can't find the page you are looking for."
+
+
+class EmulatorHub(Protocol):
+    """What the emulator's parts (stores, bridge, server) use of the ``hub.HubEmulator`` that owns them.
+
+    Typed here rather than imported from ``hub.py``: that module imports every part, so a part importing
+    it back would close an import circle. The parts' own classes are ``Any`` for the same reason.
+    """
+
+    root: Path
+    url: str
+    cdn_url: str | None
+    xet: bool
+    redirect_lfs: bool
+    stop_event: threading.Event
+    accounting: Any  # accounting.Accounting
+    buckets: Any  # buckets.BucketStore
+    bucket_events: Any  # events.BucketEvents
+    cas: Any  # cas.CasStore
+    xet_bridge: Any  # xet_bridge.XetBridge
+
+    def authorized(self, headers: Mapping[str, str]) -> bool: ...
+    def route(self, req: Request) -> Response: ...
+    def overrides_for(self, key: str, prefix: str) -> list[dict[str, Any]]: ...
+    def xet_headers(self, xet_hash: str, token_route: str) -> dict[str, str]: ...
+    def paginated(self, items: list[dict[str, Any]], req: Request) -> Response: ...
 
 
 @dataclass
@@ -165,6 +192,14 @@ def bearer_token(headers: Mapping[str, str]) -> str | None:
     """The token of an ``Authorization: Bearer`` header, if any."""
     scheme, _, token = (headers.get("Authorization") or "").partition(" ")
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def whoami(token: str | None, valid: frozenset[str]) -> Response:
+    """``GET /api/whoami-v2``: who the token belongs to, or 401 (as the Hub answers) for none or an unknown one."""
+    if token is None or token not in valid:
+        raise HubError(401, None, "Invalid credentials in Authorization header")
+    auth = {"type": "access_token", "accessToken": {"displayName": "emulator", "role": "read"}}
+    return json_response({"type": "user", "name": "hffs-test", "auth": auth})
 
 
 def iso(ts: float) -> str:

@@ -17,13 +17,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import Any, Union
 from urllib.parse import quote
 
 from hffs_neuron.testing.emulator.cas import token_response
 from hffs_neuron.testing.emulator.protocol import (
     HEX,
     NOT_FOUND,
+    EmulatorHub,
     HubError,
     Request,
     Response,
@@ -36,9 +37,6 @@ from hffs_neuron.testing.emulator.protocol import (
     parse_form_or_json,
     truthy,
 )
-
-if TYPE_CHECKING:
-    from hffs_neuron.testing.emulator.hub import HubEmulator
 
 #: Files at least this large are stored as LFS files by default (the Hub's own rule of thumb).
 LFS_MIN_SIZE = 10 * 1024
@@ -127,7 +125,7 @@ def build_tree_index(files: dict[str, dict[str, Any]]) -> TreeIndex:
 class RepoStore:
     """Every repo of one emulator, persisted under its root, and the routes that read them."""
 
-    def __init__(self, hub: HubEmulator) -> None:
+    def __init__(self, hub: EmulatorHub) -> None:
         self.hub = hub
         self._lock = threading.RLock()
         self._repos: dict[str, Repo] = {}

@@ -14,17 +14,14 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from hffs_neuron.testing.emulator.accounting import RequestRecord
 from hffs_neuron.testing.emulator.faults import ANSWER_KINDS, BODY_KINDS, CONNECTION_KINDS, PRE_KINDS, FaultRule
 from hffs_neuron.testing.emulator.network import NetworkProfile, Pacer
-from hffs_neuron.testing.emulator.protocol import FileBody, HubError, Request, Response, json_response
+from hffs_neuron.testing.emulator.protocol import EmulatorHub, FileBody, HubError, Request, Response, json_response
 from hffs_neuron.testing.emulator.xet_bridge import INTERNAL_HEADER
-
-if TYPE_CHECKING:
-    from hffs_neuron.testing.emulator.hub import HubEmulator
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +40,7 @@ class Server(ThreadingHTTPServer):
     allow_reuse_address = True
     request_queue_size = 256  # many parallel workers (e.g. 32 compile ranks) connect at once
 
-    def __init__(self, address: tuple[str, int], emulator: HubEmulator, role: str):
+    def __init__(self, address: tuple[str, int], emulator: EmulatorHub, role: str):
         self.emulator = emulator
         self.role = role  # "hub" or "cdn"
         self._conns: set[socket.socket] = set()

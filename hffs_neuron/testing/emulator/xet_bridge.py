@@ -16,10 +16,9 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from hffs_neuron.testing.emulator.hub import HubEmulator
+from hffs_neuron.testing.emulator.protocol import EmulatorHub
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ _MAX_ENTRIES = 100_000
 class XetBridge:
     """Xet hashes of local files and their lazy upload to (or download from) the emulator's CAS."""
 
-    def __init__(self, hub: HubEmulator) -> None:
+    def __init__(self, hub: EmulatorHub) -> None:
         self.hub = hub
         self._lock = threading.Lock()
         self._hashes: dict[str, tuple[int, int, str]] = {}  # path -> (size, mtime_ns, xet hash)
