@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--page-size", type=int, default=1000)
+    parser.add_argument(
+        "--page-latency", type=float, default=0.0, help="seconds each page of a tree listing takes (a slow Hub)"
+    )
     parser.add_argument("--redirect-lfs", action="store_true", help="answer LFS downloads with a 302 to the CDN")
     parser.add_argument("--token", action="append", default=[], help="accepted token for gated repos (repeatable)")
     parser.add_argument("--sample", action="store_true", help="populate the demo NEFF bucket and sharded repo")
@@ -52,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         page_size=args.page_size,
+        page_latency_s=args.page_latency,
         redirect_lfs=args.redirect_lfs,
         tokens=args.token,
         conn_mbps=args.conn_mbps,

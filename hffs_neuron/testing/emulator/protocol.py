@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,6 +44,9 @@ class EmulatorHub(Protocol):
     def overrides_for(self, key: str, prefix: str) -> list[dict[str, Any]]: ...
     def xet_headers(self, xet_hash: str, token_route: str) -> dict[str, str]: ...
     def paginated(self, items: list[dict[str, Any]], req: Request) -> Response: ...
+    def paginated_paths(
+        self, paths: Sequence[str], item: Callable[[int], dict[str, Any]], req: Request
+    ) -> Response: ...
 
 
 @dataclass

@@ -7,6 +7,7 @@ Repo files live under ``<root>/blobs/<sha256>``; each repo's index is persisted 
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import hashlib
 import json
@@ -100,7 +101,14 @@ class TreeIndex:
 
     files: dict[str, dict[str, Any]]
     dir_oids: dict[str, str]  # "" is the root
-    children: dict[str, list[str]]  # dir -> full paths of its direct children
+    children: dict[str, list[str]]  # dir -> full paths of its direct children (sorted)
+    _everything: list[str] | None = None
+
+    def everything(self) -> list[str]:
+        """Every file and directory path, sorted (built on the first recursive listing)."""
+        if self._everything is None:
+            self._everything = sorted([*self.files, *(d for d in self.dir_oids if d)])
+        return self._everything
 
 
 def build_tree_index(files: dict[str, dict[str, Any]]) -> TreeIndex:
@@ -377,14 +385,18 @@ class RepoStore:
             raise HubError(404, "EntryNotFound", f"{path} does not exist on {revision} or is not a directory")
         expand = truthy(req.param("expand"))
         if truthy(req.param("recursive")):
-            start = path + "/" if path else ""
-            names = [p for p in (*index.files, *index.dir_oids) if p and p.startswith(start)]
+            names = index.everything()
+            if path:  # sorted: everything below `path/` is one run of the list
+                lo = bisect.bisect_left(names, path + "/")
+                names = names[lo : bisect.bisect_left(names, path + "0")]  # "0" sorts right after "/"
         else:
             names = index.children.get(path, [])
         commit = repo.commits[sha]
-        items = [self._item(index, p, sha, commit, expand) for p in names]
-        items += self.hub.overrides_for(repo_key(repo.repo_type, repo.repo_id), path)
-        return self.hub.paginated(items, req)
+        overrides = self.hub.overrides_for(repo_key(repo.repo_type, repo.repo_id), path)
+        if overrides:  # raw items of hostile-listing tests: few repos, small; built whole
+            items = [self._item(index, p, sha, commit, expand) for p in names] + overrides
+            return self.hub.paginated(items, req)
+        return self.hub.paginated_paths(names, lambda i: self._item(index, names[i], sha, commit, expand), req)
 
     def _paths_info(self, repo: Repo, revision: str, req: Request) -> Response:
         sha = self.commit(repo, revision)
