@@ -27,6 +27,7 @@ from urllib.parse import urlencode
 from hffs_neuron.testing.emulator.accounting import Accounting, RequestRecord
 from hffs_neuron.testing.emulator.buckets import BucketStore, bucket_key
 from hffs_neuron.testing.emulator.cas import CasStore
+from hffs_neuron.testing.emulator.commits import CommitRoutes
 from hffs_neuron.testing.emulator.events import BucketEvents
 from hffs_neuron.testing.emulator.faults import FaultInjector
 from hffs_neuron.testing.emulator.network import NetworkProfile
@@ -95,6 +96,7 @@ class HubEmulator:
         self._servers: list[Server] = []
         self._init_root()
         self.repos = RepoStore(self)
+        self.commits = CommitRoutes(self)  # create_commit's routes and refs (commits.py)
         self.buckets = BucketStore(self)
         self.bucket_events = BucketEvents(self)
         self.cas = CasStore(self, xet_token_ttl)
@@ -262,6 +264,8 @@ class HubEmulator:
             return json_response({"standardEnvVars": [], "harnesses": {}})
         if seg[:2] == ["api", "whoami-v2"] and method == "GET":
             return whoami(bearer_token(req.headers), self.tokens)
+        if (written := self.commits.route(req)) is not None:
+            return written
         if len(seg) >= 4 and seg[0] == "api" and seg[1] in ("models", "datasets"):
             return self.repos.route_api(seg[1][:-1], f"{seg[2]}/{seg[3]}", seg[4:], req)
         if len(seg) >= 4 and seg[:2] == ["api", "buckets"]:

@@ -130,6 +130,9 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         self._dispatch()
 
+    def do_PUT(self) -> None:  # LFS uploads (commits.py)
+        self._dispatch()
+
     # -- request handling --------------------------------------------------------------------------
 
     def _dispatch(self) -> None:
