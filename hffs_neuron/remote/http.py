@@ -75,6 +75,7 @@ class HubHttp:
         max_retries: int = constants.MAX_RETRIES,
         max_connections: int = 64,
         max_listing_pages: int = constants.MAX_LISTING_PAGES,
+        offline: bool = False,
     ):
         self.endpoint = (endpoint or hf_constants.ENDPOINT).rstrip("/")
         self._token = token if token is not None else get_token()
@@ -82,6 +83,8 @@ class HubHttp:
         self.operation_timeout = operation_timeout
         self.max_retries = max_retries
         self.max_listing_pages = max_listing_pages
+        # HF_HUB_OFFLINE=1 in the daemon's environment: nothing is ever sent; what is not cached is missing.
+        self.offline = offline
         self._client = httpx2.Client(
             follow_redirects=True,  # httpx drops Authorization on cross-origin redirects (CDN)
             timeout=httpx2.Timeout(read_timeout, connect=connect_timeout),
@@ -137,6 +140,8 @@ class HubHttp:
         self, method: str, url: str, deadline: float, stream: bool = False, anonymous: bool = False, **kwargs: Any
     ) -> httpx2.Response:
         """One attempt; `anonymous`: without our token (a URL the endpoint sent us to on another origin)."""
+        if self.offline:
+            raise RemoteNotFound(f"{urlsplit(url).path}: not cached, and HF_HUB_OFFLINE=1 keeps the mount off the Hub")
         headers = {k: v for k, v in self._headers.items() if not (anonymous and k.lower() == "authorization")}
         headers.update(kwargs.pop("headers", None) or {})
         # A third of the operation's deadline at most (capped by what is left of it), so a stalled
