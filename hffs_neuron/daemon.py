@@ -140,13 +140,13 @@ class MountRuntime:
     def _build_view(self, cache_dir: Path):
         config = self.config
         if config.view == "neff":
-            from .remote.bucket import Bucket
+            from .sources import parse_source
             from .views.neff import NeffView
 
-            bucket = Bucket(self.http, config.source, config.prefix)
+            bucket = parse_source(config.source, config.prefix).open(self.http, config.metadata_ttl)
             # Layers are per host (README "Sharing one cache between nodes"): a cache dir on a cluster filesystem
             # gives each host its own.
-            layer = f"{self.http.endpoint}|{bucket.bucket_id}|{bucket.prefix}|{HOST}"
+            layer = f"{self.http.endpoint}|{bucket.layer_identity}|{HOST}"
             key = hashlib.sha256(layer.encode()).hexdigest()[:16]
             return NeffView(
                 bucket,
@@ -232,7 +232,7 @@ class MountRuntime:
                 invalidate=self.ops.invalidate,
             )
         follow = None
-        if self.config.follow_events:
+        if self.config.follow_events and self.view.remote.event_feed:  # buckets have one, repos not
             follow = EventFollow(self.view, self.view.remote, self.http.endpoint, self.ops.invalidate)
             self.view.events_live = follow.live
         return stale_locks, follow

@@ -15,9 +15,15 @@ the repo's `main` branch is followed. The canonical string is the bare id for a 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote, unquote
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .remote.bucket import Bucket
+    from .remote.http import HubHttp
+    from .remote.repo import RepoTree
 
 BUCKET = "bucket"
 MODEL = "model"
@@ -48,6 +54,14 @@ class Source:
         kind = "datasets/" if self.kind == DATASET else ""
         rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
         return f"hf://{kind}{self.repo_id}{rev}"
+
+    def open(self, http: HubHttp, ref_ttl: float) -> Bucket | RepoTree:
+        """The NEFF view's remote of this source (resolved now: a request to the Hub); a repo checks its
+        branch for new commits at most once per `ref_ttl` seconds."""
+        from .remote.bucket import Bucket
+        from .remote.repo import RepoTree
+
+        return Bucket(http, self.repo_id, self.prefix) if self.kind == BUCKET else RepoTree(http, self, ref_ttl)
 
     def config_fields(self) -> tuple[str, str | None]:
         """(MountConfig.source, MountConfig.prefix): a bucket keeps its id and prefix apart, as before

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -63,6 +63,7 @@ class RemoteEntry:
     lfs: bool = False
     git_oid: str | None = None  # the git object id (for LFS files: of the pointer), Hub repos only
     xet_hash: str | None = None  # set when the file can also be reconstructed from the Xet CAS (remote/xet.py)
+    commit: str | None = None  # the repo commit it was listed at (remote/repo.py): fetched from that commit
 
     @property
     def name(self) -> str:
@@ -100,6 +101,58 @@ def drop_unsafe(entries: list[RemoteEntry], source: str) -> list[RemoteEntry]:
         else:
             logger.warning("%s: ignoring remote entry with an unsafe name: %r", source, entry.path)
     return kept
+
+
+_MAX_DROPPED = 10_000  # dropped entries remembered (to log each once); beyond, the memory starts over
+
+
+class DropLog:
+    """Logs each listing item left out once per path and reason: listings reload every TTL."""
+
+    def __init__(self) -> None:
+        self._seen: set[tuple[str, str]] = set()
+
+    def __call__(self, what: str, path: str, exc: ValueError) -> None:
+        key = (path, str(exc))
+        if key in self._seen:
+            return
+        if len(self._seen) >= _MAX_DROPPED:
+            self._seen.clear()
+        self._seen.add(key)
+        logger.warning("%s: ignoring %r: %s", what, path, exc)
+
+
+def direct_children(
+    items: Iterable[dict], parent: str, make: Callable[[dict], RemoteEntry], what: str, drop: DropLog
+) -> list[RemoteEntry]:
+    """The entries of listing `items` that are direct children of remote directory `parent` (full path,
+    "" for the root): unsafe names and items `make` refuses (ValueError) are left out and logged.
+
+    Whole-component prefix match, whatever the server does: `foo` never lists `foo.sample`. A file and a
+    directory with one name cannot both exist in a filesystem: the directory (which may hold a whole
+    module) wins, deterministically.
+    """
+    start = parent + "/" if parent else ""
+    by_name: dict[str, RemoteEntry] = {}
+    for item in items:
+        item_path = item.get("path") if isinstance(item, dict) else None
+        if not isinstance(item_path, str) or not is_safe_path(item_path):
+            logger.warning("%s: ignoring remote entry with an unsafe name: %r", what, item_path)
+            continue
+        if not item_path.startswith(start) or "/" in item_path[len(start) :]:
+            continue
+        try:
+            entry = make(item)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            drop(what, item_path, exc if isinstance(exc, ValueError) else ValueError(f"malformed item ({exc})"))
+            continue
+        other = by_name.get(entry.name)
+        if other is not None and other.is_dir != entry.is_dir:
+            logger.warning("%s: %r is both a file and a directory; showing the directory", what, item_path)
+            if other.is_dir:
+                continue
+        by_name[entry.name] = entry
+    return list(by_name.values())
 
 
 class Remote(Protocol):

@@ -9,12 +9,11 @@ from datetime import datetime
 from urllib.parse import quote
 
 from ..errors import RemoteNotFound, UsageError
-from .base import XET, Digest, RemoteEntry, checked_size, is_safe_path, is_sha256
+from .base import XET, Digest, DropLog, RemoteEntry, checked_size, direct_children, is_safe_path, is_sha256
 from .http import HubHttp
 
 logger = logging.getLogger(__name__)
 
-_MAX_DROPPED = 10_000  # dropped entries remembered (to log each once); beyond, the memory starts over
 _BUCKET_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
@@ -39,6 +38,8 @@ class Bucket:
     Paths given to and returned by this class are relative to `prefix`.
     """
 
+    event_feed = True  # the Hub serves its change feed (views/neff_follow.py)
+
     def __init__(self, http: HubHttp, bucket_id: str, prefix: str | None = None):
         check_bucket_id(bucket_id)
         prefix = (prefix or "").strip("/")
@@ -48,7 +49,7 @@ class Bucket:
         self.endpoint = http.endpoint
         self.bucket_id = bucket_id
         self._warned_unhashed = False
-        self._dropped: set[tuple[str, str]] = set()  # (path, reason) of entries dropped and logged
+        self._drop = DropLog()
         self.prefix = prefix
         info = http.get_json(f"api/buckets/{bucket_id}", what=f"bucket {bucket_id}")
         canonical = info.get("id") if isinstance(info, dict) else None
@@ -56,6 +57,7 @@ class Bucket:
             self.bucket_id = canonical  # the Hub's casing; anything else (a bad answer) is ignored
         self.private = bool(info.get("private")) if isinstance(info, dict) else False
         self.cache_namespace = f"{http.endpoint}|{http.token_fingerprint}|bucket|{self.bucket_id}|{prefix}"
+        self.layer_identity = f"{self.bucket_id}|{prefix}"  # what the NEFF local layer's key names
 
     def _full(self, path: str) -> str:
         path = path.strip("/")
@@ -104,45 +106,12 @@ class Bucket:
             mtime=mtime,
         )
 
-    def _drop(self, what: str, path: str, exc: ValueError) -> None:
-        """Log an entry left out of a listing, once per path and reason: listings reload every TTL."""
-        key = (path, str(exc))
-        if key in self._dropped:
-            return
-        if len(self._dropped) >= _MAX_DROPPED:
-            self._dropped.clear()
-        self._dropped.add(key)
-        logger.warning("%s: ignoring %r: %s", what, path, exc)
-
     def list(self, path: str) -> list[RemoteEntry]:
         full = self._full(path)
         what = f"bucket {self.bucket_id}: list {full or '/'}"
         suffix = f"/{quote(full, safe='')}" if full else ""
         items = self._http.paginate(f"api/buckets/{self.bucket_id}/tree{suffix}", {"recursive": "false"}, what)
-        parent = full + "/" if full else ""
-        by_name: dict[str, RemoteEntry] = {}
-        for item in items:
-            item_path = item.get("path")
-            if not isinstance(item_path, str) or not is_safe_path(item_path):
-                logger.warning("%s: ignoring remote entry with an unsafe name: %r", what, item_path)
-                continue
-            # Whole-component prefix match, whatever the server does: `foo` never lists `foo.sample`.
-            if not item_path.startswith(parent) or "/" in item_path[len(parent) :]:
-                continue
-            try:
-                entry = self._entry(item)
-            except ValueError as exc:
-                self._drop(what, item_path, exc)
-                continue
-            other = by_name.get(entry.name)
-            if other is not None and other.is_dir != entry.is_dir:
-                # A file and a directory with one name cannot both exist in a filesystem: the directory
-                # (which may hold a whole module) wins, deterministically.
-                logger.warning("%s: %r is both a file and a directory; showing the directory", what, item_path)
-                if other.is_dir:
-                    continue
-            by_name[entry.name] = entry
-        return list(by_name.values())
+        return direct_children(items, full, self._entry, what, self._drop)
 
     def stat(self, path: str) -> RemoteEntry:
         full = self._full(path)

@@ -5,6 +5,7 @@ Everything is generated deterministically (seeded), so tests can assert on exact
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from typing import TYPE_CHECKING, Any
@@ -33,11 +34,64 @@ def _module_files(rng: random.Random, neff_size: int) -> dict[str, bytes]:
 def build_neff_bucket(emulator: HubEmulator, bucket_id: str = "aws-neuron/optimum-neuron-cache") -> dict[str, Any]:
     """Create a bucket in the flat NEFF cache layout, including the poison real shared caches hold.
 
+    Returns `neff_cache_layout()`'s description with "bucket_id" and "dir".
+    """
+    files, description = neff_cache_layout()
+    directory = emulator.add_bucket(bucket_id, files)
+    return {"bucket_id": bucket_id, "dir": directory, **description}
+
+
+# optimum-neuron's registry of cached export configurations, as the model-repo cache holds it:
+# neuronxcc-<version>/0_REGISTRY/<optimum-neuron version>/<model_type>/<org>/<name>/<hash>.json.
+REGISTRY_ENTRIES = (
+    # (compiler version, optimum-neuron version, model_type, checkpoint, task, batch, sequence, cores, cast)
+    (COMPILER_VERSIONS[0], "0.4.1", "llama", "HFFS-Test/Tiny-Sharded", "text-generation", 1, 128, 2, "bf16"),
+    (COMPILER_VERSIONS[0], "0.4.1", "llama", "HFFS-Test/Tiny-Sharded", "text-generation", 4, 4096, 8, "bf16"),
+    (COMPILER_VERSIONS[1], "0.3.0", "llama", "HFFS-Test/Tiny-Sharded", "text-generation", 1, 2048, 2, "fp16"),
+    (COMPILER_VERSIONS[0], "0.4.1", "bert", "HFFS-Test/Tiny-Bert", "feature-extraction", 8, 256, 1, "fp32"),
+)
+
+
+def registry_files(entries: tuple = REGISTRY_ENTRIES) -> dict[str, bytes]:
+    """The registry json files of `entries` (each the model's config with a "neuron" section)."""
+    files = {}
+    for version, optimum, model_type, checkpoint, task, batch, sequence, cores, cast in entries:
+        neuron = {
+            "task": task,
+            "batch_size": batch,
+            "sequence_length": sequence,
+            "num_cores": cores,
+            "auto_cast_type": cast,
+            "compiler_type": "neuronx-cc",
+            "compiler_version": version.split("-", 1)[1],
+            "checkpoint_id": checkpoint,
+            "checkpoint_revision": "0123456789abcdef0123456789abcdef01234567",
+        }
+        body = json.dumps({"model_type": model_type, "neuron": neuron}, indent=2, sort_keys=True).encode()
+        digest = hashlib.sha256(body).hexdigest()[:20]
+        files[f"{version}/0_REGISTRY/{optimum}/{model_type}/{checkpoint}/{digest}.json"] = body
+    return files
+
+
+def build_neff_repo(emulator: HubEmulator, repo_id: str = "aws-neuron/optimum-neuron-cache") -> dict[str, Any]:
+    """Commit the flat NEFF cache layout (poison included) and a registry to model repo `repo_id`, as the
+    public optimum-neuron cache holds them. Returns `neff_cache_layout()`'s description with "repo_id",
+    "commit", "data" ({path: bytes}) and "registry_files" (the registry's paths)."""
+    files, description = neff_cache_layout()
+    registry = registry_files()
+    files.update(registry)
+    commit = emulator.add_repo(repo_id, files)
+    return {"repo_id": repo_id, "commit": commit, "data": files, "registry_files": sorted(registry), **description}
+
+
+def neff_cache_layout() -> tuple[dict[str, bytes], dict[str, Any]]:
+    """The files of a NEFF cache in the flat layout, including the poison real shared caches hold.
+
     Per compiler version: complete modules (hlo + flags + neff + done), one poisoned module
     (``model.log`` and no neff), one module with a stale ``model.hlo_module.pb.lock``, plus the
-    optimum-neuron per-model area and an export record. Returns a description::
+    optimum-neuron per-model area and an export record. Returns ({path: bytes}, a description)::
 
-        {"bucket_id", "dir", "compiler_versions",
+        {"compiler_versions",
          "complete": [module dir, ...], "poisoned": [...], "locked": [...],
          "files": {path: size}, "registry": [per-model entry paths], "exports": [json paths]}
 
@@ -83,10 +137,7 @@ def build_neff_bucket(emulator: HubEmulator, bucket_id: str = "aws-neuron/optimu
         indent=2,
     ).encode()
     exports.append(export)
-    directory = emulator.add_bucket(bucket_id, files)
-    return {
-        "bucket_id": bucket_id,
-        "dir": directory,
+    return files, {
         "compiler_versions": list(COMPILER_VERSIONS),
         "complete": complete,
         "poisoned": poisoned,
