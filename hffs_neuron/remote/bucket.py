@@ -40,7 +40,9 @@ class Bucket:
 
     event_feed = True  # the Hub serves its change feed (views/neff_follow.py)
 
-    def __init__(self, http: HubHttp, bucket_id: str, prefix: str | None = None):
+    def __init__(self, http: HubHttp, bucket_id: str, prefix: str | None = None, *, info: dict | None = None):
+        """`info`: the bucket's info (`GET /api/buckets/{id}`) when already known or assumed (a mount
+        whose check was skipped: `{"private": True}`); None: asked now."""
         check_bucket_id(bucket_id)
         prefix = (prefix or "").strip("/")
         if prefix and not is_safe_path(prefix):
@@ -51,7 +53,8 @@ class Bucket:
         self._warned_unhashed = False
         self._drop = DropLog()
         self.prefix = prefix
-        info = http.get_json(f"api/buckets/{bucket_id}", what=f"bucket {bucket_id}")
+        if info is None:
+            info = http.get_json(f"api/buckets/{bucket_id}", what=f"bucket {bucket_id}")
         canonical = info.get("id") if isinstance(info, dict) else None
         if isinstance(canonical, str) and canonical.lower() == bucket_id.lower():
             self.bucket_id = canonical  # the Hub's casing; anything else (a bad answer) is ignored
