@@ -225,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also push modules written by users outside --publish-from (--dry-run says which)",
     )
 
+    lk = sub.add_parser("lookup", help="NEFF caches: the export configurations of a model already compiled")
+    lk.add_argument("target", metavar="MOUNTPOINT|SOURCE", help="a NEFF mount, or a source (hf://ORG/NAME, ORG/NAME)")
+    lk.add_argument("model_id", metavar="MODEL_ID")
+    lk.add_argument("--task", default=None, help="only configurations for this task, e.g. text-generation")
+    lk.add_argument("--json", action="store_true", help="one JSON object")
+
     c = sub.add_parser("cache", help="inspect or shrink the blob store")
     c.add_argument("action", choices=("du", "prune"))
     c.add_argument("--cache-dir", default=str(constants.CACHE_DIR))
@@ -468,6 +474,25 @@ def cmd_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lookup(args: argparse.Namespace) -> int:
+    from huggingface_hub import constants as hf_constants
+
+    from hffs_neuron import lookup
+    from hffs_neuron.remote.http import HubHttp
+    from hffs_neuron.sources import parse_source
+
+    state = mount_state_of(args.target) if os.path.isdir(args.target) else None
+    if state is not None and state.get("mountpoint") == os.path.realpath(args.target) and state.get("view") == "neff":
+        source = parse_source(state["source"], state.get("options", {}).get("prefix"))
+        endpoint, cache_dir = state.get("endpoint"), state.get("cache_dir") or str(constants.CACHE_DIR)
+    else:
+        source, endpoint, cache_dir = parse_source(args.target), None, str(constants.CACHE_DIR)
+    http = HubHttp(endpoint, offline=hf_constants.HF_HUB_OFFLINE)
+    result = lookup.lookup(source, args.model_id, http=http, cache_dir=cache_dir, task=args.task)
+    print(lookup.to_json(result) if args.json else lookup.format_table(result))
+    return 0
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
     if args.action == "du":
         used, count = cache_usage(args.cache_dir)
@@ -484,6 +509,7 @@ COMMANDS = {
     "status": cmd_status,
     "prefetch": cmd_prefetch,
     "push": cmd_push,
+    "lookup": cmd_lookup,
     "cache": cmd_cache,
 }
 

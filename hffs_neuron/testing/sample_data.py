@@ -75,9 +75,13 @@ def registry_files(entries: tuple = REGISTRY_ENTRIES) -> dict[str, bytes]:
 
 def build_neff_repo(emulator: HubEmulator, repo_id: str = "aws-neuron/optimum-neuron-cache") -> dict[str, Any]:
     """Commit the flat NEFF cache layout (poison included) and a registry to model repo `repo_id`, as the
-    public optimum-neuron cache holds them. Returns `neff_cache_layout()`'s description with "repo_id",
-    "commit", "data" ({path: bytes}) and "registry_files" (the registry's paths)."""
+    public optimum-neuron cache holds them. Returns `neff_cache_layout()`'s description (without the bucket's
+    per-model area) with "repo_id", "commit", "data" ({path: bytes}) and "registry_files" (the registry's
+    paths)."""
     files, description = neff_cache_layout()
+    # The repo's model area is its registry: the bucket's per-model area is left out.
+    area = tuple(description.pop("registry") + description.pop("exports"))
+    files = {path: data for path, data in files.items() if not path.startswith(area)}
     registry = registry_files()
     files.update(registry)
     commit = emulator.add_repo(repo_id, files)
