@@ -77,6 +77,7 @@ class MountConfig:
     max_connections: int = constants.MAX_CONNECTIONS
     read_ahead: str = constants.READ_AHEAD
     xet: str = constants.XET  # "auto": hf_xet for files with a xet hash, "off": HTTP Range only
+    check: bool = constants.CHECK  # mount-time checks of endpoint, token and source (mount_checks.py)
     # The FUSE fsname: the source as /proc/mounts, findmnt, df and mount(8) show it. The mount helper
     # sets it to the source exactly as the fstab line writes it (util-linux matches "already mounted"
     # on that string); "" means default_fsname(): `neff:ORG/NAME` or `hub-cache`.

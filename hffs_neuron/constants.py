@@ -102,6 +102,10 @@ HOST_NAME = os.environ.get("HFFS_HOST_NAME") or socket.gethostname()
 # a kernel or sandbox whose openat2 misbehaves). "1" forces the walk.
 NO_OPENAT2 = os.environ.get("HFFS_NO_OPENAT2", "") not in ("", "0")
 
+# Mount-time checks (`--check`, default on): the endpoint answers, the token is valid or absent, the bucket
+# or each --repo exists and is readable. "0" (`--no-check`) skips them (offline starts).
+CHECK = os.environ.get("HFFS_CHECK", "1").strip().lower() not in ("0", "false", "no", "off")
+
 # Where `--metrics-addr` serves Prometheus metrics by default (HOST:PORT); empty: off.
 METRICS_ADDR = os.environ.get("HFFS_METRICS_ADDR", "")
 

@@ -23,9 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants as hf_constants
+
 from . import constants, supervision, telemetry
 from .config import MountConfig, mount_fsname, parse_host_port, parse_repo_spec, parse_size
-from .errors import HffsError, MountError, UsageError
+from .errors import HffsError, MountError, RemoteNotFound, RemoteUnavailable, UsageError
+from .mount_checks import NOT_CHECKED, OK, MountChecks, check_endpoint_and_token
 from .proc import HOST, pid_alive
 from .process_tuning import tune_process, tune_readahead
 from .runtime import (
@@ -66,7 +69,12 @@ class MountRuntime:
         cache_dir = Path(config.cache_dir)
         for owned in (cache_dir, cache_dir / "blobs-store", cache_dir / "neff-layers", constants.RUNTIME_DIR):
             ensure_private_dir(owned)
-        self.http = HubHttp(config.endpoint, operation_timeout=config.timeout, max_connections=config.max_connections)
+        self.http = HubHttp(
+            config.endpoint,
+            operation_timeout=config.timeout,
+            max_connections=config.max_connections,
+            offline=hf_constants.HF_HUB_OFFLINE,  # serve what is cached, never ask the Hub
+        )
         # hf_xet's own files (downloads here, uploads of --publish) live under the cache directory and take
         # a bounded share of --cache-size.
         cache_size = parse_size(config.cache_size)
@@ -85,7 +93,7 @@ class MountRuntime:
         self.meta = MetadataCache(
             ttl=config.metadata_ttl, negative_ttl=config.negative_ttl, wait_timeout=config.timeout
         )
-        self.view = self._build_view_failing_fast(cache_dir)
+        self.view = self._build_view_checked(cache_dir)
         self.publisher = self._neff_follow_and_publish()
         # A module published by another node must show within --negative-ttl + 1 s, kernel caches included:
         # the daemon's answer may be a TTL old, so the kernel keeps a "not found" a second at most.
@@ -112,28 +120,29 @@ class MountRuntime:
         self.status_server: telemetry.StatusServer | None = None
         self._start_telemetry()
 
-    def _build_view_failing_fast(self, cache_dir: Path):
-        """Build the view (resolving the bucket or pinned repos) with a short deadline and few retries.
+    def _build_view_checked(self, cache_dir: Path):
+        """Make the mount-time checks (`mount_checks`) and build the view, resolving the bucket or pinned
+        repos (the source check), with a short deadline and few retries.
 
-        `mountctl mount` waits for this: a wrong or unreachable endpoint must fail in seconds, not
-        after the full operation timeout meant for reads of a live mount.
+        `mountctl mount` waits for this: a wrong endpoint, token or source must fail in seconds, not after
+        the full operation timeout meant for reads of a live mount; a transient failure is a warning.
         """
-        from .errors import RemoteNotFound, RemoteUnavailable
-
         http = self.http
         saved = http.operation_timeout, http.max_retries
         http.operation_timeout = min(http.operation_timeout, SETUP_TIMEOUT)
         http.max_retries = min(http.max_retries, SETUP_RETRIES)
         try:
+            if http.offline:
+                self.checks = MountChecks.skipped("skipped: HF_HUB_OFFLINE=1")
+            elif not self.config.check:
+                self.checks = MountChecks.skipped("skipped: --no-check")
+            else:
+                self.checks = check_endpoint_and_token(http)
             return self._build_view(cache_dir)
-        except RemoteUnavailable as exc:
-            raise RemoteUnavailable(
-                f"Hub endpoint {http.endpoint} unreachable or failing ({exc}); check --endpoint / HF_ENDPOINT"
-            ) from exc
         except RemoteNotFound as exc:
-            if http.has_token or "HF_TOKEN" in str(exc):
+            if http.has_token or "token" in str(exc):
                 raise
-            raise RemoteNotFound(f"{exc} (if it is private, set HF_TOKEN)") from exc
+            raise RemoteNotFound(f"{exc} (if it is private, give the mount a token: --token-file)") from exc
         finally:
             http.operation_timeout, http.max_retries = saved
 
@@ -143,7 +152,7 @@ class MountRuntime:
             from .sources import parse_source
             from .views.neff import NeffView
 
-            bucket = parse_source(config.source, config.prefix).open(self.http, config.metadata_ttl)
+            bucket = self._open_source(parse_source(config.source, config.prefix))
             # Layers are per host (README "Sharing one cache between nodes"): a cache dir on a cluster filesystem
             # gives each host its own.
             layer = f"{self.http.endpoint}|{bucket.layer_identity}|{HOST}"
@@ -172,20 +181,59 @@ class MountRuntime:
             self.meta,
             backing,
             cache_dir / "hub-cache-state" / state_key,
-            pinned=pinned,
             read_only=config.read_only,
             revision_ttl=config.metadata_ttl,
             group_gid=self.group_gid,
             shared=config.allow_other,
             max_resolutions_per_s=config.max_resolutions_per_s,
         )
-        for spec in pinned:
-            self._check_download_access(view, *spec)
+        self._pin_repos(view, pinned)
         if config.read_ahead != "off":
             from .views.shardsets import ReadAhead
 
             view.read_ahead = ReadAhead(self.store, config.read_ahead, view).opened
         return view
+
+    def _open_source(self, source: Any) -> Any:
+        """The NEFF view's remote; opening it (a request to the Hub) is the source check.
+
+        A bucket not checked (--no-check, HF_HUB_OFFLINE=1, an endpoint that did not answer) or whose check
+        failed transiently is mounted without its info: served as private (the owner and --group only)
+        until the next mount, since its visibility is unknown. A repo source needs its commit: it opens now.
+        """
+        from .remote.bucket import Bucket
+
+        checking = self.checks.source == NOT_CHECKED
+        if checking or source.is_repo:
+            try:
+                remote = source.open(self.http, self.config.metadata_ttl)
+            except RemoteUnavailable as exc:
+                if source.is_repo:
+                    raise
+                self.checks.warn("source", f"bucket {source.repo_id}: {exc}")
+            else:
+                self.checks.source = OK if checking else self.checks.source
+                return remote
+        logger.warning("bucket %s mounted without its info from the Hub: served as private", source.repo_id)
+        return Bucket(self.http, source.repo_id, source.prefix, info={"private": True})
+
+    def _pin_repos(self, view: Any, pinned: list[tuple[str, str, str]]) -> None:
+        """Resolve each --repo now (the source check): one that does not exist, or that this mount's token
+        cannot read, fails the mount; one the Hub did not answer for (or all, when the checks were not
+        made) is resolved on its first lookup instead, like any repo."""
+        if self.checks.source != NOT_CHECKED:
+            return
+        failing = []
+        for repo_type, repo_id, revision in pinned:
+            try:
+                view.pin_repo(repo_type, repo_id, revision, limited=False)
+                self._check_download_access(view, repo_type, repo_id, revision)
+            except RemoteUnavailable as exc:
+                failing.append(f"{repo_id}@{revision}: {exc}")
+        if failing:
+            self.checks.warn("source", "; ".join(failing))
+        else:
+            self.checks.source = OK
 
     def _neff_follow_and_publish(self) -> Any:
         """NEFF view: probe mode for names published elsewhere, and the publisher if `--publish`."""
@@ -298,6 +346,8 @@ class MountRuntime:
             "xet": "on" if self.store.xet is not None else "off",
             "in_flight": [dataclasses.asdict(p) for p in self.store.in_flight()],
             "metrics_addr": self.metrics.address if self.metrics else None,
+            "checks": self.checks.as_dict(),
+            "access_denied": telemetry.denied(),
         }
         status.update(self.telemetry.sections())
         return status

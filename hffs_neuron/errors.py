@@ -24,10 +24,20 @@ class RemoteNotFound(HffsError):
 
 
 class RemoteAccessDenied(HffsError):
-    """Unauthorized, forbidden or gated: a token with access is needed."""
+    """Unauthorized, forbidden or gated: a token with access is needed. `repo`: the repo refused, if known."""
 
     errno = _errno.EACCES
     exit_code = 5
+
+    def __init__(self, message: str, repo: str | None = None):
+        super().__init__(message)
+        self.repo = repo
+
+
+def no_access(repo: str) -> RemoteAccessDenied:
+    """EACCES for a gated or private `repo` (ORG/NAME): only the mount's own token ever reaches the Hub,
+    so a client's HF_TOKEN cannot help; the message says which token counts."""
+    return RemoteAccessDenied(f"this mount's token (--token-file at mount time) has no access to {repo}", repo=repo)
 
 
 class RemoteUnavailable(HffsError):

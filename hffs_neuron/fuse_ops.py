@@ -15,8 +15,8 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would otherwise p
 
 import mfusepy  # noqa: E402
 
-from .errors import HffsError  # noqa: E402
-from .telemetry import count_error  # noqa: E402
+from .errors import HffsError, RemoteAccessDenied  # noqa: E402
+from .telemetry import count_denied, count_error  # noqa: E402
 from .views.creators import Caller  # noqa: E402
 from .views.localfs import Timespec  # noqa: E402
 from .views.merged import FileHandle, MergedView, errno_of, local_attrs  # noqa: E402
@@ -176,6 +176,8 @@ class FuseOperations(mfusepy.Operations):
         except HffsError as exc:
             if exc.errno != errno.ENOENT:
                 logger.warning("%s%r: %s", fn.__name__, args, exc)
+            if isinstance(exc, RemoteAccessDenied) and exc.repo:
+                count_denied(exc.repo)
             raise mfusepy.FuseOSError(count_error(exc.errno)) from None
         except OSError as exc:
             code = errno_of(exc)

@@ -51,6 +51,8 @@ NEUTRAL_SECTIONS: dict[str, Any] = {
 _lock = threading.Lock()
 _errors: dict[str, int] = {}  # errno name -> FUSE replies
 _http_status: dict[str, int] = {}  # "2xx".."5xx", "error" (no response) -> upstream requests
+_denied: dict[str, int] = {}  # ORG/NAME -> EACCES replies for it (the Hub refused this mount's token)
+_MAX_DENIED = 100  # repos remembered in `_denied`; beyond, new ones are counted under "other repos"
 _upstream_latency: Any = None  # prometheus Histogram, while metrics are served
 
 
@@ -60,6 +62,23 @@ def count_error(code: int) -> int:
     with _lock:
         _errors[name] = _errors.get(name, 0) + 1
     return code
+
+
+def count_denied(repo: str) -> None:
+    """Count one EACCES reply because the Hub refused this mount's token for `repo` (shown by status)."""
+    with _lock:
+        if repo not in _denied and len(_denied) >= _MAX_DENIED:
+            repo = "other repos"
+        _denied[repo] = _denied.get(repo, 0) + 1
+
+
+def denied() -> list[dict[str, Any]]:
+    """Status `access_denied`: [{repo, count, message}], one per repo this mount's token cannot read."""
+    from .errors import no_access
+
+    with _lock:
+        counts = dict(_denied)
+    return [{"repo": r, "count": n, "message": str(no_access(r))} for r, n in sorted(counts.items())]
 
 
 def timed_send(send: Callable[..., R], *args: Any, **kwargs: Any) -> R:

@@ -28,7 +28,7 @@ EXIT_CODES = """exit codes:
   2  bad usage: unknown option, bad id, size or duration syntax
   3  mount problem: FUSE missing, mountpoint missing/not empty/already mounted/stale/busy, daemon failed
   4  not found: bucket, repo, revision or path
-  5  access denied: unauthorized, forbidden or gated (set HF_TOKEN)
+  5  access denied: unauthorized, forbidden or gated (the mount's token: --token-file or HF_TOKEN at mount)
   6  Hub unreachable or failing after retries"""
 
 
@@ -111,6 +111,13 @@ def _common_mount_options(p: argparse.ArgumentParser) -> None:
         type=int,
         default=constants.MAX_CONNECTIONS,
         help="upstream connections of the daemon (default: 4 per core, at most 32)",
+    )
+    p.add_argument(
+        "--check",
+        action=argparse.BooleanOptionalAction,
+        default=constants.CHECK,
+        help="check at mount time that the endpoint answers, the token is valid and the source readable "
+        "(default: $HFFS_CHECK, else on; a transient failure only warns); --no-check: none (offline starts)",
     )
     p.add_argument(
         "--xet",
@@ -296,6 +303,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
         "metrics_addr": args.metrics_addr,
         "max_connections": args.max_connections,
         "xet": args.xet,
+        "check": args.check,
         "fsname": args.fsname,
     }
     parse_size(args.cache_size)
@@ -375,6 +383,11 @@ def _render_status(states: list[dict], as_json: bool) -> str:
         ]
         if c.get("errors"):
             lines.append("  errors " + "  ".join(f"{k} {v}" for k, v in sorted(c["errors"].items())))
+        for check, result in s.get("checks", {}).items():
+            if result.startswith("warning: "):
+                lines.append(f"  WARNING at mount time, {check}: {result.removeprefix('warning: ')}")
+        for refused in s.get("access_denied", []):
+            lines.append(f"  EACCES ({refused['count']}x): {refused['message']}")
         ra = s.get("read_ahead", {})
         if any(ra.values()):
             lines.append(f"  read-ahead queued {ra['queued']}  in flight {ra['in_flight']}  done {ra['done']}")
@@ -563,7 +576,8 @@ _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other":
                  "show_model_area": "--show-model-area", "foreground": "--foreground",
                  "publish": "--publish", "nopublish": "--no-publish",
                  "keep_stale_locks": "--keep-stale-locks", "nokeep_stale_locks": "--no-keep-stale-locks",
-                 "follow_events": "--follow-events", "nofollow_events": "--no-follow-events"}  # fmt: skip
+                 "follow_events": "--follow-events", "nofollow_events": "--no-follow-events",
+                 "check": "--check", "nocheck": "--no-check"}  # fmt: skip
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
                   "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group",
                   "max_resolutions_per_s", "stale_lock_grace", "publish_from", "publish_max_bytes",

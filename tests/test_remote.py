@@ -182,7 +182,7 @@ def test_gated_repo_without_token_is_eacces(hub: HubEmulator, gated: str) -> Non
             with pytest.raises(RemoteAccessDenied) as info:
                 read_all(repo, repo.stat(name))
             assert info.value.errno == errno.EACCES
-            assert "HF_TOKEN" in str(info.value)  # says what to do
+            assert "--token-file" in str(info.value)  # says which token counts: the mount's
         http.close()
     assert hub.bytes_served("Gated") == 0
 

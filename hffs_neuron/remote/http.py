@@ -22,7 +22,7 @@ from huggingface_hub import errors as hf_errors
 from huggingface_hub.utils import build_hf_headers, get_token, hf_raise_for_status
 
 from .. import __version__, constants
-from ..errors import HffsError, RangeIgnored, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable
+from ..errors import HffsError, RangeIgnored, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, no_access
 from ..telemetry import timed_send
 
 logger = logging.getLogger(__name__)
@@ -303,7 +303,7 @@ def raise_for_status(response: httpx2.Response, what: str) -> None:
     try:
         hf_raise_for_status(response)
     except hf_errors.GatedRepoError as exc:
-        raise RemoteAccessDenied(f"{what}: gated repo: set HF_TOKEN to a token with access") from exc
+        raise no_access(exc.repo_id or what) from exc
     except (
         hf_errors.RepositoryNotFoundError,
         hf_errors.RevisionNotFoundError,
@@ -311,12 +311,12 @@ def raise_for_status(response: httpx2.Response, what: str) -> None:
         hf_errors.BucketNotFoundError,
     ) as exc:
         if response.status_code == 401:
-            raise RemoteNotFound(f"{what}: not found (or private: set HF_TOKEN)") from exc
+            raise RemoteNotFound(f"{what}: not found (or private: the mount's --token-file has no access)") from exc
         raise RemoteNotFound(f"{what}: not found") from exc
     except hf_errors.HfHubHTTPError as exc:
         status = response.status_code
         if status in (401, 403):
-            raise RemoteAccessDenied(f"{what}: access denied (HTTP {status}): set HF_TOKEN") from exc
+            raise RemoteAccessDenied(f"{what}: access denied (HTTP {status}) to the mount's --token-file") from exc
         if status == 404:
             raise RemoteNotFound(f"{what}: not found") from exc
         raise HffsError(f"{what}: HTTP {status}") from exc

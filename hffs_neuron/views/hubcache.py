@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from cachetools import LRUCache
 
 from .. import constants
-from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound
+from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, no_access
 from ..remote.admission import AdmissionLimiter
 from ..remote.base import RemoteEntry
 from ..remote.http import HubHttp
@@ -529,19 +529,18 @@ class HubCacheView(MergedView):
         if len(parts) < 3 or parts[1] not in _CONTENT_DIRS or parse_repo_folder(parts[0]) is None:
             return
         state = self._repo_state(parts[0])
+        if state is None and self.http.offline and not self.shared:
+            return  # HF_HUB_OFFLINE=1: only the owner reaches this mount, and reads what it cached itself
         if state is None:
-            raise RemoteAccessDenied(
-                f"{parts[0]}: the Hub does not show this repo to this mount (private or gone); "
-                "set HF_TOKEN to a token with access"
-            )
+            raise no_access(parse_repo_folder(parts[0])[1])  # private or gone: the Hub does not show it to us
         if not state.gated or state.private:
             return  # public, or private and resolved with our own token
         if not self.http.has_token:
-            raise RemoteAccessDenied(f"{parts[0]} is gated: set HF_TOKEN to a token with access")
+            raise no_access(state.repo_id)
         key = (self.http.endpoint, self.http.token_fingerprint, "access", state.repo_type, state.repo_id.lower())
         denied = self.meta.get(key, lambda: self._probe_download_access(state), ttl=self.meta.ttl)
         if denied:
-            raise RemoteAccessDenied(denied)
+            raise RemoteAccessDenied(denied, repo=state.repo_id)
 
     def _probe_download_access(self, state: RepoState) -> str:
         """Why this mount's token may not download the repo's files; "" if it may (cached either way)."""
