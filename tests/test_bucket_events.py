@@ -8,10 +8,13 @@ which). Two "nodes" would be two daemons; here the other node is the bucket itse
 from __future__ import annotations
 
 import errno
+import http.client
+import json
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx2
 import pytest
@@ -19,6 +22,7 @@ from conftest import Mounts
 from huggingface_hub import HfApi
 
 from hffs_neuron.mount import status
+from hffs_neuron.testing.emulator import events as events_module
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import COMPILER_VERSIONS, build_neff_bucket
 
@@ -180,7 +184,11 @@ def test_changes_edit_cached_listings_under_a_prefix(hub: HubEmulator, tmp_path:
         assert view.getattr(f"{new}/model.neff")["st_size"] == 3
         assert f"{new}/model.neff" in invalidated and VERSION in invalidated and "" in invalidated
         assert "other" not in dict(view.readdir(""))
-        assert [r for r in hub.requests("/tree/") if r.path.endswith(f"/tree/trn1/{VERSION}")] == []
+        # Nothing was listed: not the version directory, nor the new module (its listing came from the
+        # feed: a directory the cached listing lacked is new, so the feed holds all of it).
+        assert hub.requests("/tree/") == []
+        assert dict(view.readdir(new)).keys() == {"model.neff", "model.done"}
+        assert hub.requests("/tree/") == []
 
         (bucket_dir / old).unlink()
         (bucket_dir / "trn1" / VERSION / "MODULE_old+00000001" / "model.done").unlink()
@@ -196,29 +204,67 @@ def test_changes_edit_cached_listings_under_a_prefix(hub: HubEmulator, tmp_path:
         http.close()
 
 
-def read_events(hub: HubEmulator, bucket_id: str, query: str = "") -> list[tuple[str, dict]]:
-    """The events of one session up to its `ready` (the emulator's wire format, read raw)."""
-    import http.client
-    import json
-    from urllib.parse import urlsplit
+class EventSession:
+    """A raw session of the emulator's feed, read line by line (its wire format)."""
 
-    url = urlsplit(hub.url)
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-    conn.request("GET", f"/api/buckets/{bucket_id}/events{query}", headers={"Accept": "text/event-stream"})
-    response = conn.getresponse()
-    assert response.status == 200 and response.getheader("Content-Type") == "text/event-stream"
-    events, name = [], ""
-    try:
+    def __init__(self, hub: HubEmulator, bucket_id: str, query: str = "") -> None:
+        url = urlsplit(hub.url)
+        self.conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)  # 10 s per read at most
+        headers = {"Accept": "text/event-stream"}
+        self.conn.request("GET", f"/api/buckets/{bucket_id}/events{query}", headers=headers)
+        self.response = self.conn.getresponse()
+        assert self.response.status == 200 and self.response.getheader("Content-Type") == "text/event-stream"
+
+    def until(self, *names: str) -> list[tuple[str, dict]]:
+        """The next events, up to and including the first one named in `names`."""
+        events, name = [], ""
         while True:
-            line = response.fp.readline().decode().rstrip("\r\n")
+            raw = self.response.fp.readline()
+            assert raw, "the session ended"
+            line = raw.decode().rstrip("\r\n")
             if line.startswith("event: "):
                 name = line[len("event: ") :]
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[len("data: ") :])))
-                if name in ("ready", "reset"):
+                if name in names:
                     return events
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def read_events(hub: HubEmulator, bucket_id: str, query: str = "") -> list[tuple[str, dict]]:
+    """The events of one session up to its `ready` (or `reset`)."""
+    session = EventSession(hub, bucket_id, query)
+    try:
+        return session.until("ready", "reset")
     finally:
-        conn.close()
+        session.close()
+
+
+def test_feed_serves_many_sessions_with_one_scan_per_poll(hub: HubEmulator, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fleet follows one bucket: 16 live sessions all get each change, and the bucket's directory is
+    scanned once per poll interval, not once per session."""
+    directory = hub.add_bucket("org/fleet", {"a/one": b"1"})
+    hub.bucket_events.enabled = True
+    scans: list[float] = []
+    snapshot = events_module._snapshot
+    monkeypatch.setattr(events_module, "_snapshot", lambda d: scans.append(time.monotonic()) or snapshot(d))
+    sessions = [EventSession(hub, "org/fleet") for _ in range(16)]
+    try:
+        for session in sessions:
+            assert session.until("ready") == [("ready", {})]
+        scans.clear()
+        time.sleep(2.0)  # idle: every session polls
+        assert len(scans) <= 2.0 / events_module.POLL_INTERVAL + 3, f"{len(scans)} scans in 2 s for 16 sessions"
+        (directory / "a" / "two").write_bytes(b"22")
+        batches = [session.until("changes") for session in sessions]
+        assert {json.dumps(b, sort_keys=True) for b in batches} == {json.dumps(batches[0], sort_keys=True)}
+        ((_name, payload),) = batches[0]
+        assert [(c["path"], c["op"], c["size"]) for c in payload["changes"]] == [("a/two", "add", 2)]
+    finally:
+        for session in sessions:
+            session.close()
 
 
 def test_feed_replays_from_a_cursor_or_an_instant(hub: HubEmulator) -> None:
