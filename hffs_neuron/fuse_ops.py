@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import itertools
 import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -51,6 +53,10 @@ _FUSE_BUF_IS_FD = 1 << 1
 _FUSE_BUF_FD_SEEK = 1 << 2
 _FUSE_CAP_SPLICE_WRITE = 1 << 7
 _FUSE_CAP_SPLICE_MOVE = 1 << 8
+_FUSE_CAP_CACHE_SYMLINKS = 1 << 23  # fuse_common.h (libfuse >= 3.10): the kernel keeps readlink answers
+_FUSE_READDIR_PLUS = 1 << 0  # readdir flags: the kernel asked for entries with their attributes
+_FUSE_FILL_DIR_PLUS = 1 << 1  # filler flags: this entry's attributes are filled in
+_MAX_PLUS_DIRS = 65536  # directories remembered as filled with attributes (then the oldest are forgotten)
 _RENAME_NOREPLACE = 1
 
 
@@ -121,6 +127,12 @@ class FuseOperations(mfusepy.Operations):
         self._lock = threading.Lock()
         self._fuse: int | None = None  # libfuse's `struct fuse *`, from init until destroy
         self._fuse_lock = threading.Lock()  # never held by the hot paths (handles have `_lock`)
+        # Directory -> when it was last answered with attributes (readdirplus): see `readdir_plus`.
+        self._plus_filled: dict[str, float] = {}
+        # Open directory handle -> its entries with attributes, handed out page by page (see
+        # `_CachingFUSE.readdir_fuse_3`); dropped at releasedir.
+        self._dir_entries: dict[int, list[tuple[str, int, dict | None]]] = {}
+        self._next_dir = itertools.count(1)
 
     def invalidate(self, path: str) -> None:
         """Drop the kernel's cached attributes (and page cache) of mount-relative `path`, so a change the
@@ -155,6 +167,10 @@ class FuseOperations(mfusepy.Operations):
             # read_buf hands libfuse an fd: with splice the bytes go page cache -> /dev/fuse without
             # passing through a user-space buffer.
             conn.want |= conn.capable & (_FUSE_CAP_SPLICE_WRITE | _FUSE_CAP_SPLICE_MOVE)
+            if getattr(self.view, "immutable_symlinks", False):
+                # Symlinks that never change in place (hub-cache snapshots -> blobs): the kernel keeps each
+                # target after its first readlink, so a warm walk of a snapshot asks the daemon nothing.
+                conn.want |= conn.capable & _FUSE_CAP_CACHE_SYMLINKS
         if self._on_init:
             self._on_init()
 
@@ -214,11 +230,49 @@ class FuseOperations(mfusepy.Operations):
         return self._call(self.view.getattr, _relative(path))
 
     def opendir(self, path: str) -> int:
-        return 0  # flags are set by _CachingFUSE.opendir
+        return next(self._next_dir)  # flags are set by _CachingFUSE.opendir
+
+    def releasedir(self, path: str, fh: int) -> int:
+        with self._lock:
+            self._dir_entries.pop(fh, None)
+        return 0
+
+    def dir_entries(self, fh: int, path: str, plus: bool) -> list[tuple[str, int, dict | None]] | None:
+        """The entries, with attributes, of open directory `fh` from its first READDIRPLUS on (None: fill
+        plain entries all at once). Kept until releasedir: the kernel asks for them a page at a time."""
+        with self._lock:
+            entries = self._dir_entries.get(fh)
+        if entries is None and plus:
+            listed = self.readdir_plus(path)
+            if listed is not None:
+                entries = [(".", _DIR_MODE, None), ("..", _DIR_MODE, None), *listed]
+                with self._lock:
+                    self._dir_entries[fh] = entries
+        return entries
 
     def readdir(self, path: str, fh: Any) -> list[tuple[str, int]]:
         """(name, st_mode) pairs, consumed by `_CachingFUSE.readdir_fuse_3` (not mfusepy's format)."""
         return [(".", _DIR_MODE), ("..", _DIR_MODE), *self._call(self.view.readdir, _relative(path))]
+
+    def readdir_plus(self, path: str) -> list[tuple[str, int, dict | None]] | None:
+        """(name, st_mode, attributes or None) of each entry, for a READDIRPLUS: the kernel caches them as if each
+        entry had been looked up, so a walk needs no lookup per entry. None (plain entries) for views that
+        do not offer attributes with their listings (`readdir_attrs`), and for a directory answered with
+        attributes less than half an entry timeout ago: the kernel still holds those entries, and a warm
+        `ls` or walk then costs no attribute work per entry."""
+        fill = getattr(self.view, "readdir_attrs", None)
+        if fill is None:
+            return None
+        rel = _relative(path)
+        now = time.monotonic()
+        with self._lock:
+            last = self._plus_filled.get(rel)
+            if last is not None and now - last < self.attr_timeout / 2:
+                return None
+            if len(self._plus_filled) >= _MAX_PLUS_DIRS:
+                self._plus_filled.clear()
+            self._plus_filled[rel] = now
+        return self._call(fill, rel)
 
     def readlink(self, path: str) -> str:
         return self._call(self.view.readlink, _relative(path))
@@ -382,9 +436,28 @@ class _CachingFUSE(mfusepy.FUSE):
 
     def readdir_fuse_3(self, path: bytes, buf: Any, filler: Any, offset: int, fip: Any, flags: int) -> int:
         """Fill entries straight from (name, mode) pairs: mfusepy's generic loop costs several
-        microseconds per entry, which dominates `ls` of a 10,000-module directory."""
+        microseconds per entry, which dominates `ls` of a 10,000-module directory. For a READDIRPLUS
+        (mfusepy never fills one) each entry carries its attributes where the view offers them."""
+        decoded = path.decode(self.encoding, self.errors)
         st = mfusepy.c_stat()
-        for name, mode in self.operations.readdir(path.decode(self.encoding, self.errors), 0):
+        plus = bool(flags & _FUSE_READDIR_PLUS)
+        entries = self.operations.dir_entries(fip.contents.fh, decoded, plus and offset == 0)
+        if entries is not None:
+            # Entries with nonzero offsets: libfuse 3.14 sends the attributes of a READDIRPLUS only on
+            # this path (its all-at-once path answers them with inode 0, which the kernel ignores).
+            for index in range(offset, len(entries)):
+                name, mode, attrs = entries[index]
+                st = mfusepy.c_stat()
+                fill = 0
+                if plus and attrs is not None:
+                    mfusepy.set_st_attrs(st, attrs, use_ns=True)
+                    fill = _FUSE_FILL_DIR_PLUS
+                else:
+                    st.st_mode = mode  # a plain entry: the kernel looks it up when it needs more
+                if filler(buf, name.encode(self.encoding, self.errors), st, index + 1, fill) != 0:
+                    break  # the kernel's buffer is full: it asks again from this offset
+            return 0
+        for name, mode in self.operations.readdir(decoded, 0):
             st.st_mode = mode
             if filler(buf, name.encode(self.encoding, self.errors), st, 0, 0) != 0:
                 break

@@ -114,13 +114,23 @@ def client(url: str, token: str = "", **options: object) -> HubHttp:
 # -- listings and waits: bounded ---------------------------------------------------------------------
 
 
-def test_endless_next_links_end_at_the_listing_deadline(crafted: Callable[[Route], CraftedServer]) -> None:
-    server = crafted(endless_tree(lambda: server.url))
+def test_a_stalled_page_ends_the_listing_within_its_own_deadline(crafted: Callable[[Route], CraftedServer]) -> None:
+    """Each page of a listing has its own deadline (issue 31): pages that keep coming are followed (up to
+    the page cap, below), and the first page that stalls ends the listing within one deadline."""
+
+    def route(h: Handler) -> None:
+        if "cursor=3" in h.path:
+            h.stall()
+        else:
+            endless_tree(lambda: server.url)(h)
+
+    server = crafted(route)
     repo = HubRepo(client(server.url, operation_timeout=2), "model", "a/b")
     started = time.monotonic()
-    with pytest.raises(RemoteUnavailable, match="listing not complete"):
+    with pytest.raises(RemoteUnavailable, match="tree"):
         repo.files()
-    assert time.monotonic() - started < 2 + 1.5  # one deadline for the whole listing, not one per page
+    assert time.monotonic() - started < 2 + 1.5  # the stalled page's deadline, not the listing's length
+    assert len([p for p in server.seen if "cursor=3" in p]) >= 2  # the same page retried (its cursor kept)
 
 
 def test_endless_next_links_stop_at_the_page_cap(crafted: Callable[[Route], CraftedServer]) -> None:
@@ -156,7 +166,9 @@ def test_fuse_calls_return_an_error_within_the_deadline(
             endless_tree(lambda: server.url)(h)
 
     server = crafted(route)
-    handle = mounts("hub-cache", endpoint=server.url, timeout=deadline, log_file=str(tmp_path / "hub.log"))
+    # Each page has its own deadline (issue 31): what ends a listing whose pages keep coming is the page cap.
+    env = dict(mounts.env, HFFS_MAX_LISTING_PAGES="20")
+    handle = mounts("hub-cache", endpoint=server.url, timeout=deadline, log_file=str(tmp_path / "hub.log"), env=env)
     root = Path(handle.mountpoint)
     outcomes: dict[str, tuple[int | None, float]] = {}
 

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import threading
 import time
-from collections.abc import Callable
-from urllib.parse import quote
+from collections.abc import Callable, Iterator
+from urllib.parse import quote, urlsplit
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, UsageError
+from .. import constants
+from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, UsageError
+from ..store.metacache import MetadataCache
 from .base import Digest, RemoteEntry, checked_size, drop_unsafe, is_git_oid, is_sha256
 from .http import HubHttp
 
@@ -32,10 +33,24 @@ def check_repo_id(repo_id: str) -> None:
 class HubRepo:
     """A repo whose revision is resolved to a commit once, at construction, and pinned.
 
-    The whole file tree at that commit is listed once (it cannot change) and answers `list`/`stat`.
+    Its tree is listed one directory at a time, as clients reach it (the tree API with a path, not
+    recursive): opening a file needs the listing of its own directory (and, for directories on the way
+    that no held listing shows, one paths-info each), whatever the repo's size. The whole tree is listed
+    only for callers that need every file (`files()`). Every listing is streamed page by page, each page
+    with its own deadline (`--timeout`, attempts a fraction of it) and retried from its own cursor, so a
+    slow but moving listing completes; the page cap bounds a server that never stops sending `next`.
+    Listings live in `listings` (the mount's metadata cache: weighed by entries, evicted per directory).
     """
 
-    def __init__(self, http: HubHttp, repo_type: str, repo_id: str, revision: str = "main"):
+    def __init__(
+        self,
+        http: HubHttp,
+        repo_type: str,
+        repo_id: str,
+        revision: str = "main",
+        *,
+        listings: MetadataCache | None = None,
+    ):
         if repo_type not in REPO_TYPES:
             raise UsageError(f"unknown repo type {repo_type!r}: expected one of {', '.join(REPO_TYPES)}")
         check_repo_id(repo_id)
@@ -57,64 +72,111 @@ class HubRepo:
         self.private = bool(info.get("private"))  # resolving it at all needed a token with access
         self.revision = revision
         self.cache_namespace = f"{http.endpoint}|{http.token_fingerprint}|{repo_type}|{self.repo_id}|{self.commit}"
-        self._tree: dict[str, RemoteEntry] | None = None
-        self._children: dict[str, list[RemoteEntry]] = {}
-        self._tree_lock = threading.Lock()
+        self._listings = listings if listings is not None else MetadataCache(wait_timeout=http.operation_timeout)
+        self._api = f"api/{repo_type}s/{self.repo_id}"
 
-    def _load_tree(self) -> dict[str, RemoteEntry]:
-        if self._tree is not None:
-            return self._tree
-        # Another thread may be listing: wait for it at most as long as a listing may take.
-        if not self._tree_lock.acquire(timeout=self._http.operation_timeout):
-            raise RemoteUnavailable(f"{self.repo_id}@{self.commit[:12]}: timed out waiting for the file list")
-        try:
-            if self._tree is not None:
-                return self._tree
-            what = f"{self.repo_type} {self.repo_id}@{self.commit[:12]}: tree"
-            items = self._http.paginate(
-                f"api/{self.repo_type}s/{self.repo_id}/tree/{self.commit}",
-                {"recursive": "true", "expand": "false"},
-                what,
+    # -- listings ---------------------------------------------------------------------------------
+    def _key(self, kind: str, path: str = "") -> tuple:
+        return (self.cache_namespace, kind, path)
+
+    def _pages(self, path: str, recursive: bool, key: tuple) -> Iterator[list[RemoteEntry]]:
+        """The tree below `path`, page by page: each page has the whole `--timeout` and its retries ask
+        for that same page (the `next` link is the cursor), so only a stalled page fails the listing."""
+        what = f"{self.repo_type} {self.repo_id}@{self.commit[:12]}: tree {path or '/'}"
+        url = self._http.url(f"{self._api}/tree/{self.commit}" + (f"/{quote(path)}" if path else ""))
+        params: dict | None = {"recursive": "true" if recursive else "false", "expand": "false"}
+        origin = urlsplit(self._http.endpoint)
+        for _page in range(self._http.max_listing_pages):
+            deadline = time.monotonic() + self._http.operation_timeout
+            theirs = urlsplit(url)
+            # Only the endpoint's origin gets our token: a `next` link elsewhere is followed without it.
+            anonymous = (theirs.scheme, theirs.netloc.lower()) != (origin.scheme, origin.netloc.lower())
+            items, response = self._http.request_json(
+                "GET", url, what, deadline=deadline, params=params, anonymous=anonymous
             )
-            parsed = []
-            for item in items:
-                try:
-                    parsed.append(_entry_from_item(item))
-                except (KeyError, TypeError, ValueError, AttributeError) as exc:  # one bad item, not all
-                    logger.warning("%s: ignoring a malformed tree item (%s): %r", what, exc, item)
-            entries = drop_unsafe(parsed, what)
-            tree = {"": RemoteEntry(path="", is_dir=True)}
-            for entry in entries:
-                tree[entry.path] = entry
-                parent = posixpath.dirname(entry.path)
-                while parent and parent not in tree:  # directories implied by files
-                    tree[parent] = RemoteEntry(path=parent, is_dir=True)
-                    parent = posixpath.dirname(parent)
-            children: dict[str, list[RemoteEntry]] = {path: [] for path, e in tree.items() if e.is_dir}
-            for path, entry in tree.items():
-                if path:
-                    children.setdefault(posixpath.dirname(path), []).append(entry)
-            self._children = children
-            self._tree = tree
-            return tree
-        finally:
-            self._tree_lock.release()
+            if not isinstance(items, list):
+                raise HffsError(f"{what}: the server answered {type(items).__name__}, expected a list")
+            yield _entries(items, what)
+            self._listings.progress(key)  # another caller waiting on this listing waits for progress
+            if "next" not in response.links:
+                return
+            url, params = response.links["next"].get("url", ""), None
+        raise HffsError(f"{what}: more than {self._http.max_listing_pages} pages; giving up on this listing")
 
-    def files(self) -> list[RemoteEntry]:
-        """Every file of the repo at the pinned commit."""
-        return [e for e in self._load_tree().values() if not e.is_dir]
+    def _directory(self, path: str) -> dict[str, RemoteEntry]:
+        """The direct children of directory `path` by name (cached; RemoteNotFound if it is none)."""
+        key = self._key("dir", path)
+
+        def load() -> dict[str, RemoteEntry]:
+            children: dict[str, RemoteEntry] = {}
+            for page in self._pages(path, False, key):
+                children.update((e.name, e) for e in page if posixpath.dirname(e.path) == path)
+            return children
+
+        return self._listings.get(key, load, ttl=constants.PINNED_TTL)
+
+    def _path_info(self, path: str) -> RemoteEntry:
+        """One entry by paths-info (cached): a directory on the way to a file needs no listing of its parent."""
+
+        def load() -> RemoteEntry:
+            what = f"{self.repo_type} {self.repo_id}@{self.commit[:12]}: paths-info {path}"
+            items, _ = self._http.request_json(
+                "POST", f"{self._api}/paths-info/{self.commit}", what, data={"paths": [path]}
+            )
+            for entry in _entries(items if isinstance(items, list) else [], what):
+                if entry.path == path:
+                    return entry
+            raise RemoteNotFound(f"{self.repo_id}@{self.commit[:12]}: {path!r} not found")
+
+        return self._listings.get(self._key("info", path), load, ttl=constants.PINNED_TTL)
+
+    def listed(self, path: str) -> dict[str, RemoteEntry] | None:
+        """The children of `path` by name if its listing is held now (no request), else None."""
+        found = self._listings.peek(self._key("dir", path.strip("/")))
+        return found if isinstance(found, dict) else None
 
     def list(self, path: str) -> list[RemoteEntry]:
-        entry = self.stat(path)
-        if not entry.is_dir:
-            raise RemoteNotFound(f"{self.repo_id}: {path!r} is not a directory")
-        return list(self._children.get(path, []))
+        """The direct children of directory `path` ("" is the root). Raises RemoteNotFound."""
+        return list(self._directory(path.strip("/")).values())
 
     def stat(self, path: str) -> RemoteEntry:
-        entry = self._load_tree().get(path.strip("/"))
+        """The entry at `path`: from its directory's listing when held; a file otherwise lists its
+        directory (every sibling then shows with its final size); a directory needs one paths-info."""
+        path = path.strip("/")
+        if not path:
+            return RemoteEntry(path="", is_dir=True)
+        parent, name = posixpath.split(path)
+        children = self.listed(parent)
+        if children is None:
+            entry = self._path_info(path)
+            if entry.is_dir:
+                return entry
+            children = self._directory(parent)
+        entry = children.get(name)
         if entry is None:
             raise RemoteNotFound(f"{self.repo_id}@{self.commit[:12]}: {path!r} not found")
         return entry
+
+    def files(self) -> list[RemoteEntry]:
+        """Every file of the repo at the pinned commit: one recursive listing (held while it fits the
+        metadata cache), which also fills the listing of every directory."""
+        key = self._key("all")
+
+        def load() -> tuple[RemoteEntry, ...]:
+            directories: dict[str, dict[str, RemoteEntry]] = {"": {}}
+            for page in self._pages("", True, key):
+                for entry in page:
+                    parent = posixpath.dirname(entry.path)
+                    directories.setdefault(parent, {})[entry.name] = entry
+                    while parent and parent not in directories.setdefault(posixpath.dirname(parent), {}):
+                        # A directory implied by its files (a listing may leave it out).
+                        directories[posixpath.dirname(parent)][posixpath.basename(parent)] = RemoteEntry(parent, True)
+                        parent = posixpath.dirname(parent)
+            for path, children in directories.items():
+                self._listings.put(self._key("dir", path), children, ttl=constants.PINNED_TTL)
+            return tuple(e for children in directories.values() for e in children.values() if not e.is_dir)
+
+        return list(self._listings.get(key, load, ttl=constants.PINNED_TTL))
 
     def read_range(
         self, entry: RemoteEntry, start: int, end: int, sink: Callable[[int, bytes], None], deadline: float
@@ -127,7 +189,8 @@ class HubRepo:
 
         Metadata of a gated repo is public, its files are not: only a download tells.
         """
-        files = [e for e in self.files() if e.size > 0]
+        # The root's files usually suffice; the whole tree only for a repo whose root has none.
+        files = [e for e in self.list("") if not e.is_dir and e.size > 0] or [e for e in self.files() if e.size > 0]
         if not files:
             return  # nothing to read, nothing to protect
         smallest = min(files, key=lambda e: e.size)
@@ -137,11 +200,22 @@ class HubRepo:
             raise RemoteAccessDenied(f"{self.repo_type} {self.repo_id} is gated: {exc}") from exc
 
     def xet_token_url(self) -> str:
-        return self._http.url(f"api/{self.repo_type}s/{self.repo_id}/xet-read-token/{self.commit}")
+        return self._http.url(f"{self._api}/xet-read-token/{self.commit}")
 
     def download_url(self, entry: RemoteEntry) -> str:
         prefix = "" if self.repo_type == "model" else f"{self.repo_type}s/"
         return self._http.url(f"{prefix}{self.repo_id}/resolve/{self.commit}/{quote(entry.path)}")
+
+
+def _entries(items: list, what: str) -> list[RemoteEntry]:
+    """The usable entries of one listing page; a malformed item or an unsafe name is logged and left out."""
+    parsed = []
+    for item in items:
+        try:
+            parsed.append(_entry_from_item(item))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # one bad item, not all
+            logger.warning("%s: ignoring a malformed tree item (%s): %r", what, exc, item)
+    return drop_unsafe(parsed, what)
 
 
 def _entry_from_item(item: dict) -> RemoteEntry:

@@ -55,7 +55,9 @@ _MTIME_TRUST_NS = 2_000_000_000
 # huggingface_hub 2.x writes `refs/<rev>` through `refs/<rev>.<uuid4().hex[:8]>.tmp` + os.replace.
 _HF_TEMP_REF = re.compile(r"^.+\.[0-9a-f]{8}\.tmp$")
 _CONTENT_DIRS = ("blobs", "snapshots")  # where file bytes are served (access-checked for gated/private)
-_TREE_JSON_CACHE = 256  # trees/<commit>.json documents kept built
+# trees/<commit>.json documents kept built, in bytes (one of a 500,000-file repo is about 80 MB).
+_TREE_JSON_BYTES = 128 * 1024 * 1024
+_ETAG = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 
 def repo_folder(repo_type: str, repo_id: str) -> str:
@@ -85,22 +87,13 @@ class RepoState:
     commits: dict[str, HubRepo] = field(default_factory=dict)
     gated: bool = False  # files need a token with access (metadata is public)
     private: bool = False  # the Hub showed it to this mount's token at all
-    # (commits counted, etag -> (commit's repo, file)), rebuilt when a commit is added (blobs/ lookups
-    # are per open). One tuple, replaced whole: concurrent rebuilds never pair a count with other blobs.
-    _blobs: tuple[int, dict[str, tuple[HubRepo, RemoteEntry]]] = (-1, {})
-
-    def blobs(self, commits: list[HubRepo]) -> dict[str, tuple[HubRepo, RemoteEntry]]:
-        """The blobs of `commits` (a snapshot of `self.commits`, which only grows)."""
-        counted, blobs = self._blobs
-        if counted != len(commits):
-            blobs = {e.content_id: (repo, e) for repo in commits for e in repo.files() if e.content_id}
-            self._blobs = (len(commits), blobs)
-        return blobs
 
 
 class HubCacheView(MergedView):
     # Called with (repo, file) on every open of a blob before it is fetched: the daemon's read-ahead.
     read_ahead: Callable[[HubRepo, RemoteEntry], None] | None = None
+    # Snapshot symlinks point at one blob forever; local ones change only through the mount (fuse_ops.py).
+    immutable_symlinks = True
 
     def __init__(
         self,
@@ -133,7 +126,11 @@ class HubCacheView(MergedView):
         self._repos: dict[tuple[str, str], RepoState] = {}  # (type, id.lower()) -> state
         self._lock = threading.Lock()
         self._folders_memo: tuple[tuple[int, int], int, dict[str, str]] | None = None
-        self._tree_json: LRUCache = LRUCache(maxsize=_TREE_JSON_CACHE)  # commit -> bytes, under _lock
+        self._tree_json: LRUCache = LRUCache(maxsize=_TREE_JSON_BYTES, getsizeof=len)  # commit -> bytes, _lock
+        # (repo type, lower-cased id, etag) -> (commit's repo, file) of every file served from a listing:
+        # `blobs/<etag>` (what each snapshot symlink points to) is answered without listing the whole tree.
+        # Bounded like the listings it comes from; a forgotten etag costs one recursive listing.
+        self._etags: LRUCache = LRUCache(maxsize=meta.maxsize)
         # Lookups of names not seen yet, started by clients: bounded (see `_hub_repo`).
         self.resolutions = AdmissionLimiter(
             max_resolutions_per_s, constants.MAX_CONCURRENT_RESOLUTIONS, "Hub lookups of new repos or revisions"
@@ -153,9 +150,9 @@ class HubCacheView(MergedView):
 
         def resolve() -> HubRepo:
             if not limited:
-                return HubRepo(self.http, repo_type, repo_id, revision)
+                return HubRepo(self.http, repo_type, repo_id, revision, listings=self.meta)
             with self.resolutions.admit():
-                return HubRepo(self.http, repo_type, repo_id, revision)
+                return HubRepo(self.http, repo_type, repo_id, revision, listings=self.meta)
 
         return self.meta.get(key, resolve, ttl=ttl)
 
@@ -279,7 +276,7 @@ class HubCacheView(MergedView):
             # complete here and huggingface_hub never downloads anything itself.
             top, name = rest
             if top == "blobs":  # per open of every file: no full directory build
-                found = self._blobs(state).get(name)
+                found = self._blob(state, name)
                 return VNode("file", size=found[1].size) if found else None
             if top == "trees":  # one document, not every commit's (huggingface_hub's temp names: none)
                 repo = self._commit(state, name.removesuffix(".json")) if name.endswith(".json") else None
@@ -288,6 +285,15 @@ class HubCacheView(MergedView):
                 self._commit(state, name)
             elif top == "refs" and name not in state.refs:
                 self._ref(state, name)
+        if len(rest) > 2 and rest[0] == "snapshots":  # a file or directory of a snapshot: its directory only
+            repo = self._commit(state, rest[1])
+            if repo is None:
+                return None
+            try:
+                entry = repo.stat("/".join(rest[2:]))
+            except RemoteNotFound:
+                return None
+            return self._snapshot_node(state, repo, entry, len(rest) - 3)
         return self._children_of(state, rest[:-1]).get(rest[-1])
 
     def _ref(self, state: RepoState, revision: str) -> None:
@@ -316,8 +322,38 @@ class HubCacheView(MergedView):
         with self._lock:
             return dict(state.refs), dict(state.commits)
 
-    def _blobs(self, state: RepoState) -> dict[str, tuple[HubRepo, RemoteEntry]]:
-        return state.blobs(list(self._snapshot(state)[1].values()))
+    def _note(self, state: RepoState, repo: HubRepo, entry: RemoteEntry) -> None:
+        """Remember which file `blobs/<etag>` is (the snapshot symlink to it was just shown)."""
+        key = (state.repo_type, state.repo_id.lower(), entry.content_id)
+        with self._lock:
+            if key not in self._etags:
+                self._etags[key] = (repo, entry)
+
+    def _blob(self, state: RepoState, etag: str) -> tuple[HubRepo, RemoteEntry] | None:
+        """The file behind `blobs/<etag>`: one a listing showed, else found by listing whole commits."""
+        key = (state.repo_type, state.repo_id.lower(), etag)
+        with self._lock:
+            found = self._etags.get(key)
+        if found is not None or not _ETAG.match(etag):
+            return found
+        for repo in self._snapshot(state)[1].values():
+            for entry in repo.files():
+                if entry.content_id == etag:
+                    self._note(state, repo, entry)
+                    return repo, entry
+        return None
+
+    def _all_blobs(self, state: RepoState) -> dict[str, RemoteEntry]:
+        """Every blob of every commit the mount knows (`ls blobs/`: whole listings)."""
+        return {e.content_id: e for repo in self._snapshot(state)[1].values() for e in repo.files() if e.content_id}
+
+    def _snapshot_node(self, state: RepoState, repo: HubRepo, entry: RemoteEntry, depth: int) -> VNode:
+        """A snapshot entry `depth` directories below the snapshot root: a directory, or a relative
+        symlink to its blob (noted, so that the kernel's lookup of the target costs no listing)."""
+        if entry.is_dir:
+            return VNode("dir")
+        self._note(state, repo, entry)
+        return VNode("symlink", target="../" * (depth + 2) + f"blobs/{entry.content_id}")
 
     def _children_of(self, state: RepoState, rest: list[str]) -> dict[str, VNode]:
         """Children of a directory inside a repo folder (`rest` is its path below the folder)."""
@@ -328,7 +364,7 @@ class HubCacheView(MergedView):
         if top == "refs" and len(rest) == 1:
             return {rev: VNode("file", size=len(commit)) for rev, commit in refs.items() if "/" not in rev}
         if top == "blobs" and len(rest) == 1:
-            return {etag: VNode("file", size=entry.size) for etag, (_, entry) in self._blobs(state).items()}
+            return {etag: VNode("file", size=entry.size) for etag, entry in self._all_blobs(state).items()}
         if top == "trees" and len(rest) == 1:
             return {f"{c}.json": VNode("file", size=len(self._tree_bytes(r))) for c, r in commits.items()}
         if top == "snapshots":
@@ -337,21 +373,43 @@ class HubCacheView(MergedView):
             repo = self._commit(state, rest[1])
             if repo is None:
                 return {}
-            inner = "/".join(rest[2:])
             try:
-                entries = repo.list(inner)
+                entries = repo.list("/".join(rest[2:]))
             except RemoteNotFound:
                 return {}
             depth = len(rest) - 2  # directories below the snapshot root
-            out = {}
-            for entry in entries:
-                if entry.is_dir:
-                    out[entry.name] = VNode("dir")
-                else:
-                    target = "../" * (depth + 2) + f"blobs/{entry.content_id}"
-                    out[entry.name] = VNode("symlink", target=target)
-            return out
+            return {entry.name: self._snapshot_node(state, repo, entry, depth) for entry in entries}
         return {}
+
+    def readdir_attrs(self, path: str) -> list[tuple[str, int, dict | None]]:
+        """`readdir` with each entry's attributes (FUSE readdirplus, fuse_ops.py): a walk then needs no
+        lookup per entry. A snapshot directory's entries come from its listing, already held for `readdir`
+        (no request, no per-entry lookup); local entries and other directories take `getattr` per entry.
+        An entry whose attributes cannot be had right now (e.g. a Hub error) goes without them."""
+        entries = self.readdir(path)
+        state, rest = self._resolve(path) if path else (None, [])
+        virtual: dict[str, VNode] = {}
+        local: set[str] = set()
+        if state is not None and len(rest) >= 2 and rest[0] == "snapshots":
+            virtual = self._children_of(state, rest)
+            rel = self._rel(path)
+            st = self._lstat(rel)
+            if st is not None and stat.S_ISDIR(st.st_mode):
+                local = {name for name, _mode in self.local.listdir(rel)}
+        out: list[tuple[str, int, dict | None]] = []
+        for name, mode in entries:
+            child = f"{path}/{name}" if path else name
+            node = virtual.get(name)
+            try:
+                if node is not None and name not in local:
+                    attrs = self._vattrs(node)
+                    self.adjust_attrs(child, attrs)
+                else:
+                    attrs = self.getattr(child)
+            except (OSError, HffsError):
+                attrs = None
+            out.append((name, mode, attrs))
+        return out
 
     def _tree_bytes(self, repo: HubRepo) -> bytes:
         """huggingface_hub's `trees/<commit>.json` (format_version 1) for a commit."""
@@ -366,7 +424,10 @@ class HubCacheView(MergedView):
                 files[entry.path] = info
             data = json.dumps({"format_version": 1, "files": files}, indent=1).encode()
             with self._lock:
-                self._tree_json[repo.commit] = data
+                try:
+                    self._tree_json[repo.commit] = data
+                except ValueError:  # larger than the whole budget: built again on the next use
+                    pass
         return data
 
     def can_copy_up(self, path: str, node: VNode) -> bool:
@@ -388,7 +449,7 @@ class HubCacheView(MergedView):
                 raise fs_error(errno.ENOENT)
             return FileHandle(data=self._tree_bytes(repo))
         if top == "blobs":
-            found = self._blobs(state).get(name)
+            found = self._blob(state, name)
             if found is None:
                 raise fs_error(errno.ENOENT)
             repo, entry = found

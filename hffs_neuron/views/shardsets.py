@@ -43,7 +43,8 @@ _MAX_PLANNED = 100_000
 def shard_set(path: str, files: dict[str, RemoteEntry], read_index: Callable[[RemoteEntry], bytes]) -> list[str]:
     """The paths of the shard set `path` belongs to (or that the index `path` lists); [] if none.
 
-    `files` is every file of the snapshot by path; `read_index(entry)` returns an index file's bytes.
+    `files` holds at least every file of `path`'s directory by path; `read_index(entry)` returns an index
+    file's bytes.
     """
     directory = posixpath.dirname(path)
     name = posixpath.basename(path)
@@ -101,7 +102,10 @@ class ReadAhead:
         self.store.scheduler.read_ahead(f"plan:{repo.commit}:{token[1]}", lambda: self._plan(repo, entry), False)
 
     def _plan(self, repo: HubRepo, entry: RemoteEntry) -> None:
-        files = {e.path: e for e in repo.files()}
+        # A shard set lies within one directory: its listing (held already: the file was found in it)
+        # is all "shards" needs; "snapshot" lists the whole tree.
+        listed = repo.files() if self.mode == "snapshot" else repo.list(posixpath.dirname(entry.path))
+        files = {e.path: e for e in listed if not e.is_dir}
         folder = repo_folder(repo.repo_type, repo.repo_id)
 
         def local(member: RemoteEntry) -> bool:
