@@ -113,6 +113,40 @@ def test_bounded_size() -> None:
     assert cache.peek(9) == 9  # the most recent survives
 
 
+def test_listings_weigh_their_entries_and_are_evicted_whole() -> None:
+    """The size counts entries (issue 31): a listing weighs what it holds, the least recently used
+    listings go first, and one larger than the whole cache is served but not kept."""
+    cache = MetadataCache(maxsize=100, ttl=60, negative_ttl=60)
+    for name in "abc":
+        cache.get(name, Loader({f"{name}{i}": i for i in range(40)}))
+    assert cache.peek("a") is None and cache.peek("b") is not None and cache.peek("c") is not None  # 80 of 100
+    huge = Loader(list(range(101)))
+    assert cache.get("huge", huge) == list(range(101)) and cache.peek("huge") is None
+    assert cache.peek("b") is not None  # nothing was evicted for a value that cannot stay
+    cache.put("d", tuple(range(30)))  # 110 entries: the least recently used listing goes ("b" was just read)
+    assert cache.peek("c") is None and cache.peek("b") is not None and cache.peek("d") == tuple(range(30))
+
+
+@pytest.mark.timeout(60)
+def test_waiters_wait_as_long_as_the_load_makes_progress() -> None:
+    """A slow listing that reports each page (`progress`) keeps its waiters past `wait_timeout`."""
+    cache = MetadataCache(maxsize=10, ttl=60, negative_ttl=60, wait_timeout=0.5)
+
+    def slow_pages() -> str:
+        for _page in range(6):
+            time.sleep(0.3)
+            cache.progress("k")
+        return "complete"
+
+    leader = threading.Thread(target=lambda: cache.get("k", slow_pages))
+    leader.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert run_threads(3, lambda: cache.get("k", Loader("unused"))) == ["complete"] * 3
+    assert time.monotonic() - started > 1.0  # twice the wait timeout: waited on progress
+    leader.join(10)
+
+
 def test_invalidate() -> None:
     cache = MetadataCache(maxsize=10, ttl=60, negative_ttl=60)
     for key in [("a", 1), ("a", 2), ("b", 1)]:
