@@ -56,6 +56,7 @@ class MountConfig:
     publish: bool = constants.PUBLISH
     publish_from: list[str] = field(default_factory=lambda: list(constants.PUBLISH_FROM))  # USER or @GROUP
     publish_max_bytes: int = constants.PUBLISH_MAX_BYTES
+    commit_interval: float = constants.COMMIT_INTERVAL  # publishing to a repo: seconds between commits
     keep_stale_locks: bool = constants.KEEP_STALE_LOCKS
     stale_lock_grace: float = constants.STALE_LOCK_GRACE
     follow_events: bool = constants.FOLLOW_EVENTS
@@ -138,6 +139,8 @@ def validate_config(config: MountConfig) -> None:
         from .publish_checks import TrustedWriters
 
         TrustedWriters.parse(0, config.publish_from)  # names that do not exist: said now, not at publish time
+    if config.commit_interval < 0:
+        raise UsageError(f"--commit-interval {config.commit_interval}: must be 0 or more seconds")
     if config.publish_max_bytes <= 0:
         raise UsageError(f"--publish-max-bytes {config.publish_max_bytes}: must be a positive size, e.g. 8G")
     for spec in config.repos:

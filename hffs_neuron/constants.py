@@ -43,6 +43,9 @@ PUBLISH = os.environ.get("HFFS_PUBLISH", "").strip().lower() in ("1", "true", "y
 PUBLISH_FROM = tuple(n.strip() for n in os.environ.get("HFFS_PUBLISH_FROM", "").split(",") if n.strip())
 # A module of more bytes than this is never published (`--publish-max-bytes`).
 PUBLISH_MAX_BYTES = _env_int("HFFS_PUBLISH_MAX_BYTES", 8 << 30)
+# Publishing to a repo: at least this many seconds between two commits to it (`--commit-interval`); what
+# arrives meanwhile goes in the next commit.
+COMMIT_INTERVAL = _env_float("HFFS_COMMIT_INTERVAL", 60.0)
 # NEFF mounts: a compile lock (`*.lock`) whose creator process is gone is removed this many seconds after
 # it is first seen stale (`--stale-lock-grace`), unless stale locks are kept (`--keep-stale-locks`:
 # only reported).

@@ -153,6 +153,10 @@ class MountRuntime:
             from .views.neff import NeffView
 
             bucket = self._open_source(parse_source(config.source, config.prefix))
+            if config.publish:
+                from .publish import check_write_access
+
+                check_write_access(bucket)  # a repo without write access: one line now, not a failed commit
             # Layers are per host (README "Sharing one cache between nodes"): a cache dir on a cluster filesystem
             # gives each host its own.
             layer = f"{self.http.endpoint}|{bucket.layer_identity}|{HOST}"
@@ -259,6 +263,7 @@ class MountRuntime:
             self.view.remote,
             checks,
             stall_timeout=self.config.timeout,
+            commit_interval=self.config.commit_interval,
         )
         self.view.on_change = publisher.notify
         return publisher

@@ -1,4 +1,5 @@
-"""Publish-on-completion (`mount neff --publish`): local modules go to the bucket once the compiler is done.
+"""Publish-on-completion (`mount neff --publish`): local modules go to the bucket (or repo) once the compiler
+is done.
 
 Fed by the NEFF view's write events (a written file closed, a rename, an unlink: `notify(path)`), each
 module is looked at again about a second after its last event; a finished, trusted one (the rules `push`
@@ -9,6 +10,10 @@ conflict: reported, never uploaded again by this mount. Untrusted modules (writt
 start, so it survives a restart. Transient failures retry with backoff, a bounded number of times;
 permanent ones (no write access, bucket gone) are logged once with the fix, shown in status, and stop
 further uploads until the next mount.
+
+To a repo, each round is one commit (`publish.commit_round`), at most one per `commit_interval`: modules
+that complete meanwhile wait and go together; a module's `model.done` goes in the commit after its other
+files.
 """
 
 from __future__ import annotations
@@ -17,12 +22,15 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import constants, publish, supervision
 from .errors import RemoteAccessDenied, RemoteNotFound
-from .remote.bucket import Bucket
+from .remote.repo import RepoTree
 from .views.neff import MODULE_PREFIX, VERSION_PREFIX
+
+if TYPE_CHECKING:
+    from .publish import NeffRemote
 
 logger = logging.getLogger(__name__)
 
@@ -41,18 +49,19 @@ class PermanentError(Exception):
         self.bucket_wide = bucket_wide
 
 
-def classify(exc: BaseException, bucket_id: str) -> PermanentError | None:
-    """The permanent failure `exc` stands for, or None if it is worth retrying."""
+def classify(exc: BaseException, name: str) -> PermanentError | None:
+    """The permanent failure `exc` stands for, or None if it is worth retrying (`name`: `bucket ORG/NAME`,
+    `model ORG/NAME`, ...)."""
     status = getattr(exc, "status", None) or getattr(getattr(exc, "response", None), "status_code", None)
     if isinstance(exc, RemoteAccessDenied) or status in (401, 403):
         return PermanentError(
-            f"no write access to bucket {bucket_id} ({exc}); remount with a token that can write to it "
+            f"no write access to {name} ({exc}); remount with a token that can write to it "
             "(--token-file / HF_TOKEN): pending modules are published at start",
             bucket_wide=True,
         )
     if isinstance(exc, RemoteNotFound) or status == 404:
         return PermanentError(
-            f"bucket {bucket_id} not found ({exc}); was it deleted or renamed? Mount an existing bucket",
+            f"{name} not found ({exc}); was it deleted or renamed? Mount an existing one",
             bucket_wide=True,
         )
     if isinstance(status, int) and 400 <= status < 500 and status not in (408, 409, 429):
@@ -66,18 +75,22 @@ class NeffPublisher:
     def __init__(
         self,
         upper: str | Path,
-        bucket: Bucket,
+        bucket: NeffRemote,
         checks: publish.Checks,
         *,
         api: Any = None,
         debounce: float = DEBOUNCE_S,
         stall_timeout: float = constants.OPERATION_TIMEOUT,
+        commit_interval: float = constants.COMMIT_INTERVAL,
     ):
         """`api`: an HfApi to upload with in this process; None (the daemon): worker processes, each
-        stopped when no byte moved for `stall_timeout` seconds (`publish.run_upload`)."""
+        stopped when no byte moved for `stall_timeout` seconds (`publish.run_upload`). `bucket`: the
+        bucket or repo; to a repo, at most one commit per `commit_interval` seconds."""
         self.upper = Path(upper)
         self.stall_timeout = stall_timeout
         self.bucket = bucket
+        self.commit_interval = commit_interval if isinstance(bucket, RepoTree) else 0.0
+        self._next_round = 0.0  # monotonic time before which no commit is made (repos)
         self.checks = checks
         self.debounce = debounce
         self._api = api
@@ -146,13 +159,17 @@ class NeffPublisher:
 
     def _take_due(self) -> list[str]:
         now = time.monotonic()
+        if now < self._next_round:
+            return []
         due = sorted(m for m, t in self._due.items() if t <= now)
         for module in due:
             del self._due[module]
         return due
 
     def _wait_time(self) -> float | None:
-        return max(0.0, min(self._due.values()) - time.monotonic()) if self._due else None
+        if not self._due:
+            return None
+        return max(0.0, min(self._due.values()) - time.monotonic(), self._next_round - time.monotonic())
 
     def _publish(self, modules: list[str]) -> None:
         ready: list[publish.Upload] = []
@@ -166,12 +183,23 @@ class NeffPublisher:
                 ready.append(upload)
         if not ready:
             return
+        held: set[str] = set()  # modules whose marker (or all of it) goes in the next commit
         try:
-            changed = publish.publish_modules(
-                self._api, self.bucket, self.upper, ready, stall_timeout=self.stall_timeout
-            )
+            if isinstance(self.bucket, RepoTree):
+                self._next_round = time.monotonic() + self.commit_interval
+                changed, waiting, later = publish.commit_round(
+                    self._api, self.bucket, self.upper, ready, stall_timeout=self.stall_timeout
+                )
+                held = {u.module for u in waiting + later}
+                self._requeue(sorted(held))
+            else:
+                changed = publish.publish_modules(
+                    self._api, self.bucket, self.upper, ready, stall_timeout=self.stall_timeout
+                )
             for upload in ready:
-                if upload.module not in changed and (conflict := publish.lost_race(self.bucket, upload)):
+                if upload.module in changed or upload.module in held:
+                    continue
+                if conflict := publish.lost_race(self.bucket, upload, self.upper, self.checks.hashes):
                     self._conflict(upload.module, conflict)
                     changed[upload.module] = conflict
         except Exception as exc:  # noqa: BLE001 - classified: retried with backoff or reported
@@ -181,8 +209,17 @@ class NeffPublisher:
             if upload.module in changed:  # a file swapped or changed meanwhile: its next event brings it back
                 logger.warning("not publishing %s: %s", upload.module, changed[upload.module])
                 continue
+            if upload.module in held:
+                continue
             logger.info("published %s (%d files)", upload.module, len(upload.files))
             self._done(upload.module)
+
+    def _requeue(self, modules: list[str]) -> None:
+        """Modules to look at again in the next round (a repo's next commit)."""
+        with self._cond:
+            for module in modules:
+                self._due.setdefault(module, 0.0)
+            self._cond.notify()
 
     def _prepare(self, module: str) -> publish.Upload | None:
         """The upload `module` needs now, or None (not finished, refused, a conflict, or already there)."""
@@ -230,7 +267,7 @@ class NeffPublisher:
             self._published.discard(module)
 
     def _failure(self, modules: list[str], exc: BaseException) -> None:
-        permanent = classify(exc, self.bucket.bucket_id)
+        permanent = classify(exc, publish.remote_name(self.bucket))
         if permanent is not None:
             if permanent.bucket_wide:
                 if self._blocked is None:

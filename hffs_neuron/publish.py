@@ -1,4 +1,4 @@
-"""Publishing complete local Neuron cache modules back to the bucket (`mountctl push`, `--publish`).
+"""Publishing complete local Neuron cache modules back to the bucket or repo (`mountctl push`, `--publish`).
 
 One completion rule and one upload path serve both: `publishable_files` decides whether a local module may
 be published and what of it, and `publish_modules` uploads the rest before the done markers (a separate
@@ -10,8 +10,9 @@ use the owner's token, for every node of the fleet to load. So (README "Security
   write to it made, by the owner, root or a `--publish-from` user or group (`Checks.untrusted`);
 - only finished modules: neff and done marker, no lock, no file open for writing through the mount, the
   marker not older than any published file, within the size and file-count bounds, nothing sparse;
-- the bucket is compared by content (xet hashes, cached by inode, size and mtime), never by size: a
-  module the bucket holds with other content is a conflict, never overwritten;
+- the remote is compared by content (a bucket's xet hashes, a repo's LFS sha256 and git blob ids; cached
+  by inode, size and mtime), never by size: a module it holds with other content is a conflict, never
+  overwritten;
 - only regular files: every directory and file is opened relative to its parent's fd with `O_NOFOLLOW`,
   anything else (a symlink, a FIFO, a device) is skipped with its reason, and the upload reads each file
   through the fd checked here.
@@ -23,18 +24,26 @@ import dataclasses
 import logging
 import os
 import stat
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import constants
 from .errors import MountError, RemoteNotFound
 from .publish_checks import Checks, HashCache, TrustedWriters
-from .remote.bucket import Bucket
+from .remote.base import Digest
 from .remote.http import HubHttp
+from .remote.repo import RepoTree
+from .sources import parse_source
 from .upload_worker import run_upload
 from .views.neff import MODULE_PREFIX, VERSION_PREFIX, is_lock_name, is_module_complete
+
+if TYPE_CHECKING:
+    from .remote.bucket import Bucket
+
+    NeffRemote = Bucket | RepoTree
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +60,9 @@ UPLOAD_BATCH_FILES = 16
 # A module of more files than this is refused (a compile writes about five).
 MAX_MODULE_FILES = 64
 DONE_MARKER = "model.done"
+
+# Files of one repo commit (each held open by the upload): a larger round goes in several commits.
+REPO_COMMIT_FILES = 256
 
 # (local path, path in the bucket) of each file of one upload.
 Additions = list[tuple[str, str]]
@@ -252,22 +264,38 @@ def publishable_files(upper: Path, module: str, checks: Checks | None = None) ->
 
 @dataclass
 class Comparison:
-    """A local module against the bucket: what to upload, or the conflict that forbids it."""
+    """A local module against the remote: what to upload, or the conflict that forbids it."""
 
     upload: list[str]
     conflict: str | None = None
-    hashes: dict[str, str] = field(default_factory=dict)  # name -> local xet hash of each file
 
 
-def local_hashes(upper: Path, module: str, names: Iterable[str], hashes: HashCache) -> dict[str, str]:
-    """name -> xet hash of each of the module's files (through fds that follow no symlink)."""
-    out = {}
+def remote_hashes(remote: NeffRemote, module: str) -> dict[str, Digest | None]:
+    """name -> content hash of each file the remote holds in `module` (None where it lists none): the
+    xet hash of a bucket file, the sha256 of a repo's LFS file, the git blob id of its plain git file."""
+    try:
+        return {e.name: e.digest for e in remote.list(module) if not e.is_dir}
+    except RemoteNotFound:
+        return {}
+
+
+def differing(
+    upper: Path, module: str, names: Iterable[str], theirs: dict[str, Digest | None], hashes: HashCache
+) -> list[str]:
+    """Those of the module's files `names` that the remote does not hold with the same content (each local
+    file hashed the way the remote hashes its copy, through fds that follow no symlink)."""
+    out = []
     dir_fd = _open_dir(upper, module)
     try:
-        for name in names:
+        for name in sorted(names):
+            digest = theirs.get(name)
+            if digest is None:
+                out.append(name)
+                continue
             fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
             try:
-                out[name] = hashes.hash_of(f"{module}/{name}", fd)
+                if hashes.hash_of(f"{module}/{name}", fd, digest.algo) != digest.hexdigest:
+                    out.append(name)
             finally:
                 os.close(fd)
     finally:
@@ -276,39 +304,76 @@ def local_hashes(upper: Path, module: str, names: Iterable[str], hashes: HashCac
     return out
 
 
-def remote_hashes(bucket: Bucket, module: str) -> dict[str, str | None]:
-    """name -> xet hash of each file the bucket holds in `module` (None where it lists none)."""
-    try:
-        return {e.name: e.xet_hash for e in bucket.list(module) if not e.is_dir}
-    except RemoteNotFound:
-        return {}
-
-
-def compare(bucket: Bucket, upper: Path, module: str, files: Iterable[str], hashes: HashCache) -> Comparison:
-    """What of `files` the bucket lacks; a conflict where it holds any of them with other content.
+def compare(remote: NeffRemote, upper: Path, module: str, files: Iterable[str], hashes: HashCache) -> Comparison:
+    """What of `files` the remote lacks; a conflict where it holds any of them with other content.
 
     After an interrupted publish (the rest uploaded, the marker not) only what is missing goes again;
-    a module the bucket already holds complete with the same content needs nothing.
+    a module the remote already holds complete with the same content needs nothing.
     """
-    mine = local_hashes(upper, module, files, hashes)
-    theirs = remote_hashes(bucket, module)
-    differ = sorted(n for n, h in mine.items() if n in theirs and theirs[n] != h)
+    files = list(files)
+    theirs = remote_hashes(remote, module)
+    differ = differing(upper, module, [n for n in files if n in theirs], theirs, hashes)
     if differ:
-        return Comparison([], f"conflict: the bucket holds {module}/{differ[0]} with other content", mine)
+        return Comparison([], f"conflict: {remote_name(remote)} holds {module}/{differ[0]} with other content")
     if DONE_MARKER in theirs:
-        return Comparison([], None, mine)  # published (the first good copy): extra local files stay local
-    return Comparison(sorted(n for n in mine if n not in theirs), None, mine)
+        return Comparison([])  # published (the first good copy): extra local files stay local
+    return Comparison(sorted(n for n in files if n not in theirs))
 
 
-def additions(bucket: Bucket, upper: Path, module: str, names: Iterable[str]) -> Additions:
-    """(local path, path in the bucket) of each of a module's files `names`."""
-    prefix = f"{bucket.prefix}/" if bucket.prefix else ""
+def remote_name(remote: NeffRemote) -> str:
+    """How messages name the remote: `bucket ORG/NAME`, `model ORG/NAME`, `dataset ORG/NAME`."""
+    return f"{getattr(remote, 'repo_type', 'bucket')} {remote.bucket_id}"
+
+
+def check_write_access(remote: NeffRemote) -> None:
+    """Repos: raise RemoteAccessDenied (one line) unless the token may commit to the followed branch,
+    UsageError for a pinned commit. Buckets are checked by their first upload (neff_publisher.py)."""
+    if isinstance(remote, RepoTree):
+        remote.check_write_access()
+
+
+def additions(remote: NeffRemote, upper: Path, module: str, names: Iterable[str]) -> Additions:
+    """(local path, path in the bucket or repo) of each of a module's files `names`."""
+    prefix = f"{remote.prefix}/" if remote.prefix else ""
     return [(str(upper / module / n), f"{prefix}{module}/{n}") for n in names]
 
 
 def upload_to_bucket(api: Any, bucket_id: str, additions: Additions) -> None:
     """The one call that writes to a bucket (a seam: tests without Xet uploads replace only this)."""
     api.batch_bucket_files(bucket_id, add=additions)
+
+
+def commit_to_repo(api: Any, target: dict, additions: Additions) -> None:
+    """The one call that writes to a repo: one commit of `additions` to the followed branch."""
+    from huggingface_hub import CommitOperationAdd
+
+    api.create_commit(
+        target["repo_id"],
+        [CommitOperationAdd(path_in_repo=remote, path_or_fileobj=local) for local, remote in additions],
+        commit_message=target["message"],
+        repo_type=target["repo_type"],
+        revision=target["revision"],
+    )
+
+
+def send(api: Any, target: dict, additions: Additions) -> None:
+    """Upload `additions` to `target` (`upload_target`): a bucket batch or a repo commit."""
+    if "repo_id" in target:
+        commit_to_repo(api, target, additions)
+    else:
+        upload_to_bucket(api, target["bucket_id"], additions)
+
+
+def upload_target(remote: NeffRemote, message: str) -> dict:
+    """Where uploads to `remote` go, as the upload worker takes it (JSON)."""
+    if isinstance(remote, RepoTree):
+        return {
+            "repo_id": remote.repo_id,
+            "repo_type": remote.repo_type,
+            "revision": remote.revision,
+            "message": message,
+        }
+    return {"bucket_id": remote.bucket_id}
 
 
 def _open_module_files(upper: Path, rel: str, names: list[str]) -> list[int]:
@@ -335,12 +400,12 @@ def _open_module_files(upper: Path, rel: str, names: list[str]) -> list[int]:
 @dataclass
 class Upload:
     """One module to upload: its files (local path, path in the bucket), what was checked of each (lstat,
-    re-checked after the upload), and the local hashes the bucket must hold afterwards."""
+    re-checked after the upload), and the names of all its files (the remote must hold them afterwards)."""
 
     module: str
     files: Additions
     checked: dict[str, os.stat_result] = field(default_factory=dict)  # name -> lstat
-    hashes: dict[str, str] = field(default_factory=dict)  # name -> xet hash of every file of the module
+    names: list[str] = field(default_factory=list)  # every file of the module: the remote must hold them all
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:
@@ -370,11 +435,12 @@ def _same_file(st: os.stat_result, checked: os.stat_result | None) -> bool:
 
 def _upload(
     api: Any,
-    bucket: Bucket,
+    remote: NeffRemote,
     upper: Path,
     part: list[tuple[Upload, Additions]],
     changed: dict[str, str],
     stall_timeout: float,
+    message: str = "",
 ) -> None:
     """One upload call of the files in `part`, each read through an fd checked to be a regular file (in
     a worker process unless an `api` object is given: see `run_upload`).
@@ -399,10 +465,11 @@ def _upload(
         if not add:
             return
         before = {fd: os.fstat(fd) for _, _, fd in fds}
+        target = upload_target(remote, message)
         if api is None:
-            run_upload(bucket.endpoint, bucket.bucket_id, add, [fd for _, _, fd in fds], stall_timeout)
+            run_upload(remote.endpoint, target, add, [fd for _, _, fd in fds], stall_timeout)
         else:
-            upload_to_bucket(api, bucket.bucket_id, add)
+            send(api, target, add)
         for upload, name, fd in fds:
             st = os.fstat(fd)
             if not (_same_file(st, upload.checked.get(name)) and _same_file(st, before[fd])):
@@ -414,11 +481,12 @@ def _upload(
 
 def publish_modules(
     api: Any,
-    bucket: Bucket,
+    remote: NeffRemote,
     upper: Path,
     modules: Sequence[Upload],
     *,
     stall_timeout: float = constants.OPERATION_TIMEOUT,
+    commit_interval: float = constants.COMMIT_INTERVAL,
 ) -> dict[str, str]:
     """Upload the files of `modules` from the local layer `upper`; returns module -> reason of those left out
     because they changed since they were checked. Upload errors propagate. `api` None: each call runs in
@@ -426,12 +494,24 @@ def publish_modules(
 
     Each batch's `model.done` files go in calls after all the rest succeeded: `batch_bucket_files` may
     split a batch and apply part of it, so with the markers last a failure can leave a module without its
-    marker (invisible to compilers, published again later), never a marker alone.
+    marker (invisible to compilers, published again later), never a marker alone. To a repo: commits
+    (`commit_round`) at most one per `commit_interval` seconds, the markers in a later commit.
     """
     logger.info(
-        "publishing %d files of %d modules to %s", sum(len(u.files) for u in modules), len(modules), bucket.bucket_id
+        "publishing %d files of %d modules to %s", sum(len(u.files) for u in modules), len(modules), remote_name(remote)
     )
     changed: dict[str, str] = {}
+    if isinstance(remote, RepoTree):
+        queue = list(modules)
+        while queue:
+            started = time.monotonic()
+            more, waiting, later = commit_round(api, remote, upper, queue, stall_timeout=stall_timeout)
+            changed.update(more)
+            queue = waiting + later
+            if queue:
+                logger.info("next commit to %s in %.0f s (--commit-interval)", remote_name(remote), commit_interval)
+                time.sleep(max(0.0, started + commit_interval - time.monotonic()))
+        return changed
     for batch in _batches(modules):
         for markers in (False, True):
             pairs = [
@@ -446,40 +526,71 @@ def publish_modules(
                 for upload, pair in chunk:
                     if upload.module not in changed:
                         by_module.setdefault(upload.module, (upload, []))[1].append(pair)
-                _upload(api, bucket, upper, list(by_module.values()), changed, stall_timeout)
+                _upload(api, remote, upper, list(by_module.values()), changed, stall_timeout)
     return changed
 
 
-def lost_race(bucket: Bucket, upload: Upload) -> str | None:
-    """After a module's upload: the conflict if the bucket does not hold exactly its files (another node
+def commit_round(
+    api: Any, repo: RepoTree, upper: Path, uploads: Sequence[Upload], *, stall_timeout: float
+) -> tuple[dict[str, str], list[Upload], list[Upload]]:
+    """One commit to `repo`: the done markers of modules whose other files it holds already (an upload of
+    the marker alone), and every other file, but the marker, of the rest, at most REPO_COMMIT_FILES files.
+
+    Returns (changed: module -> why it was left out, uploads of the markers that wait for the next commit,
+    uploads that did not fit and wait whole). The repo then follows the new commit at once.
+    """
+    part: list[tuple[Upload, Additions]] = []
+    waiting: list[Upload] = []
+    later: list[Upload] = []
+    count = 0
+    for upload in uploads:
+        rest = [pair for pair in upload.files if Path(pair[0]).name != DONE_MARKER]
+        files = rest or upload.files
+        if part and count + len(files) > REPO_COMMIT_FILES:
+            later.append(upload)
+            continue
+        part.append((upload, files))
+        count += len(files)
+        if rest and len(rest) < len(upload.files):
+            waiting.append(dataclasses.replace(upload, files=[p for p in upload.files if p not in rest]))
+    markers = sum(1 for _, files in part if Path(files[0][0]).name == DONE_MARKER)
+    message = f"hffs-neuron: {len(part) - markers} modules, {markers} done markers"
+    changed: dict[str, str] = {}
+    _upload(api, repo, upper, part, changed, stall_timeout, message)
+    repo.current_commit(force=True)
+    return changed, [w for w in waiting if w.module not in changed], later
+
+
+def lost_race(remote: NeffRemote, upload: Upload, upper: Path, hashes: HashCache) -> str | None:
+    """After a module's upload: the conflict if the remote does not hold exactly its files (another node
     published the same module meanwhile, with other bytes), or None."""
-    theirs = remote_hashes(bucket, upload.module)
-    differ = sorted(n for n, h in upload.hashes.items() if theirs.get(n) != h)
+    theirs = remote_hashes(remote, upload.module)
+    differ = differing(upper, upload.module, upload.names, theirs, hashes)
     if differ:
-        return f"conflict: another copy of {upload.module} won the race ({differ[0]} differs in the bucket)"
+        return f"conflict: another copy of {upload.module} won the race ({differ[0]} differs in {remote_name(remote)})"
     return None
 
 
-ALREADY_PUBLISHED = "already published (the bucket holds the same content)"
+ALREADY_PUBLISHED = "already published (the remote holds the same content)"
 
 
-def prepare(bucket: Bucket, upper: Path, module: str, local: LocalModule, hashes: HashCache) -> Upload | str | None:
-    """The upload of a publishable `module`; None if the bucket already holds it; else the conflict."""
-    comparison = compare(bucket, upper, module, local.files, hashes)
+def prepare(remote: NeffRemote, upper: Path, module: str, local: LocalModule, hashes: HashCache) -> Upload | str | None:
+    """The upload of a publishable `module`; None if the remote already holds it; else the conflict."""
+    comparison = compare(remote, upper, module, local.files, hashes)
     if comparison.conflict:
         return comparison.conflict
     if not comparison.upload:
         return None
     return Upload(
         module,
-        additions(bucket, upper, module, comparison.upload),
+        additions(remote, upper, module, comparison.upload),
         {n: local.files[n] for n in comparison.upload},
-        comparison.hashes,
+        sorted(local.files),
     )
 
 
-def plan_push(upper: Path, bucket: Bucket, checks: Checks, *, include_untrusted: bool = False) -> PushPlan:
-    """Select the local modules that are finished, trusted and not yet in the bucket (with that content)."""
+def plan_push(upper: Path, remote: NeffRemote, checks: Checks, *, include_untrusted: bool = False) -> PushPlan:
+    """Select the local modules that are finished, trusted and not yet in the remote (with that content)."""
     plan = PushPlan()
     everyone = dataclasses.replace(checks, trust=None)
     for rel in local_modules(upper, plan.skipped):
@@ -490,7 +601,7 @@ def plan_push(upper: Path, bucket: Bucket, checks: Checks, *, include_untrusted:
             local = publishable_files(upper, rel, everyone)
         if local.reason is None:
             plan.skipped += [(f"{rel}/{name}", why) for name, why in local.skipped]
-            upload = prepare(bucket, upper, rel, local, checks.hashes)
+            upload = prepare(remote, upper, rel, local, checks.hashes)
             if isinstance(upload, Upload):
                 plan.upload.append(upload)
                 plan.notes[rel] = note
@@ -519,22 +630,28 @@ def push(
     if not layer:
         raise MountError(f"{state.get('mountpoint')}: the mount's runtime state has no local layer")
     http = HubHttp(state.get("endpoint"))
-    bucket = Bucket(http, state["source"], state.get("options", {}).get("prefix"))
-    upper = Path(layer) / "upper"
     options = state.get("options", {})
+    remote = parse_source(state["source"], options.get("prefix")).open(http, ref_ttl=0.0)
+    upper = Path(layer) / "upper"
     # The mount's owner is whoever owns its layer (the daemon made it), also when root runs push.
     trust = TrustedWriters.parse(os.stat(layer).st_uid, options.get("publish_from") or ())
     checks = Checks.for_layer(
         upper, trust, writing=lambda: writing, max_bytes=options.get("publish_max_bytes") or constants.PUBLISH_MAX_BYTES
     )
-    plan = plan_push(upper, bucket, checks, include_untrusted=include_untrusted)
+    plan = plan_push(upper, remote, checks, include_untrusted=include_untrusted)
     if dry_run or not plan.upload:
         return plan
+    check_write_access(remote)
     changed = publish_modules(
-        api, bucket, upper, plan.upload, stall_timeout=options.get("timeout") or constants.OPERATION_TIMEOUT
+        api,
+        remote,
+        upper,
+        plan.upload,
+        stall_timeout=options.get("timeout") or constants.OPERATION_TIMEOUT,
+        commit_interval=options.get("commit_interval", constants.COMMIT_INTERVAL),
     )
     for upload in plan.upload:
-        if upload.module not in changed and (conflict := lost_race(bucket, upload)):
+        if upload.module not in changed and (conflict := lost_race(remote, upload, upper, checks.hashes)):
             changed[upload.module] = conflict
     plan.skipped += [(module, f"not pushed: {reason}") for module, reason in changed.items()]
     plan.upload = [upload for upload in plan.upload if upload.module not in changed]

@@ -21,6 +21,8 @@ from typing import Any
 from . import constants
 from .errors import UsageError
 from .proc import HOST
+from .remote.base import XET, Digest
+from .store.blobstore import new_hasher
 from .store.verify import xet_hash
 from .views.creators import CreatorLog
 from .views.localfs import LocalTree
@@ -73,8 +75,18 @@ class TrustedWriters:
         return not self.gids.isdisjoint(os.getgrouplist(user.pw_name, user.pw_gid))
 
 
+def _stream_hash(fd: int, digest: Digest, size: int) -> str:
+    """The `digest.algo` hash of the file open at `fd` (read with pread: its offset is left alone)."""
+    hasher = new_hasher(digest, size)
+    offset = 0
+    while chunk := os.pread(fd, 1 << 20, offset):
+        hasher.update(chunk)
+        offset += len(chunk)
+    return hasher.hexdigest()
+
+
 class HashCache:
-    """Xet hashes of local files by (device, inode, size, mtime_ns), kept in the layer state.
+    """Content hashes of local files by (device, inode, size, mtime_ns), kept in the layer state.
 
     The record is an append-only log (one JSON line per file hashed; a path's last line wins), rewritten
     only when it has grown to twice its live entries: publishing a module appends a few lines, never a
@@ -108,15 +120,17 @@ class HashCache:
         while len(self._hashes) > _HASHES_MAX:
             del self._hashes[next(iter(self._hashes))]
 
-    def hash_of(self, key: str, fd: int) -> str:
-        """The xet hash of the file open at `fd`, known by `key` (its path in the layer)."""
+    def hash_of(self, key: str, fd: int, algo: str = XET) -> str:
+        """The `algo` hash ("xet", as buckets list files; "sha256" or "git-sha1", as repos list LFS and
+        plain git files) of the file open at `fd`, known by `key` (its path in the layer)."""
         st = os.fstat(fd)
         identity = [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns]
+        key = key if algo == XET else f"{algo}:{key}"
         with self._lock:
             known = self._hashes.get(key)
         if known is not None and known[:4] == identity:
             return known[4]
-        digest = xet_hash(f"/proc/self/fd/{fd}")
+        digest = xet_hash(f"/proc/self/fd/{fd}") if algo == XET else _stream_hash(fd, Digest(algo, ""), st.st_size)
         with self._lock:
             self._remember(key, [*identity, digest])
             self._pending.append(json.dumps([key, *identity, digest]) + "\n")

@@ -1,8 +1,10 @@
-"""One bucket upload call in a process of its own, so that a stalled upload can be stopped.
+"""One upload call (a bucket batch, or a repo commit) in a process of its own, so that a stalled upload can
+be stopped.
 
 `run_upload` (in the daemon or `mountctl push`) starts `python -m hffs_neuron.upload_worker` with the
-files' fds inherited and the request on standard input (`{"endpoint", "bucket_id", "add": [[source,
-destination], ...]}`; the token, if any, is in the environment, never on the command line). hf_xet
+files' fds inherited and the request on standard input (`{"endpoint", "target", "add": [[source,
+destination], ...]}`, `target` as `publish.upload_target` gives it; the token, if any, is in the
+environment, never on the command line). hf_xet
 offers no way to abort an upload from outside, and the upload holds the files' fds: ending the process
 ends both. On failure the worker
 prints one JSON line, `{"error": message, "status": HTTP status or null}`, and exits 1.
@@ -37,11 +39,12 @@ def _io_bytes(pid: int) -> int:
 
 
 def run_upload(
-    endpoint: str | None, bucket_id: str, add: list[tuple[str, str]], fds: list[int], stall_timeout: float
+    endpoint: str | None, target: dict, add: list[tuple[str, str]], fds: list[int], stall_timeout: float
 ) -> None:
-    """One upload call in a worker process (`upload_worker`) holding `fds`, stopped once no byte has moved
-    for `stall_timeout` seconds (UploadFailed): however the Hub or hf_xet stalls, publishing goes on."""
-    request = json.dumps({"endpoint": endpoint, "bucket_id": bucket_id, "add": add})
+    """One upload call to `target` in a worker process (`upload_worker`) holding `fds`, stopped once no byte
+    has moved for `stall_timeout` seconds (UploadFailed): however the Hub or hf_xet stalls, publishing goes
+    on."""
+    request = json.dumps({"endpoint": endpoint, "target": target, "add": add})
     worker = subprocess.Popen(
         [sys.executable, "-m", "hffs_neuron.upload_worker"],
         stdin=subprocess.PIPE,
@@ -83,7 +86,7 @@ def main() -> int:
     request = json.loads(sys.stdin.read())
     try:
         api = HfApi(endpoint=request["endpoint"])
-        publish.upload_to_bucket(api, request["bucket_id"], [tuple(pair) for pair in request["add"]])
+        publish.send(api, request["target"], [tuple(pair) for pair in request["add"]])
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which classifies it
         status = getattr(getattr(exc, "response", None), "status_code", None)
         print(json.dumps({"error": f"{type(exc).__name__}: {exc}", "status": status}), flush=True)

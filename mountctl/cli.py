@@ -168,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="never publish a module larger than this, e.g. 8G (default: $HFFS_PUBLISH_MAX_BYTES, else 8G)",
     )
     neff.add_argument(
+        "--commit-interval",
+        default=str(constants.COMMIT_INTERVAL),
+        metavar="S",
+        help="publishing to a repo: at least this long between two commits; what completes meanwhile goes in "
+        "the next one (default: $HFFS_COMMIT_INTERVAL, else 60 s)",
+    )
+    neff.add_argument(
         "--keep-stale-locks",
         action=argparse.BooleanOptionalAction,
         default=constants.KEEP_STALE_LOCKS,
@@ -318,6 +325,7 @@ def _mount_request(args: argparse.Namespace) -> tuple[str, str, str, str | None,
             publish_max_bytes=parse_size(args.publish_max_bytes)
             if args.publish_max_bytes
             else constants.PUBLISH_MAX_BYTES,
+            commit_interval=parse_duration(args.commit_interval),
             keep_stale_locks=args.keep_stale_locks,
             stale_lock_grace=parse_duration(args.stale_lock_grace),
             follow_events=args.follow_events,
@@ -581,7 +589,7 @@ _FLAG_OPTIONS = {"ro": "--read-only", "read_only": "--read-only", "allow_other":
 _VALUE_OPTIONS = {"prefix", "backing", "repo", "cache_dir", "cache_size", "metadata_ttl", "negative_ttl",
                   "endpoint", "token_file", "log_file", "log_level", "timeout", "metrics_addr", "group",
                   "max_resolutions_per_s", "stale_lock_grace", "publish_from", "publish_max_bytes",
-                  "max_connections", "read_ahead", "xet"}  # fmt: skip
+                  "max_connections", "read_ahead", "xet", "commit_interval"}  # fmt: skip
 
 
 def _is_token_key(key: str) -> bool:

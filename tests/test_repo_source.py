@@ -18,7 +18,10 @@ import pytest
 from conftest import Mounts
 from test_neff_view import _run_workers
 
-from hffs_neuron.errors import UsageError
+from hffs_neuron.errors import RemoteAccessDenied, UsageError
+from hffs_neuron.mount import status
+from hffs_neuron.publish import push
+from hffs_neuron.runtime import read_states
 from hffs_neuron.sources import parse_source
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_repo
@@ -203,3 +206,96 @@ def test_ten_thousand_modules_in_a_repo_stay_within_the_request_bound(hub: HubEm
     assert set(os.listdir(mp / VERSION)) == names
     assert len(hub.requests("/tree")) == cold
     assert hub.bytes_served() == 0
+
+
+# -- publishing to a repo -------------------------------------------------------------------------------------
+def _compile(mp: Path, name: str, neff: bytes) -> str:
+    """A module as the compiler writes it through the mount (plain create + write, the marker last)."""
+    module = mp / VERSION / name
+    module.mkdir()
+    for fname, data in (("model.hlo_module.pb", b"hlo" * 100), ("compile_flags.json", b"[]"), ("model.neff", neff)):
+        (module / fname).write_bytes(data)
+    (module / "model.done").write_bytes(b"")
+    return f"{VERSION}/{name}"
+
+
+def _state_of(mountpoint: Path) -> dict:
+    (state,) = [s for s in read_states() if s.get("mountpoint") == os.path.realpath(mountpoint)]
+    return state
+
+
+def test_push_to_a_repo_commits_files_then_done_markers(
+    hub: HubEmulator, repo: dict, mounts: Mounts, hub_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    mp = Path(mounts("neff", SOURCE, token=hub_token, commit_interval=1).mountpoint)
+    mine = [_compile(mp, f"MODULE_{i}1111111111111111111+aaaaaaa{i}", os.urandom(20_000 + i)) for i in range(3)]
+    first = len(hub.commits.log)
+    plan = push(_state_of(mp))
+    assert sorted(u.module for u in plan.upload) == sorted(mine), plan.skipped
+    commits = hub.commits.log[first:]
+    assert len(commits) == 2  # all modules in one commit, their done markers in the next
+    (_, _, added), (_, _, done) = commits
+    assert sorted(added) == sorted(
+        f"{m}/{n}" for m in mine for n in ("compile_flags.json", "model.hlo_module.pb", "model.neff")
+    )
+    assert sorted(done) == sorted(f"{m}/model.done" for m in mine)
+    assert len(hub.requests("/commit/main", method="POST")) == 2
+    # A fresh mount of the repo serves them, LFS (model.neff) and plain git files (compile_flags.json) alike.
+    fresh = Path(mounts("neff", SOURCE, name="fresh", cache="fresh-cache").mountpoint)
+    for module in mine:
+        for name in ("model.neff", "compile_flags.json", "model.done"):
+            assert (fresh / module / name).read_bytes() == (mp / module / name).read_bytes()
+    # Already published: compared by LFS sha256 and git blob ids, nothing is committed again.
+    again = push(_state_of(mp))
+    assert again.upload == [] and all("already published" in dict(again.skipped)[m] for m in mine)
+    assert len(hub.commits.log) == first + 2
+
+
+def test_a_repo_module_with_other_content_is_a_conflict(
+    hub: HubEmulator, repo: dict, mounts: Mounts, hub_token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", hub_token)
+    mp = Path(mounts("neff", SOURCE, token=hub_token, commit_interval=0).mountpoint)
+    module = _compile(mp, "MODULE_91111111111111111111+aaaaaaa9", b"neff" * 10)
+    # Another node publishes the same module with other flags (a plain git file) meanwhile.
+    hub.add_repo(REPO, {f"{module}/compile_flags.json": b'["other"]'}, parent="main")
+    first = len(hub.commits.log)
+    plan = push(_state_of(mp))
+    assert plan.upload == [] and "conflict" in dict(plan.skipped)[module]
+    assert len(hub.commits.log) == first
+
+
+def test_publish_to_a_repo_coalesces_commits_within_the_interval(
+    hub: HubEmulator, repo: dict, mounts: Mounts, hub_token: str
+) -> None:
+    mp = Path(mounts("neff", SOURCE, token=hub_token, publish=True, commit_interval=3).mountpoint)
+    first = len(hub.commits.log)
+    mine = [_compile(mp, f"MODULE_{i}2222222222222222222+bbbbbbb{i}", os.urandom(5000)) for i in range(2)]
+    time.sleep(1.5)  # the first round commits what is complete by then ...
+    mine.append(_compile(mp, "MODULE_52222222222222222222+bbbbbbb5", os.urandom(5000)))  # ... this waits
+    deadline = time.monotonic() + 30
+    while status(str(mp))[0]["publish"]["published"] < 3:
+        assert time.monotonic() < deadline, status(str(mp))[0]["publish"]
+        time.sleep(0.2)
+    commits = hub.commits.log[first:]
+    assert len(commits) == 3, commits
+    # Every marker in a later commit than its NEFF, and the commits at least the interval apart.
+    for module in mine:
+        neff_at = next(i for i, (_, _, paths) in enumerate(commits) if f"{module}/model.neff" in paths)
+        done_at = next(i for i, (_, _, paths) in enumerate(commits) if f"{module}/model.done" in paths)
+        assert done_at > neff_at
+    times = [r.time for r in hub.requests("/commit/main", method="POST")]
+    assert all(b - a >= 2.5 for a, b in zip(times, times[1:], strict=False)), times
+
+
+def test_no_write_access_is_one_line_at_mount_and_in_push(
+    hub: HubEmulator, repo: dict, mounts: Mounts, hub_token: str
+) -> None:
+    with pytest.raises(RemoteAccessDenied) as info:
+        mounts("neff", SOURCE, publish=True)
+    assert "no write access to model" in str(info.value) and "\n" not in str(info.value)
+    mp = Path(mounts("neff", SOURCE, name="ro").mountpoint)
+    _compile(mp, "MODULE_81111111111111111111+aaaaaaa8", b"n")
+    with pytest.raises(RemoteAccessDenied, match="no write access"):
+        push(_state_of(mp))

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote
 
-from ..errors import HffsError, RemoteNotFound
+from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, UsageError
 from ..sources import DEFAULT_REVISION, Source
 from .base import DropLog, RemoteEntry, direct_children, is_git_oid
 from .http import HubHttp
@@ -74,18 +74,19 @@ class RepoTree:
         self._warned_ref = False
 
     # -- following the branch -------------------------------------------------------------------------
-    def current_commit(self) -> str:
-        """The commit to list at: the branch's newest, asked at most once per `ref_ttl`.
+    def current_commit(self, *, force: bool = False) -> str:
+        """The commit to list at: the branch's newest, asked at most once per `ref_ttl` (`force`: now,
+        after a commit of our own).
 
         One thread asks while the others go on with the commit known; a failed ref check keeps it (and is
         asked again a TTL later): listings never fail because the branch could not be checked.
         """
-        if not self.follows or time.monotonic() - self._checked < self.ref_ttl:
+        if not self.follows or (not force and time.monotonic() - self._checked < self.ref_ttl):
             return self.commit
-        if not self._ref_lock.acquire(blocking=False):
+        if not self._ref_lock.acquire(blocking=force, timeout=self._http.operation_timeout if force else -1):
             return self.commit
         try:
-            if time.monotonic() - self._checked >= self.ref_ttl:
+            if force or time.monotonic() - self._checked >= self.ref_ttl:
                 self._check_ref()
         finally:
             self._ref_lock.release()
@@ -115,6 +116,24 @@ class RepoTree:
         if target != self.commit:
             logger.info("%s@%s: following new commit %s", self.repo_id, self.revision, target[:12])
             self.commit = target
+
+    def check_write_access(self) -> None:
+        """Raise RemoteAccessDenied (one line) unless the token may commit to the followed branch: a
+        preupload of no file (what `create_commit` asks first) writes nothing. UsageError for a commit id."""
+        what = f"{self.repo_type} {self.repo_id}"
+        if not self.follows:
+            raise UsageError(
+                f"{what}@{self.revision[:12]} is a pinned commit: publish to a branch (hf://ORG/NAME[@BRANCH])"
+            )
+        try:
+            self._http.request_json(
+                "POST", f"{self._api}/preupload/{quote(self.revision, safe='')}", what, json={"files": []}
+            )
+        except RemoteAccessDenied as exc:
+            raise RemoteAccessDenied(
+                f"no write access to {what} ({exc}): publishing needs a token that can write to it "
+                "(--token-file / HF_TOKEN)"
+            ) from exc
 
     # -- the Remote interface -------------------------------------------------------------------------
     def _entry(self, commit: str) -> Callable[[dict], RemoteEntry]:

@@ -10,6 +10,8 @@
 - ``POST /api/{models,datasets}/{id}/commit/{rev}``: the ndjson commit (``header``, ``file`` with base64
   content, ``lfsFile`` naming an uploaded blob), one new commit on the branch.
 
+Writes (all but the upload href) need one of the emulator's tokens, else 403.
+
 Xet uploads are not spoken here: clients that write to repos run with ``HF_HUB_DISABLE_XET=1`` (then
 ``create_commit`` takes the LFS path above).
 """
@@ -21,6 +23,7 @@ import hashlib
 import json
 import os
 import threading
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from hffs_neuron.testing.emulator.protocol import HubError, Request, Response, clean_rel_path, json_response
@@ -36,6 +39,8 @@ class CommitRoutes:
     def __init__(self, hub: HubEmulator) -> None:
         self.hub = hub
         self._lock = threading.Lock()  # one commit at a time: each starts from the branch's newest
+        #: Every commit made through the commit route, oldest first: (repo id, commit sha, paths it added).
+        self.log: list[tuple[str, str, list[str]]] = []
 
     def route(self, req: Request) -> Response | None:
         """The answer to `req` if it is one of these routes, else None (the other stores route it)."""
@@ -45,8 +50,10 @@ class CommitRoutes:
             if method == "GET" and rest == ["refs"]:
                 return self._refs(repo_type, repo_id, req)
             if method == "POST" and len(rest) == 2 and rest[0] == "preupload":
+                self._check_write(req)
                 return self._preupload(repo_type, repo_id, rest[1], req)
             if method == "POST" and len(rest) == 2 and rest[0] == "commit":
+                self._check_write(req)
                 return self._commit(repo_type, repo_id, rest[1], req)
             return None
         if method == "POST" and seg[-4:] == ["info", "lfs", "objects", "batch"]:
@@ -54,6 +61,7 @@ class CommitRoutes:
             repo_type = "dataset" if head[:1] == ["datasets"] else "model"
             head = head[1:] if repo_type == "dataset" else head
             if len(head) == 2 and head[1].endswith(".git"):
+                self._check_write(req)
                 return self._lfs_batch(repo_type, f"{head[0]}/{head[1][: -len('.git')]}", req)
         if method == "PUT" and len(seg) == 2 and seg[0] == "_lfs":
             return self._lfs_put(seg[1], req)
@@ -69,6 +77,12 @@ class CommitRoutes:
         return json_response({"branches": branches, "tags": [], "converts": []})
 
     # -- writing ---------------------------------------------------------------------------------------
+    def _check_write(self, req: Request) -> None:
+        """Writes need one of the emulator's tokens (like the Hub's write tokens); the LFS upload href is
+        presigned, as on the Hub, and needs none."""
+        if not self.hub.authorized(req.headers):
+            raise HubError(403, None, "You don't have the rights to create a commit in this repo")
+
     def _preupload(self, repo_type: str, repo_id: str, revision: str, req: Request) -> Response:
         repo = self.hub.repos.get(repo_type, repo_id, req)
         files = repo.commits[repo.branches[revision]]["files"] if revision in repo.branches else {}
@@ -105,7 +119,7 @@ class CommitRoutes:
         if repo_type not in REPO_TYPES:
             raise HubError(400, None, f"unknown repo type {repo_type}")
         repo = self.hub.repos.get(repo_type, repo_id, req)
-        files: dict[str, bytes | str] = {}
+        files: dict[str, bytes | Path] = {}
         lfs_paths: set[str] = set()
         for line in req.body.splitlines():
             if not line.strip():
@@ -126,7 +140,7 @@ class CommitRoutes:
                 blob = self.hub.root / "blobs" / str(value.get("oid"))
                 if not blob.exists():
                     raise HubError(400, None, f"LFS object {value.get('oid')} of {path} was never uploaded")
-                files[path] = str(blob)
+                files[path] = blob  # a path: hard-linked (a str would be taken as the content)
                 lfs_paths.add(path)
             else:
                 raise HubError(400, None, f"unknown commit operation {key!r}")
@@ -140,5 +154,6 @@ class CommitRoutes:
                 gated=False,
                 parent=revision if revision in repo.branches else None,
             )
+            self.log.append((repo.repo_id, sha, sorted(files)))
         prefix = "datasets/" if repo_type == "dataset" else ""
         return json_response({"commitUrl": f"{self.hub.url}/{prefix}{repo.repo_id}/commit/{sha}", "commitOid": sha})
