@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from conftest import Mounts
+from test_cli import Cli, cli  # noqa: F401 - the `cli` fixture
 from test_neff_view import _run_workers
 
 from hffs_neuron.errors import RemoteAccessDenied, UsageError
@@ -299,3 +300,15 @@ def test_no_write_access_is_one_line_at_mount_and_in_push(
     _compile(mp, "MODULE_81111111111111111111+aaaaaaa8", b"n")
     with pytest.raises(RemoteAccessDenied, match="no write access"):
         push(_state_of(mp))
+
+
+def test_mountctl_mounts_a_repo_source_and_refuses_bad_forms(hub: HubEmulator, repo: dict, cli: Cli) -> None:  # noqa: F811
+    mp = cli.mountpoint()
+    cli.ok("mount", "neff", f"{SOURCE}@main", str(mp), "--commit-interval", "5s")
+    state = cli.state(mp)
+    assert (state["source"], state["follow"], state["options"]["commit_interval"]) == (SOURCE, "probe", 5.0)
+    assert sorted(os.listdir(mp)) == sorted(repo["compiler_versions"])
+    for bad in ("hf://spaces/org/app", f"hf://{REPO}/extra", "hf://buckets/org"):
+        line = cli.fails(2, "mount", "neff", bad, str(cli.mountpoint()))
+        assert "expected" in line
+    cli.ok("umount", str(mp))
