@@ -57,7 +57,12 @@ class HubRepo:
         self._http = http
         self.repo_type = repo_type
         what = f"{repo_type} {repo_id}@{revision}"
-        info = http.get_json(f"api/{repo_type}s/{repo_id}/revision/{quote(revision, safe='')}", what=what)
+        info = http.get_json(
+            f"api/{repo_type}s/{repo_id}/revision/{quote(revision, safe='')}",
+            what=what,
+            # Only what is used: the default answer lists every file of the repo (its size grows with it).
+            params={"expand": ["sha", "private", "gated"]},
+        )
         if not isinstance(info, dict):
             raise HffsError(f"{what}: the Hub answered {type(info).__name__}, expected an object")
         # Both end up in file names and symlink targets: only well-formed values are taken.

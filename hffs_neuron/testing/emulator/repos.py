@@ -329,8 +329,11 @@ class RepoStore:
         sha = self.commit(repo, revision)
         commit = repo.commits[sha]
         with_blobs = truthy(req.param("blobs"))
+        # Like the Hub, `expand` names the fields wanted: without "siblings" no file list is built (a
+        # 500,000-file repo's is megabytes, on every resolution of a revision).
+        expand = req.query.get("expand", []) + req.query.get("expand[]", [])
         siblings = []
-        for path, e in sorted(commit["files"].items()):
+        for path, e in sorted(commit["files"].items()) if not expand or "siblings" in expand else ():
             sibling: dict[str, Any] = {"rfilename": path}
             if with_blobs:
                 sibling.update(size=e["size"], blobId=e["oid"])
@@ -350,8 +353,9 @@ class RepoStore:
             "tags": [],
             "createdAt": iso(repo.created),
             "lastModified": iso(commit["time"]),
-            "siblings": siblings,
         }
+        if not expand or "siblings" in expand:
+            info["siblings"] = siblings
         if repo.repo_type == "model":
             info["modelId"] = repo.repo_id
         return json_response(info)
