@@ -152,11 +152,15 @@ class HubHttp:
         with self._lock:
             self.requests_sent += 1
         request = self._client.build_request(method, url, headers=headers, timeout=timeout, **kwargs)
-        response = timed_send(self._client.send, request, stream=stream)
+        # Always streamed: a body read in one call would only see the per-read timeout, and a body that
+        # trickles (a byte now and then) would hold the call far past the operation's deadline.
+        response = timed_send(self._client.send, request, stream=True)
         if response.status_code in _RETRY_STATUS:
             retry_after = _retry_after_seconds(response)
             response.close()
             raise _Transient(f"HTTP {response.status_code}", retry_after)
+        if not stream:
+            _read_by(response, deadline)
         return response
 
     def request(
@@ -279,6 +283,20 @@ class HubHttp:
                 response.close()
 
         self.with_retries(what, attempt, deadline)
+
+
+def _read_by(response: httpx2.Response, deadline: float) -> None:
+    """Read the whole body (then available as `response.content`), or raise `_Transient` once `deadline`
+    (monotonic) passes: a body below any useful rate is a stall, however steadily its bytes come."""
+    chunks = []
+    try:
+        for data in response.iter_bytes():
+            if time.monotonic() > deadline:
+                raise _Transient("deadline exceeded mid-body")
+            chunks.append(data)
+    finally:
+        response.close()
+    response._content = b"".join(chunks)  # what `Response.read()` sets; the body is now in memory
 
 
 def _check_content_range(header: str | None, start: int, end: int) -> None:

@@ -10,7 +10,9 @@ downloads gets the next free connection instead of waiting for the whole large b
 Deadlines measure progress, never size or queueing: a piece that gets no byte for the read timeout is
 retried from the last byte written (not from its start), and gives up after `STALL_RETRIES` attempts in
 a row that brought nothing. A waiting open gives up if its blob has not started arriving within
-`timeout`, or if a connection working on it brought nothing for `timeout`.
+`timeout`, or if a connection working on it brought nothing for `timeout`. Progress has a floor: bytes
+count once `FLOOR_BYTES_PER_S` x `timeout` of them (or a whole piece) arrived, so a connection that
+trickles a byte now and then is a stall, not a transfer.
 
 The waiting thread (the one that asked for the blob) verifies while the transfer runs: `Transfer.consume`
 hands it the bytes in order, from memory when the workers could keep them (a bounded reorder buffer
@@ -39,8 +41,10 @@ FOREGROUND = 0
 READ_AHEAD = 1
 
 MiB = 1024 * 1024
-# Bytes a worker gathers before it writes them (one pwritev) and hands them over (one lock round).
+# Bytes a worker gathers before it writes them (one pwritev) and hands them over (one lock round), or
+# seconds after the batch's first byte (a slow connection's bytes still count as progress in time).
 _BATCH = MiB
+_BATCH_SECONDS = 1.0
 # Bytes of all transfers held in memory for in-order verification; beyond it the verifier reads back.
 _REORDER_BYTES = 48 * MiB
 # The verifier's buffer for bytes it reads back from the temp file.
@@ -50,14 +54,18 @@ SPLIT_MIN = 8 * MiB
 _PIECE_MIN = 4 * MiB
 # Attempts in a row that bring no byte before a piece (and so its transfer) fails.
 STALL_RETRIES = 3
+# Below this rate over a --timeout window a transfer is stalled, however steadily its bytes come.
+FLOOR_BYTES_PER_S = 1024
 # The verifier starts the disk writeback of every this many bytes it has hashed, so that the blob's one
 # fsync at the end finds little left to write (1 GiB: 0.6 s of fsync otherwise, on this machine's disk).
 _WRITEBACK_STEP = 64 * MiB
 # Idle workers exit after this many seconds.
 _WORKER_IDLE = 60.0
 _POLL = 0.25
-# How long a failed transfer's waiter waits for its running pieces to stop (seconds).
-_RELEASE_WAIT = 5.0
+# How long a failed transfer's waiter waits for its running pieces to stop (seconds): part of the 2 s
+# that a FUSE call may take beyond --timeout (README "Errors a reader can see"). A piece stuck in a read
+# that ignores the stop (hf_xet's streams finish their current request) closes the file itself later.
+_RELEASE_WAIT = 0.5
 
 # Connections of the daemon's budget kept for listings and metadata, so lookups never queue behind
 # downloads.
@@ -113,8 +121,9 @@ class Transfer:
         self.active = 0  # connections working on it now
         self.done = 0  # bytes written
         self.error: BaseException | None = None
-        self.first_byte: float | None = None
-        self.last_progress: float | None = None  # a byte arrived or a connection started on it
+        self.first_byte: float | None = None  # the floor's worth of bytes first arrived (see _progressed)
+        self.last_progress: float | None = None  # the floor's worth arrived again, or a connection started
+        self._counted = 0  # `done` when progress was last counted
         self.start_by: float | None = None  # an open waits this long for the first byte
         self.keep_bytes = True
         self._released = False
@@ -222,12 +231,24 @@ class Transfer:
             self._fd_closed = True
             os.close(self._fd)
 
+    def _progressed(self, piece: _Piece) -> None:
+        """Count bytes just written as progress once they reach the floor (or end their piece); called
+        with the scheduler lock held."""
+        floor = FLOOR_BYTES_PER_S * self._scheduler.timeout
+        if self.done - self._counted >= floor or piece.written >= piece.end:
+            now = time.monotonic()
+            if self.first_byte is None:
+                self.first_byte = now
+            self.last_progress = now
+            self._counted = self.done
+
     # -- worker side --------------------------------------------------------------------------------
     def run_piece(self, piece: _Piece) -> None:
         s = self._scheduler
         pos = piece.start
         batch: list[bytes] = []
         batch_len = 0
+        batch_started = 0.0
 
         def flush() -> None:
             nonlocal pos, batch, batch_len
@@ -235,12 +256,9 @@ class Transfer:
                 return
             _pwrite_all(self._fd, batch, pos)
             with s._lock:
-                now = time.monotonic()
-                if self.first_byte is None:
-                    self.first_byte = now
-                self.last_progress = now
                 piece.written = pos + batch_len
                 self.done += batch_len
+                self._progressed(piece)
                 s.bytes_transferred += batch_len
                 if self.keep_bytes and self.error is None and s._buffered + batch_len <= _REORDER_BYTES:
                     piece.batches.append((pos, batch, batch_len))
@@ -250,14 +268,18 @@ class Transfer:
             batch, batch_len = [], 0
 
         def sink(offset: int, data: bytes) -> None:
-            nonlocal batch_len
+            nonlocal batch_len, batch_started
             if self.error is not None:
                 raise RemoteUnavailable(f"{self.name}: transfer stopped")
             if offset != pos + batch_len:
                 raise RemoteUnavailable(f"{self.name}: bytes at offset {offset}, expected {pos + batch_len}")
+            now = time.monotonic()
+            if not batch_len:
+                batch_started = now
             batch.append(data)
             batch_len += len(data)
-            if batch_len >= _BATCH or len(batch) >= 512:  # 512: well below IOV_MAX for pwritev
+            # 512: well below IOV_MAX for pwritev
+            if batch_len >= _BATCH or len(batch) >= 512 or now - batch_started >= _BATCH_SECONDS:
                 flush()
 
         fruitless = 0
@@ -333,6 +355,7 @@ class TransferScheduler:
         transfer = Transfer(self, name, size, fd, read, priority, piece_size or self.chunk_size, one_stream)
         with self._lock:
             if self._closed:
+                os.close(fd)  # owned from the call on, refused or not
                 raise RemoteUnavailable(f"{name}: the mount is shutting down")
             self._seq += 1
             transfer.seq = self._seq

@@ -66,8 +66,8 @@ class FaultInjector:
         retry_after: float | None = None,
         methods: Iterable[str] = ("GET", "HEAD"),
         rate_bps: float | None = None,
-    ) -> None:
-        """Register a fault for URL paths matching the fnmatch ``pattern``.
+    ) -> FaultRule:
+        """Register a fault for URL paths matching the fnmatch ``pattern``; return it (for :meth:`remove`).
 
         ``count`` limits it to the next N matching requests, ``rate`` applies it with that
         probability (see :meth:`seed`); with neither it applies to every matching request.
@@ -91,6 +91,12 @@ class FaultInjector:
         )
         with self._lock:
             self._rules.append(rule)
+        return rule
+
+    def remove(self, rule: FaultRule) -> None:
+        """Remove one fault :meth:`add` returned, leaving the others (tests that run cases side by side)."""
+        with self._lock:
+            self._rules = [r for r in self._rules if r is not rule]
 
     def clear(self) -> None:
         """Remove every fault."""
