@@ -72,6 +72,9 @@ def test_first_file_of_a_50000_file_dataset_lists_only_its_directory(hub: HubEmu
     assert len(sizes) == PER_DIR
     assert all(size == len(files[f"data/part-031/{n}"]) for n, size in sizes.items())
     assert len(tree_requests(hub)) == 4
+    # The entries' own attributes (what readdirplus handed the kernel with the names) are the symlinks'.
+    links = [snapshot / "data/part-031" / n for n in sorted(sizes)[:50]]
+    assert all(os.lstat(p).st_size == len(os.readlink(p)) and os.path.islink(p) for p in links)
     assert [r.path for r in hub.requests("/resolve/")] == [r.path for r in hub.requests(name.split("/")[-1])]
 
 

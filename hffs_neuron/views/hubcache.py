@@ -131,6 +131,9 @@ class HubCacheView(MergedView):
         # `blobs/<etag>` (what each snapshot symlink points to) is answered without listing the whole tree.
         # Bounded like the listings it comes from; a forgotten etag costs one recursive listing.
         self._etags: LRUCache = LRUCache(maxsize=meta.maxsize)
+        # (commit namespace, directory) -> (the listing it was built from, `readdir`'s answer) of snapshot
+        # directories the backing holds nothing of: a warm walk answers each `readdir` without rebuilding it.
+        self._readdir_memo: LRUCache = LRUCache(maxsize=meta.maxsize, getsizeof=lambda memo: max(1, len(memo[1])))
         # Lookups of names not seen yet, started by clients: bounded (see `_hub_repo`).
         self.resolutions = AdmissionLimiter(
             max_resolutions_per_s, constants.MAX_CONCURRENT_RESOLUTIONS, "Hub lookups of new repos or revisions"
@@ -380,6 +383,22 @@ class HubCacheView(MergedView):
             depth = len(rest) - 2  # directories below the snapshot root
             return {entry.name: self._snapshot_node(state, repo, entry, depth) for entry in entries}
         return {}
+
+    def readdir(self, path: str) -> list[tuple[str, int]]:
+        state, rest = self._resolve(path) if path else (None, [])
+        repo = self._commit(state, rest[1]) if state is not None and len(rest) >= 2 and rest[0] == "snapshots" else None
+        listing = repo.listed("/".join(rest[2:])) if repo is not None else None
+        if listing is None or self._lstat(self._rel(path)) is not None:
+            return super().readdir(path)
+        key = (repo.cache_namespace, "/".join(rest[2:]))
+        with self._lock:
+            memo = self._readdir_memo.get(key)
+        if memo is not None and memo[0] is listing:  # the same listing object: the same answer
+            return memo[1]
+        entries = super().readdir(path)
+        with self._lock:
+            self._readdir_memo[key] = (listing, entries)
+        return entries
 
     def readdir_attrs(self, path: str) -> list[tuple[str, int, dict | None]]:
         """`readdir` with each entry's attributes (FUSE readdirplus, fuse_ops.py): a walk then needs no
