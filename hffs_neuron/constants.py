@@ -28,8 +28,11 @@ def _default_hf_home() -> Path:
 
 # Where blobs, metadata and per-mount upper layers live: $HFFS_CACHE_DIR, else $HF_HOME/hffs-neuron.
 CACHE_DIR = Path(os.environ.get("HFFS_CACHE_DIR") or _default_hf_home() / "hffs-neuron")
-# Where running mounts record their state (pid, options, stats): one JSON file per mount.
-RUNTIME_DIR = Path(os.environ.get("HFFS_RUNTIME_DIR") or _default_hf_home() / "hffs-neuron-run")
+# Where running mounts record their state (pid, options, stats): one JSON file per mount. Root's default
+# is /run/hffs (a tmpfs emptied at boot, as mounts are), a user's $HF_HOME/hffs-neuron-run.
+RUNTIME_DIR = Path(
+    os.environ.get("HFFS_RUNTIME_DIR") or ("/run/hffs" if os.geteuid() == 0 else _default_hf_home() / "hffs-neuron-run")
+)
 
 CACHE_SIZE = os.environ.get("HFFS_CACHE_SIZE", "50G")
 # Bucket listings may change upstream: how long a listing is trusted.

@@ -34,11 +34,11 @@ from .process_tuning import tune_process, tune_readahead
 from .runtime import (
     check_fuse_available,
     check_mountpoint,
+    control_address,
     ensure_private_dir,
     forget_state,
     open_private_file,
     read_state,
-    socket_path,
     write_state,
 )
 
@@ -105,6 +105,11 @@ class MountRuntime:
         self._reporter: threading.Thread | None = None
         self.device: int | None = None  # st_dev of the live mount, to notice a lazy detach
         self.telemetry = telemetry.Telemetry()
+        self._disk_usage = telemetry.CachedFigure(
+            lambda: self.store.usage() + _tree_bytes(cache_dir / "xet"),
+            lambda: (self.store.stats.fetches, self.store.stats.evictions),  # measured again once they move
+            telemetry.DISK_USAGE_MAX_AGE,
+        )
         self.telemetry.provide("read_ahead", self.store.scheduler.read_ahead_status)
         # `publish` and `follow` stay neutral ("off", "ttl") but on NEFF mounts (probe mode, --publish).
         if self.publisher is not None:
@@ -309,11 +314,12 @@ class MountRuntime:
         self._reporter = supervision.thread("hffs-stats", self._report_loop)
         self._reporter.start()
 
-    def stats(self, live: bool = False) -> dict:
+    def stats(self, disk_age: float | None = None) -> dict:
         """This mount's status: the `mountctl status --json` schema (README "Status and metrics") and `push`'s fields.
 
-        `live` (an answer on the control socket) adds the cache's disk use, a directory scan that the
-        once-a-second state file goes without (`mountctl status` measures it for a saved state).
+        `disk_age`: include the cache's disk use, measured at most that many seconds ago (a walk of the
+        blob store: 0 for `mountctl status`, `DISK_USAGE_MAX_AGE` for scrapes); None (the once-a-second
+        state file) leaves it out (`mountctl status` measures it for a saved state).
         """
         s = self.store.stats
         tallies = telemetry.tallies()
@@ -334,7 +340,7 @@ class MountRuntime:
             "options": {k: v for k, v in dataclasses.asdict(self.config).items() if k not in ("mountpoint",)},
             "cache": {
                 "dir": self.config.cache_dir,
-                "used_bytes": self.store.usage() + _tree_bytes(Path(self.config.cache_dir) / "xet") if live else None,
+                "used_bytes": self._disk_usage.get(disk_age) if disk_age is not None else None,
                 "limit_bytes": parse_size(self.config.cache_size),
             },
             "counters": {
@@ -344,6 +350,7 @@ class MountRuntime:
                 "bytes_fetched": s.bytes_fetched,
                 "evictions": s.evictions,
                 "http_requests": self.http.requests_sent,
+                "xet_requests": tallies["xet"],
                 "errors": tallies["errors"],
                 "http_status": tallies["http_status"],
             },
@@ -362,11 +369,16 @@ class MountRuntime:
         if self.config.metrics_addr:
             host, port = parse_host_port(self.config.metrics_addr)
             try:
-                self.metrics = telemetry.Metrics(host, port, lambda: self.stats(live=True))
+                self.metrics = telemetry.Metrics(host, port, lambda: self.stats(telemetry.DISK_USAGE_MAX_AGE))
             except OSError as exc:
                 raise MountError(f"--metrics-addr {self.config.metrics_addr}: {exc.strerror or exc}") from exc
             self.ops._call = self.metrics.timed(self.ops._call)  # type: ignore[method-assign]
-        self.status_server = telemetry.StatusServer(socket_path(self.config.mountpoint), lambda: self.stats(live=True))
+        try:
+            self.status_server = telemetry.StatusServer(
+                control_address(self.config.mountpoint), lambda: self.stats(disk_age=0)
+            )
+        except OSError as exc:  # the name is taken (e.g. a lazily detached daemon of this mountpoint)
+            logger.warning("no control socket (%s): mountctl status shows this mount's saved state", exc)
 
     def _stop_telemetry(self) -> None:
         if self.status_server is not None:
@@ -417,14 +429,20 @@ class MountRuntime:
 
 
 def warn_if_shared(backing: str) -> None:
-    """A user's --backing is never chmodded (group-shared caches are common); say what it allows."""
+    """A user's --backing is never chmodded (group-shared caches are common); say what its mode allows."""
     mode = stat.S_IMODE(os.stat(backing).st_mode)
-    if mode & 0o077:
+    allowed = [
+        f"{who} can {'read and change' if mode & write else 'read (not change)'}"
+        for who, bits, write in (("its group", 0o070, 0o020), ("other users", 0o007, 0o002))
+        if mode & bits
+    ]
+    if allowed:
         logger.warning(
-            "--backing %s is accessible to other users (mode %04o): they can read and change it directly, "
+            "--backing %s (mode %04o): %s what it holds directly, gated and private repos' files included, "
             "bypassing the mount's rules (the daemon never follows symlinks planted there)",
             backing,
             mode,
+            "; ".join(allowed),
         )
 
 

@@ -23,6 +23,13 @@ class RemoteNotFound(HffsError):
     exit_code = 4
 
 
+class PathNotFound(HffsError):
+    """A local path given to a command does not exist."""
+
+    errno = _errno.ENOENT
+    exit_code = 4
+
+
 class RemoteAccessDenied(HffsError):
     """Unauthorized, forbidden or gated: a token with access is needed. `repo`: the repo refused, if known."""
 

@@ -15,35 +15,41 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from . import constants, errors
 from .config import VIEWS, MountConfig, parse_size, validate_config
-from .errors import HffsError, MountError, UsageError
+from .errors import HffsError, MountError, PathNotFound, UsageError
 from .proc import pid_alive
 from .process_tuning import with_huge_page_malloc
 from .runtime import (
+    MountEntry,
     check_fuse_available,
     check_mountpoint,
+    control_address,
     ensure_private_dir,
     forget_state,
     fuse_fstype,
     fusermount_unmount,
+    hffs_mounts,
     lazy_unmount,
     mountpoint_status,
     open_private_file,
     read_state,
     read_states,
-    socket_path,
     state_path,
     users_of,
 )
 from .sources import parse_source
-from .telemetry import query_status
+from .telemetry import STATUS_TIMEOUT, query_status
 
 logger = logging.getLogger(__name__)
+
+# Seconds between two progress reports of `prefetch` (each asks the daemons for their transfers).
+PROGRESS_INTERVAL = 0.5
 
 
 @dataclass
@@ -218,8 +224,8 @@ def unmount(
     """Unmount and wait for the daemon to exit. Returns what was done (for the CLI to print)."""
     mountpoint = os.path.abspath(mountpoint)
     status = mountpoint_status(mountpoint)
-    if pid is None:
-        state = read_state(mountpoint)
+    if pid is None:  # recorded here, or a daemon of ours started with another runtime dir
+        state = read_state(mountpoint) or query_status(control_address(mountpoint))
         pid = state.get("pid", -1) if state else -1
     if status == "stale":
         # Dead daemon ("Transport endpoint is not connected"): nothing is served any more, so a plain
@@ -279,26 +285,75 @@ def _busy_or_fail(mountpoint: str, stderr: str, force: bool, pid: int) -> str:
 
 # -- status, prefetch and cache: the rest of the API the CLI prints --------------------------------
 def status(mountpoint: str | os.PathLike | None = None) -> list[dict]:
-    """Status of every recorded mount (or the one at `mountpoint`), in the schema of README "Status and metrics".
+    """Status of every hffs mount on the host (or the one at `mountpoint`), in the schema of README
+    "Status and metrics".
 
-    A running daemon answers on its control socket with figures of this moment (`live`: true); a dead
-    or silent one is shown from its last saved state (`live`: false, and `alive`: false if dead).
-    Derived fields: `health` ("running", "dead", "not mounted"), `mounted`, `uptime`, `cache_used`.
+    Mounts are found in /proc/self/mountinfo, whatever runtime dir started them, and asked on their
+    control socket (`runtime.control_address`): a daemon that answers gives the figures of this moment
+    (`live`: true). Another user's mount is listed with its source and `health` "not yours" (its
+    daemon answers its own user and root only). A daemon that is dead or silent is shown from the state
+    it saved in this user's runtime dir, if any (`live`: false, and `alive`: false if dead); recorded
+    mounts no longer in the mount table are listed too. Derived fields: `health` ("running", "dead",
+    "not mounted", "not answering", "not yours"), `mounted`, `uptime`, `cache_used`.
     """
-    states = read_states()
-    if mountpoint is not None:
-        wanted = os.path.realpath(mountpoint)
-        states = [s for s in states if s.get("mountpoint") == wanted]
-        if not states:
-            raise MountError(f"{mountpoint}: no hffs mount recorded here (see mountctl status)")
-    return [_current(state) for state in states]
+    wanted = os.path.realpath(mountpoint) if mountpoint is not None else None
+    saved = {s.get("mountpoint"): s for s in read_states() if wanted in (None, s.get("mountpoint"))}
+    me = os.geteuid()
+    found = []
+    for entry in hffs_mounts():
+        if wanted not in (None, entry.mountpoint):
+            continue
+        state = saved.pop(entry.mountpoint, None)
+        if me != 0 and entry.uid not in (None, me):
+            found.append(_not_yours(entry))
+            continue
+        live = query_status(control_address(entry.mountpoint), entry.uid)
+        if live is not None:
+            found.append(_derived(live, live=True))
+        elif state is not None:
+            found.append(_derived(state, live=False))
+        else:
+            found.append(_unanswered(entry))
+    found += [_derived(state, live=False) for state in saved.values()]
+    if wanted is not None and not found:
+        raise MountError(f"{mountpoint}: no hffs mount here (see mountctl status)")
+    return found
 
 
-def _current(saved: dict) -> dict:
-    """The live status for a saved state if its daemon answers, else the saved one; derived fields added."""
-    live = query_status(socket_path(saved.get("mountpoint", ""))) if saved["alive"] else None
-    state = live if live is not None and live.get("pid") == saved.get("pid") else saved
-    state["live"] = state is live
+def _not_yours(entry: MountEntry) -> dict:
+    """Another user's mount: what mountinfo says, nothing its daemon knows."""
+    return {
+        "mountpoint": entry.mountpoint,
+        "source": entry.source,
+        "fsname": entry.source,
+        "owner_uid": entry.uid,
+        "mounted": True,
+        "live": False,
+        "health": "not yours",
+    }
+
+
+def _unanswered(entry: MountEntry) -> dict:
+    """A mount of ours whose daemon does not answer and left no state in this runtime dir."""
+    try:
+        stale = mountpoint_status(entry.mountpoint) == "stale"
+    except OSError:
+        stale = False
+    return {
+        "mountpoint": entry.mountpoint,
+        "source": entry.source,
+        "fsname": entry.source,
+        "owner_uid": entry.uid,
+        "mounted": not stale,
+        "live": False,
+        "alive": not stale,
+        "health": "dead" if stale else "not answering",
+    }
+
+
+def _derived(state: dict, live: bool) -> dict:
+    """`state` (a live answer or a saved state) with the derived fields added."""
+    state["live"] = live
     try:
         where = mountpoint_status(state.get("mountpoint", ""))
     except OSError:
@@ -317,16 +372,11 @@ def _current(saved: dict) -> dict:
 
 
 def mount_state_of(path: str | os.PathLike) -> dict | None:
-    """The recorded mount whose mountpoint holds `path` (the innermost one), or None."""
+    """The status of the hffs mount whose mountpoint holds `path` (the innermost one), or None."""
     real = os.path.realpath(path)
-    best = None
-    for state in read_states():
-        mp = state.get("mountpoint", "")
-        if (real == mp or real.startswith(mp.rstrip("/") + "/")) and (
-            best is None or len(mp) > len(best["mountpoint"])
-        ):
-            best = state
-    return best
+    mountpoints = [m.mountpoint for m in hffs_mounts()] + [s["mountpoint"] for s in read_states() if "mountpoint" in s]
+    inside = [mp for mp in mountpoints if real == mp or real.startswith(mp.rstrip("/") + "/")]
+    return status(max(inside, key=len))[0] if inside else None
 
 
 @dataclass
@@ -340,32 +390,38 @@ def prefetch(
     paths: list[str | os.PathLike],
     *,
     jobs: int = 4,
-    on_total: Any = None,
-    on_file: Any = None,
+    on_total: Callable[[int], None] | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> PrefetchResult:
-    """Materialize files (directories recursively) of running mounts, `jobs` at a time.
+    """Materialize files (directories recursively) of running mounts, `jobs` at a time, each blob once.
 
     Each file is opened through the mount: the daemon's single-flight store does the transfer, so
-    warming while other clients read the same files never fetches anything twice. `on_total(bytes)` is
-    called once before the first file and `on_file(size)` after each (progress bars). Raises
-    UsageError/MountError for paths outside a mount.
+    warming while other clients read the same files never fetches anything twice. Files are told apart
+    by their resolved path, so a repo folder's `snapshots/` (links into its `blobs/`) adds nothing twice.
+    `on_total(bytes)` is called once before the first file; `on_progress(bytes)` with the bytes done so
+    far, never going back: whole files finished plus the daemons' transfers in flight (asked every
+    0.5 s, capped at the total). Raises PathNotFound for a missing path, MountError for a path outside
+    a running mount.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    files: list[str] = []
+    files: dict[str, None] = {}  # resolved paths, in order, each once
+    mountpoints: set[str] = set()
     for path in map(os.fspath, paths):
         if not os.path.lexists(path):
-            raise UsageError(f"{path}: no such file or directory")
+            raise PathNotFound(f"{path}: no such file or directory")
         state = mount_state_of(path)
         if state is None or not state.get("alive"):
             raise MountError(f"{path}: not inside a running hffs mount (see mountctl status)")
+        mountpoints.add(state["mountpoint"])
         if os.path.isdir(path) and not os.path.islink(path):
             for root, _dirs, names in os.walk(path):
-                files.extend(os.path.join(root, n) for n in sorted(names))
+                files.update(dict.fromkeys(os.path.realpath(os.path.join(root, n)) for n in sorted(names)))
         else:
-            files.append(path)
+            files[os.path.realpath(path)] = None
+    total = sum(os.stat(f).st_size for f in files if os.path.isfile(f))
     if on_total is not None:
-        on_total(sum(os.stat(f).st_size for f in files if os.path.isfile(f)))
+        on_total(total)
     result = PrefetchResult()
     lock = threading.Lock()
 
@@ -381,11 +437,34 @@ def prefetch(
         with lock:
             result.files += 1
             result.bytes += size
-        if on_file is not None:
-            on_file(size)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(warm, files))
+    def in_flight() -> int:
+        answers = (query_status(control_address(mp)) or {} for mp in mountpoints)
+        return sum(f.get("done", 0) for answer in answers for f in answer.get("in_flight", []))
+
+    finished = threading.Event()
+
+    def report() -> None:
+        shown = 0
+        while not finished.wait(PROGRESS_INTERVAL):
+            with lock:
+                done = result.bytes
+            now = min(total, done + in_flight())
+            if now > shown:
+                on_progress(now)  # type: ignore[misc]
+                shown = now
+
+    reporter = threading.Thread(target=report, name="hffs-prefetch-progress", daemon=True)
+    if on_progress is not None:
+        reporter.start()
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            list(pool.map(warm, files))
+    finally:
+        finished.set()
+    if on_progress is not None:
+        reporter.join(timeout=STATUS_TIMEOUT + PROGRESS_INTERVAL)
+        on_progress(result.bytes)
     return result
 
 

@@ -1,9 +1,11 @@
 """Runtime bookkeeping shared by the daemon and the API: state files and mountpoint checks.
 
 - State files: one JSON file per mount in `constants.RUNTIME_DIR`, written by the daemon (pid, options,
-  counters) and read by `status`, `unmount`, `prefetch` and `push`; beside it the mount's control
-  socket (`socket_path`, under `sockets/`), where the live daemon answers `status`. The directory is looked up on every
-  call, never cached, so it can be redirected (tests patch `constants.RUNTIME_DIR`).
+  counters) and read by `status`, `unmount`, `prefetch` and `push` when the daemon does not answer. The
+  directory is looked up on every call, never cached, so it can be redirected (tests patch
+  `constants.RUNTIME_DIR`).
+- The mount table (`hffs_mounts`, from /proc/self/mountinfo) and each mount's control socket
+  (`control_address`, derived from the mountpoint): how `status` finds and asks every hffs mount.
 - Mountpoint checks: is it usable, mounted, stale (dead daemon) or busy, and by whom; `fusermount`.
 - Private files: the runtime dir is owner-only (0700), state and log files 0600, and none of them is
   ever reached through a symlink another user planted (`O_NOFOLLOW`).
@@ -20,6 +22,7 @@ import re
 import shutil
 import stat
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import constants
@@ -95,10 +98,13 @@ def state_path(mountpoint: str) -> Path:
     return constants.RUNTIME_DIR / f"{digest}.json"
 
 
-def socket_path(mountpoint: str) -> Path:
-    """The control socket of the mount at `mountpoint` (see `telemetry.StatusServer`), in a 0700
-    directory of its own: the runtime dir itself may be any directory the user chose."""
-    return constants.RUNTIME_DIR / "sockets" / f"{state_path(mountpoint).stem}.sock"
+def control_address(mountpoint: str) -> str:
+    """The control socket of the mount at `mountpoint` (see `telemetry.StatusServer`): an abstract
+    AF_UNIX name derived from the mountpoint alone, so `mountctl status` reaches the daemon of any mount
+    it finds in /proc/self/mountinfo, whatever runtime dir started it. The daemon answers its own user
+    and root only (SO_PEERCRED), and the client checks that the peer is the mount's user."""
+    digest = hashlib.sha256(os.path.realpath(mountpoint).encode()).hexdigest()[:32]
+    return f"\0hffs-neuron/{digest}"
 
 
 def _load_state(path: Path) -> dict | None:
@@ -138,11 +144,10 @@ def write_state(mountpoint: str, data: dict) -> None:
 
 
 def forget_state(mountpoint: str) -> None:
-    for path in (state_path(mountpoint), socket_path(mountpoint)):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+    try:
+        state_path(mountpoint).unlink()
+    except FileNotFoundError:
+        pass
 
 
 # -- mountpoint checks --------------------------------------------------------------------------
@@ -236,22 +241,53 @@ def check_mountpoint(mountpoint: str) -> None:
         raise MountError(messages[status])
 
 
-def fuse_fstype(mountpoint: str) -> str | None:
-    """The filesystem type mounted exactly at `mountpoint` (e.g. "fuse.hffs"), from /proc/self/mountinfo."""
-    wanted = os.path.abspath(mountpoint)
-    found = None
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo: where, what type, which source (fsname), and for FUSE the uid
+    of the daemon that mounted it (`user_id=`)."""
+
+    mountpoint: str
+    fstype: str
+    source: str
+    uid: int | None
+
+
+def _unescape(field: str) -> str:
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)  # "\040" is a space
+
+
+def mount_table() -> list[MountEntry]:
+    """Every mount of this mount namespace, in /proc/self/mountinfo's order (a later one stacks on top)."""
     try:
         lines = Path("/proc/self/mountinfo").read_text().splitlines()
     except OSError:
-        return None
+        return []
+    table = []
     for line in lines:
         fields = line.split(" ")
         if len(fields) < 10 or "-" not in fields:
             continue
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])  # "\040" is a space
-        if point == wanted:
-            found = fields[fields.index("-") + 1]  # the last one wins: mounts stack
-    return found
+        after = fields[fields.index("-") + 1 :]  # fstype, source, super options
+        options = dict(o.partition("=")[::2] for o in after[2].split(",")) if len(after) > 2 else {}
+        uid = options.get("user_id", "")
+        table.append(
+            MountEntry(_unescape(fields[4]), after[0], _unescape(after[1]), int(uid) if uid.isdigit() else None)
+        )
+    return table
+
+
+def fuse_fstype(mountpoint: str) -> str | None:
+    """The filesystem type mounted exactly at `mountpoint` (e.g. "fuse.hffs"), from /proc/self/mountinfo."""
+    wanted = os.path.abspath(mountpoint)
+    found = [m.fstype for m in mount_table() if m.mountpoint == wanted]
+    return found[-1] if found else None  # the last one wins: mounts stack
+
+
+def hffs_mounts() -> list[MountEntry]:
+    """Every hffs mount on the host (this mount namespace), whoever made it and whatever runtime dir
+    recorded it: the topmost of each mountpoint."""
+    top = {m.mountpoint: m for m in mount_table()}
+    return [m for m in top.values() if m.fstype == "fuse.hffs"]
 
 
 def users_of(mountpoint: str) -> list[str]:

@@ -22,7 +22,6 @@ OK = "ok"
 
 _lock = threading.Lock()
 _health: dict[str, str] = {}  # thread name -> OK, or the error that ended it
-_adopted: dict[str, threading.Thread] = {}  # threads started by libraries: healthy while alive
 _last_failure: dict[str, str] = {}  # round name -> its last error, so a persistent one is logged once
 
 
@@ -85,26 +84,16 @@ def every(interval: float, stop: threading.Event, what: str, body: Callable[[], 
             body()
 
 
-def adopt(name: str, started: threading.Thread) -> None:
-    """Report a thread a library started (its loop is not ours to wrap): healthy while it is alive."""
-    with _lock:
-        _adopted[name] = started
-
-
 def forget(name: str) -> None:
     """Thread `name` is being stopped on purpose: no longer reported."""
     with _lock:
         _health.pop(name, None)
-        _adopted.pop(name, None)
 
 
 def health() -> dict[str, str]:
     """The `threads` section of the status: {name: "ok" or the error that ended it}."""
     with _lock:
-        out = dict(_health)
-        for name, started in _adopted.items():
-            out[name] = OK if started.is_alive() else "ended unexpectedly"
-    return out
+        return dict(_health)
 
 
 def dead(threads: dict[str, str]) -> dict[str, str]:

@@ -9,18 +9,18 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from hffs_neuron import constants
+from hffs_neuron import __version__, constants
 from hffs_neuron.config import parse_duration, parse_size
 from hffs_neuron.errors import HffsError, MountError, UsageError
 from hffs_neuron.mount import cache_prune, cache_usage, mount, mount_state_of, prefetch, status, unmount
-from hffs_neuron.runtime import check_fuse_available, socket_path
+from hffs_neuron.runtime import check_fuse_available
 from hffs_neuron.supervision import dead as dead_threads
-from hffs_neuron.telemetry import query_status
 
 EXIT_CODES = """exit codes:
   0  success
@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"mountctl (hffs-neuron) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     m = sub.add_parser("mount", help="mount a view")
@@ -247,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("cache", help="inspect or shrink the blob store")
     c.add_argument("action", choices=("du", "prune"))
-    c.add_argument("--cache-dir", default=str(constants.CACHE_DIR))
+    c.add_argument(
+        "--cache-dir",
+        default=None,
+        help="this cache dir only (default: the cache dir of every hffs mount on the host, and the default one)",
+    )
     c.add_argument("--max-size", default=None, help="prune down to this size, e.g. 10G (default: 0 = all unused)")
     return parser
 
@@ -375,6 +380,10 @@ def _render_status(states: list[dict], as_json: bool) -> str:
         return "no hffs mounts"
     lines = []
     for s in states:
+        if "view" not in s:  # known from the mount table only: another user's, or a silent daemon
+            owner = f"mounted by uid {s['owner_uid']}" if s["health"] == "not yours" else "no state recorded here"
+            lines.append(f"{s['mountpoint']}: {s['source']} ({s['health']}: {owner})")
+            continue
         health = {"dead": "DEAD daemon: run mountctl umount --force"}.get(s["health"], s["health"])
         saved = "" if s.get("live") or not s["alive"] else ", daemon not answering: saved figures"
         c = s.get("counters", {})
@@ -424,7 +433,9 @@ def _render_status(states: list[dict], as_json: bool) -> str:
 
 
 def _check(states: list[dict]) -> None:
-    """`status --check`: every mount shown is running and none of its daemon threads died (one line each)."""
+    """`status --check`: every mount shown (other users' aside) is running and none of its daemon threads
+    died (one line each)."""
+    states = [s for s in states if s["health"] != "not yours"]
     if not states or any(s["health"] != "running" for s in states):
         raise MountError("not running: " + (", ".join(s["mountpoint"] for s in states) or "no hffs mounts"))
     dead = [(s["mountpoint"], *item) for s in states for item in sorted(dead_threads(s.get("threads", {})).items())]
@@ -442,16 +453,36 @@ def cmd_status(args: argparse.Namespace) -> int:
             _check(states)
         return 0
     interval = parse_duration(args.interval)
-    # On a terminal: home the cursor and clear, like top; in a pipe or file, one frame after another.
-    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else ""
+    # On a terminal: the alternate screen (what was there comes back at the end), each frame cut to the
+    # terminal's size and drawn in place, like top; in a pipe or file, one whole frame after another.
+    screen = sys.stdout.isatty()
+    if screen:
+        sys.stdout.write(ALT_SCREEN_ON)
     try:
         while True:
             frame = _render_status(status(args.mountpoint), args.json)
-            sys.stdout.write(f"{clear}{frame}\n" if clear else f"{frame}\n\n")
+            sys.stdout.write(f"{HOME_CLEAR}{_fit(frame, shutil.get_terminal_size())}" if screen else f"{frame}\n\n")
             sys.stdout.flush()
             time.sleep(interval)
     except KeyboardInterrupt:
         return 0
+    finally:
+        if screen:
+            sys.stdout.write(ALT_SCREEN_OFF)
+            sys.stdout.flush()
+
+
+ALT_SCREEN_ON, ALT_SCREEN_OFF, HOME_CLEAR = "\x1b[?1049h", "\x1b[?1049l", "\x1b[H\x1b[2J"
+
+
+def _fit(frame: str, size: os.terminal_size) -> str:
+    """`frame` cut to the terminal: lines to its width, and to its height with a last line saying what
+    was left out (a terminal that scrolls would not redraw in place)."""
+    lines = [line[: size.columns] for line in frame.splitlines()]
+    if len(lines) > size.lines - 1:
+        note = f"... {len(lines) - (size.lines - 2)} more lines: a taller terminal, or status MOUNTPOINT"
+        lines = lines[: size.lines - 2] + [note[: size.columns]]
+    return "\n".join(lines)
 
 
 def cmd_prefetch(args: argparse.Namespace) -> int:
@@ -463,8 +494,11 @@ def cmd_prefetch(args: argparse.Namespace) -> int:
     def start(total: int) -> None:  # only once the paths are known good: errors stay one line
         bars.append(tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="prefetch", file=sys.stderr))
 
+    def progress(done: int) -> None:  # bytes so far, transfers in flight included: the bar moves during a file
+        bars[0].update(done - bars[0].n)
+
     try:
-        result = prefetch(args.paths, jobs=args.jobs, on_total=start, on_file=lambda n: bars[0].update(n))
+        result = prefetch(args.paths, jobs=args.jobs, on_total=start, on_progress=progress)
     finally:
         for bar in bars:
             bar.close()
@@ -481,9 +515,8 @@ def cmd_push(args: argparse.Namespace) -> int:
     state = mount_state_of(args.mountpoint)
     if state is None or os.path.realpath(args.mountpoint) != state.get("mountpoint"):
         raise MountError(f"{args.mountpoint}: not an hffs mount (see mountctl status)")
-    live = query_status(socket_path(state["mountpoint"])) if state.get("alive") else None
-    # Files the running daemon has open for writing: their modules are not finished.
-    writing = frozenset(tuple(key) for key in (live or {}).get("open_for_writing", ()))
+    # Files the running daemon has open for writing (its live answer says): their modules are not finished.
+    writing = frozenset(tuple(key) for key in state.get("open_for_writing", ()) if state.get("live"))
     plan = push(state, dry_run=args.dry_run, include_untrusted=args.include_untrusted, writing=writing)
     verb = "would push" if args.dry_run else "pushed"
     for upload in plan.upload:
@@ -514,13 +547,23 @@ def cmd_lookup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cache_dirs(args: argparse.Namespace) -> list[str]:
+    """`--cache-dir`, else the cache dir of every hffs mount this user can ask (any runtime dir) and
+    the default one, each once."""
+    if args.cache_dir:
+        return [os.path.abspath(args.cache_dir)]
+    mounted = [os.path.realpath(s["cache_dir"]) for s in status() if s.get("cache_dir")]
+    return list(dict.fromkeys([*mounted, os.path.realpath(constants.CACHE_DIR)]))
+
+
 def cmd_cache(args: argparse.Namespace) -> int:
-    if args.action == "du":
-        used, count = cache_usage(args.cache_dir)
-        print(f"{_human(used)} in {count} blobs under {args.cache_dir}")
-        return 0
-    freed, left = cache_prune(args.cache_dir, parse_size(args.max_size) if args.max_size else 0)
-    print(f"freed {_human(freed)}; {_human(left)} left (blobs open in a mount are kept)")
+    for cache_dir in _cache_dirs(args):
+        if args.action == "du":
+            used, count = cache_usage(cache_dir)
+            print(f"{_human(used)} in {count} blobs under {cache_dir}")
+        else:
+            freed, left = cache_prune(cache_dir, parse_size(args.max_size) if args.max_size else 0)
+            print(f"{cache_dir}: freed {_human(freed)}; {_human(left)} left (blobs open in a mount are kept)")
     return 0
 
 
@@ -569,6 +612,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _fail("interrupted", argv)
         return 130
+    except BrokenPipeError:  # `mountctl status --watch | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's last flush must not fail
+        return 0
     except OSError as exc:
         _fail(f"{exc.filename or ''}: {exc.strerror or exc}", argv)
         return 1

@@ -124,6 +124,22 @@ def test_daemonset_has_what_a_fuse_daemon_needs() -> None:
         assert container["readinessProbe"]["exec"]["command"][:3] == ["mountctl", "status", mountpoint]
         assert container["lifecycle"]["preStop"]["exec"]["command"][:2] == ["mountctl", "umount"]
         assert container["lifecycle"]["preStop"]["exec"]["command"][-1] == mountpoint
+        # Metrics on the pod's own address (downward API), never every interface.
+        addr = command[command.index("--metrics-addr") + 1]
+        assert addr.startswith("$(POD_IP):"), addr
+        env = {e["name"]: e for e in container["env"]}
+        assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+        ports = {p["containerPort"] for p in container["ports"]}
+        assert int(addr.rsplit(":", 1)[1]) in ports
+    # ... and only the scraper may reach those ports.
+    (policy,) = [d for _, d in _documents() if d.get("kind") == "NetworkPolicy"]
+    assert policy["metadata"]["namespace"] == daemonset["metadata"]["namespace"]
+    assert policy["spec"]["podSelector"] == daemonset["spec"]["selector"]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    metrics_ports = {p["containerPort"] for c in pod["containers"] for p in c["ports"]}
+    for rule in policy["spec"]["ingress"]:
+        assert rule["from"] and all(peer.get("podSelector", {}).get("matchLabels") for peer in rule["from"])
+        assert {p["port"] for p in rule["ports"]} == metrics_ports
     workload = next(d for _, d in _documents() if d.get("kind") == "Pod")
     for mount in workload["spec"]["containers"][0]["volumeMounts"]:
         assert mount["mountPropagation"] == "HostToContainer"

@@ -7,16 +7,19 @@ a mount asked the Hub.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import Mounts
+from conftest import Mounts, OtherUser
 
-from hffs_neuron.mount import status
+from hffs_neuron.mount import prefetch, status
+from hffs_neuron.runtime import control_address
 from hffs_neuron.testing.hub_emulator import HubEmulator
+from hffs_neuron.testing.sample_data import build_neff_bucket
 
 DOWNLOAD = "from huggingface_hub import hf_hub_download as d; import sys; print(open(d(*sys.argv[1:])).read())"
 
@@ -81,3 +84,97 @@ def test_eacces_on_a_gated_repo_names_the_mount_token_in_log_and_status(
     assert state["access_denied"] == [{"repo": "HFFS-Test/Gated", "count": 2, "message": message}]
     assert message in Path(state["log_file"]).read_text()
     assert "set HF_TOKEN" not in Path(state["log_file"]).read_text()  # a client's HF_TOKEN cannot help
+
+
+# -- every mount on the host, whatever runtime dir started it --------------------------------------
+MOUNTCTL = str(Path(sys.executable).parent / "mountctl")
+BUCKET = "HFFS-Test/ops-cache"
+ASK_AS_ANOTHER_USER = r"""
+import socket, sys
+with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+    s.settimeout(5)
+    s.connect("\0" + sys.argv[1])  # an abstract name: argv cannot hold its leading NUL
+    try:
+        s.sendall(b"status\n")
+        print(repr(s.recv(65536)))
+    except OSError:  # hung up on before the request was sent
+        print(repr(b""))
+"""
+
+
+def run_mountctl(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([MOUNTCTL, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.timeout(120)
+def test_status_and_cache_find_every_mount_whatever_runtime_dir_started_it(
+    hub: HubEmulator, shared_mounts: Mounts, runtime_env: dict[str, str], other_user: OtherUser, tmp_path: Path
+) -> None:
+    build_neff_bucket(hub, BUCKET)
+    m = shared_mounts("neff", BUCKET)
+    mp = os.path.realpath(m.mountpoint)
+    # An admin's plain `mountctl status`, with another runtime dir than the one that started the mount.
+    admin = dict(runtime_env, HFFS_RUNTIME_DIR=str(tmp_path / "admin-run"))
+    result = run_mountctl("status", "--json", env=admin)
+    assert result.returncode == 0, result.stderr
+    (state,) = [s for s in json.loads(result.stdout)["mounts"] if s["mountpoint"] == mp]
+    assert (state["live"], state["health"], state["fsname"]) == (True, "running", f"neff:{BUCKET}")
+    assert run_mountctl("status", mp, "--check", env=admin).returncode == 0
+    du = run_mountctl("cache", "du", env=admin)
+    assert du.returncode == 0 and f"under {os.path.realpath(state['cache_dir'])}" in du.stdout, du.stdout + du.stderr
+
+    # Another user sees the mount and its source, and that it is not theirs; its daemon says nothing to them.
+    user = {k: v for k, v in runtime_env.items() if k != "HFFS_RUNTIME_DIR"}  # their own, under their home
+    mine = other_user.run([MOUNTCTL, "status"], env=user)
+    assert mine.returncode == 0, mine.stderr
+    assert f"{mp}: neff:{BUCKET} (not yours: mounted by uid 0)" in mine.stdout
+    as_json = other_user.run([MOUNTCTL, "status", "--json"], env=user)
+    (theirs,) = [s for s in json.loads(as_json.stdout)["mounts"] if s["mountpoint"] == mp]
+    assert theirs["health"] == "not yours" and "counters" not in theirs and "options" not in theirs
+    asked = other_user.python(ASK_AS_ANOTHER_USER, control_address(mp).lstrip("\0"), env=user)
+    assert asked.returncode == 0 and asked.stdout.strip() == "b''", asked.stdout + asked.stderr
+
+
+@pytest.mark.timeout(120)
+def test_prefetch_reports_bytes_during_a_file_and_counts_each_blob_once(
+    hub: HubEmulator, mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    weights = os.urandom(12 * 1024 * 1024)
+    commit = hub.add_repo("HFFS-Test/Prefetch", {"config.json": b"{}", "model.safetensors": weights})
+    m = mounts("hub-cache", repos=["HFFS-Test/Prefetch"], read_ahead="off", max_connections=1)
+    folder = Path(m.mountpoint) / "models--HFFS-Test--Prefetch"
+    hub.set_network(conn_mbps=4.0)  # 12 MiB in about 3 s
+    totals: list[int] = []
+    seen: list[int] = []
+    try:
+        result = prefetch([folder], on_total=totals.append, on_progress=seen.append)
+    finally:
+        hub.set_network(None)
+    paths = [Path(root) / n for root, _, names in os.walk(folder) for n in names]  # blobs/, snapshots/, refs/
+    unique = {os.path.realpath(p): p.stat().st_size for p in paths}
+    size = sum(unique.values())
+    assert size < sum(p.stat().st_size for p in paths)  # snapshots/ link into blobs/: counted once
+    assert totals == [size] and (result.files, result.bytes) == (len(unique), size)
+    assert seen == sorted(seen) and seen[-1] == size
+    assert any(0 < n < len(weights) for n in seen), seen  # the bar moved while the big file was on its way
+    assert (folder / "snapshots" / commit / "model.safetensors").read_bytes() == weights
+
+
+@pytest.mark.parametrize(
+    ("mode", "said"),
+    [
+        (0o755, "its group can read (not change); other users can read (not change)"),
+        (0o775, "its group can read and change; other users can read (not change)"),
+        (0o700, None),
+    ],
+)
+def test_backing_warning_says_what_its_mode_allows(mounts: Mounts, tmp_path: Path, mode: int, said: str | None) -> None:
+    backing = tmp_path / f"backing-{mode:o}"
+    backing.mkdir()
+    backing.chmod(mode)
+    m = mounts("hub-cache", backing=str(backing))
+    log = Path(status(m.mountpoint)[0]["log_file"]).read_text()
+    if said is None:
+        assert "--backing" not in log
+    else:
+        assert f"--backing {backing} (mode {mode:04o}): {said} what it holds directly" in log

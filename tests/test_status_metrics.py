@@ -10,7 +10,6 @@ import importlib
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -21,8 +20,9 @@ import pytest
 from conftest import Mounts
 from prometheus_client.parser import text_string_to_metric_families
 
+from hffs_neuron import telemetry
 from hffs_neuron.errors import MountError, UsageError
-from hffs_neuron.runtime import read_state, socket_path
+from hffs_neuron.runtime import read_state
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 pytestmark = pytest.mark.timeout(120)
@@ -91,10 +91,7 @@ def test_status_is_live_right_after_a_read(
     c = status_json(runtime_env, mp)["counters"]
     assert c["fetches"] == 1 and c["errors"].get("ENOENT", 0) >= 1
 
-    # The socket is the owner's only, and nothing it says carries the token.
-    sock = socket_path(str(mp))
-    assert stat.S_ISSOCK(os.stat(sock).st_mode) and stat.S_IMODE(os.stat(sock).st_mode) == 0o600
-    assert stat.S_IMODE(os.stat(sock.parent).st_mode) == 0o700
+    # Nothing the control socket says carries the token (it answers its owner only: test_operations.py).
     text = mountctl(runtime_env, "status").stdout + mountctl(runtime_env, "status", "--json").stdout
     assert hub_token not in text
     assert "misses 1  fetches 1  fetched 3.0 MiB" in text, text
@@ -146,6 +143,83 @@ def test_watch_refreshes_until_interrupted_and_check_passes(
     assert out.count(f"{mp}: neff view of {BUCKET}") >= 2
 
 
+def test_watch_into_a_pipe_that_closes_ends_quietly(
+    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    mp = mounts("neff", BUCKET).mountpoint
+    result = subprocess.run(
+        f"{MOUNTCTL} status {mp} --watch --interval 0.1 | head -n 1",
+        shell=True,
+        env=runtime_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        executable="/bin/bash",
+    )
+    assert result.stdout.count("\n") == 1 and "neff view of" in result.stdout
+    assert result.stderr == ""  # no "mountctl: : Broken pipe"
+    piped = subprocess.run(
+        ["/bin/bash", "-o", "pipefail", "-c", f"{MOUNTCTL} status {mp} --watch --interval 0.1 | head -n 1 >/dev/null"],
+        env=runtime_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert piped.returncode == 0, piped.stderr
+
+
+@pytest.mark.timeout(60)
+def test_watch_on_a_small_terminal_fits_it_in_the_alternate_screen(
+    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    for n in range(3):  # more lines than the terminal holds
+        mounts("neff", BUCKET, name=f"mnt{n}", cache=f"cache{n}")
+    rows, columns = 8, 50
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+    watch = subprocess.Popen(
+        [MOUNTCTL, "status", "--watch", "--interval", "0.2"], env=runtime_env, stdout=follower, stderr=follower
+    )
+    os.close(follower)
+    output = b""
+    try:
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            try:
+                output += os.read(leader, 65536)
+            except OSError:
+                break
+        watch.send_signal(signal.SIGINT)
+        watch.wait(timeout=30)
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            output += chunk
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.wait()
+        os.close(leader)
+    text = output.decode(errors="replace")
+    assert watch.returncode == 0
+    assert text.startswith("\x1b[?1049h") and text.rstrip().endswith("\x1b[?1049l")  # the screen comes back
+    frames = [f for f in text.split("\x1b[H\x1b[2J")[1:] if f.strip()]
+    assert len(frames) >= 2
+    for frame in frames:
+        lines = frame.replace("\x1b[?1049l", "").replace("\r", "").split("\n")
+        assert len(lines) <= rows - 1 and all(len(line) <= columns for line in lines), lines
+    assert "more lines: a taller terminal" in frames[0]
+
+
 # -- Prometheus ----------------------------------------------------------------------------------------
 def scrape(address: str) -> dict[str, dict[tuple, float]]:
     """{sample name: {sorted label items: value}} from /metrics, parsed by prometheus_client."""
@@ -188,11 +262,75 @@ def test_metrics_endpoint_after_real_reads(
         for key in samples:
             for name, value in key:
                 labels.setdefault(name, set()).add(value)
-    assert set(labels) <= {"path", "errno", "status_class", "operation", "le"}
+    assert set(labels) <= {"path", "errno", "status_class", "operation", "kind", "le"}
     assert labels["path"] <= {"http", "xet"} and labels["errno"] <= set(errno.errorcode.values())
     assert labels["status_class"] <= {"2xx", "3xx", "4xx", "5xx", "error"}
     assert all(op.isidentifier() and "model" not in op for op in labels["operation"])
     assert not any(hub_token in value for values in labels.values() for value in values)
+
+
+@pytest.mark.timeout(90)
+def test_metrics_server_keeps_threads_bounded_under_400_idle_connections(
+    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    import socket
+
+    handle = mounts("neff", BUCKET, metrics_addr="127.0.0.1:0")
+    address = status_json(runtime_env, Path(handle.mountpoint))["metrics_addr"]
+    host, port = address.rsplit(":", 1)
+    scrape(address)
+    threads_before = len(os.listdir(f"/proc/{handle.pid}/task"))
+    idle = []
+    try:
+        for n in range(400):  # half-sent requests, never finished
+            sock = socket.create_connection((host, int(port)), timeout=10)
+            sock.sendall(b"GET /metr" if n % 2 else b"")
+            idle.append(sock)
+        started = time.monotonic()
+        assert "hffs_cache_hits_total" in scrape(address)  # answered while all 400 wait
+        assert time.monotonic() - started < 5
+        assert len(os.listdir(f"/proc/{handle.pid}/task")) <= threads_before + 1
+        # Each idle connection is closed once its time is up (5 s), none kept forever.
+        time.sleep(telemetry.METRICS_TIMEOUT + 1.5)
+        for sock in idle:
+            sock.settimeout(5)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_scrapes_reuse_the_cache_disk_use_figure(
+    files: dict[str, bytes], mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    mp = Path(mounts("neff", BUCKET, metrics_addr="127.0.0.1:0").mountpoint)
+    state = status_json(runtime_env, mp)
+    first = scrape(state["metrics_addr"])["hffs_cache_used_bytes"][()]
+    (Path(state["cache"]["dir"]) / "xet" / "more.bin").write_bytes(b"x" * 1_000_000)  # counted as cache use
+    assert scrape(state["metrics_addr"])["hffs_cache_used_bytes"][()] == first  # no walk of the cache per scrape
+    assert status_json(runtime_env, mp)["cache"]["used_bytes"] >= first + 1_000_000  # status measures it now
+
+
+@pytest.mark.timeout(120)
+def test_xet_requests_are_counted_as_the_hub_saw_them(
+    hub: HubEmulator, mounts: Mounts, runtime_env: dict[str, str]
+) -> None:
+    data = os.urandom(40 * 1024 * 1024)  # more than one Xet piece: several streams
+    hub.add_bucket("org/xet-counted", {"big.bin": data, "small.bin": b"small"})
+    hub.prepare_xet()
+    xet_env = {k: v for k, v in runtime_env.items() if k != "HF_HUB_DISABLE_XET"}
+    mp = Path(mounts("neff", "org/xet-counted", env=xet_env, metrics_addr="127.0.0.1:0").mountpoint)
+    hub.reset_stats()
+    assert (mp / "big.bin").read_bytes() == data and (mp / "small.bin").read_bytes() == b"small"
+    state = status_json(runtime_env, mp)
+    assert state["transfers"]["xet"]["count"] == 2
+    counted = state["counters"]["xet_requests"]
+    assert counted["token"] == len(hub.requests("/xet-read-token")) >= 1
+    assert counted["reconstruction"] == len(hub.requests("/reconstructions/")) >= 2
+    samples = scrape(state["metrics_addr"])["hffs_xet_requests_total"]
+    assert samples[(("kind", "token"),)] == counted["token"]
+    assert samples[(("kind", "reconstruction"),)] == counted["reconstruction"]
 
 
 def test_metrics_addr_is_off_by_default_and_refused_when_bad_or_taken(
@@ -244,8 +382,8 @@ def test_daemon_threads_are_reported_and_a_dead_one_fails_check(
 
     real_query = mount_module.query_status
 
-    def one_thread_dead(path: Path) -> dict | None:
-        answer = real_query(path)
+    def one_thread_dead(*args: object) -> dict | None:
+        answer = real_query(*args)
         if answer is not None:
             answer["threads"]["hffs-stale-locks"] = "RuntimeError: boom"
         return answer

@@ -54,17 +54,3 @@ def test_a_thread_that_dies_is_reported_with_its_error() -> None:
     finally:
         supervision.forget("test-dies")
     assert "test-dies" not in supervision.health()
-
-
-def test_an_adopted_library_thread_is_healthy_while_alive() -> None:
-    release = threading.Event()
-    worker = threading.Thread(target=release.wait, daemon=True)
-    worker.start()
-    supervision.adopt("test-adopted", worker)
-    try:
-        assert supervision.health()["test-adopted"] == supervision.OK
-        release.set()
-        worker.join(timeout=5)
-        assert supervision.health()["test-adopted"] == "ended unexpectedly"
-    finally:
-        supervision.forget("test-adopted")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import constants
 from ..errors import HffsError, RemoteUnavailable
+from ..telemetry import count_xet_stream
 from .base import RemoteEntry
 
 if TYPE_CHECKING:
@@ -294,6 +295,7 @@ class XetFileReader:
             stream = self._stream_group(deadline).download_stream(
                 hf_xet.XetFileInfo(self._source.file_hash, self._entry.size), start, end
             )
+            count_xet_stream()  # one reconstruction request to the CAS (status counters.xet_requests)
             pos = start
             for data in stream:
                 if pos + len(data) > end:
