@@ -194,3 +194,47 @@ def test_blobs_read_ahead_are_protected_from_eviction_until_opened(hub: HubEmula
     finally:
         store.close()
         http.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_read_ahead_hit_keeps_the_protection_another_mounts_read_ahead_gave(hub: HubEmulator, tmp_path: Path) -> None:
+    """Two mounts on one cache read the same blob ahead: the second one's hit must not turn the first
+    one's protection (a future mtime) into an ordinary LRU use (issue 26)."""
+    from hffs_neuron.remote import HubHttp, HubRepo
+    from hffs_neuron.store import BlobStore
+    from hffs_neuron.store.scheduler import READ_AHEAD
+
+    hub.add_repo("Org/Protect", {"a.bin": os.urandom(MiB)})
+    http = HubHttp(hub.url, "", read_timeout=5, operation_timeout=10)
+    repo = HubRepo(http, "model", "Org/Protect")
+    first, second = (BlobStore(tmp_path / "store", max_connections=2, timeout=10) for _ in range(2))
+    try:
+        a = repo.stat("a.bin")
+        path = first.materialize(a.content_id or "", repo, a, READ_AHEAD)
+        protected_until = path.stat().st_mtime
+        assert protected_until > time.time() + 60
+        assert second.materialize(a.content_id or "", repo, a, READ_AHEAD) == path  # a hit
+        assert path.stat().st_mtime >= protected_until
+        second.evict_if_needed(0)
+        assert path.exists()
+    finally:
+        first.close()
+        second.close()
+        http.close()
+
+
+def test_a_transfer_refused_at_shutdown_closes_the_descriptor_it_was_given(tmp_path: Path) -> None:
+    """The scheduler owns the descriptor `start` is given, also when it refuses the transfer (issue 26)."""
+    import errno
+
+    from hffs_neuron.errors import RemoteUnavailable
+    from hffs_neuron.store.scheduler import TransferScheduler
+
+    scheduler = TransferScheduler(2, chunk_size=MiB, parallel_threshold=64 * MiB, timeout=5)
+    scheduler.close()
+    fd = os.open(tmp_path / "temp", os.O_RDWR | os.O_CREAT, 0o600)
+    with pytest.raises(RemoteUnavailable):
+        scheduler.start("x.bin", 10, fd, lambda start, end, sink, deadline: None)
+    with pytest.raises(OSError) as closed:
+        os.fstat(fd)
+    assert closed.value.errno == errno.EBADF

@@ -1,8 +1,10 @@
 """One cache directory shared the hard ways (issue 13): by two "hosts" (daemons with different host
-names, as on a cluster filesystem) while both download, and by two daemons and eight readers with
+names, as on a cluster filesystem) while both download, and by three daemons and eight readers with
 `flock`/`fcntl` locks turned into no-ops (an LD_PRELOAD shim built here with gcc, as on Lustre, GPFS
 or NFS without locks). Correctness must not depend on the lock: 0 wrong bytes, no partial blob ever
-visible, no temp file left behind; only duplicate transfers are allowed, and counted."""
+visible, no temp file left behind; and single flight holds without the lock too (O_EXCL claim files):
+at most 1.1 x the checkpoint's bytes cross the wire. Plus an open on one mount behind another mount's
+queued read-ahead (issue 26)."""
 
 from __future__ import annotations
 
@@ -160,7 +162,7 @@ def no_lock_shim(tmp_path: Path) -> Path:
 
 
 @pytest.mark.timeout(300)
-def test_no_op_locks_two_daemons_eight_readers_never_see_a_wrong_or_partial_blob(
+def test_no_op_locks_three_daemons_eight_readers_one_transfer_per_blob_never_a_wrong_or_partial_one(
     hub: HubEmulator,
     mounts: Mounts,
     tmp_path: Path,
@@ -176,7 +178,8 @@ def test_no_op_locks_two_daemons_eight_readers_never_see_a_wrong_or_partial_blob
         assert probe.stdout.strip() == "ok", f"the shim does not disable locks: {probe.stderr}"
 
     hub.faults.add("*.safetensors", "latency", seconds=0.1, methods=("GET",))  # overlap the transfers
-    snaps = [mount_as(mounts, tmp_path, name, env, read_ahead="shards") for name in ("a", "b")]
+    daemons = ("a", "b", "c")
+    snaps = [mount_as(mounts, tmp_path, name, env, read_ahead="shards") for name in daemons]
     blobs = tmp_path / "cache" / "blobs-store" / "blobs"
     expected = {hashlib.sha256(data).hexdigest(): data for data in checkpoint.values()}
     bad: list[str] = []
@@ -200,7 +203,7 @@ def test_no_op_locks_two_daemons_eight_readers_never_see_a_wrong_or_partial_blob
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        argvs = [[sys.executable, "-c", READER, str(snaps[i % 2]), str(i)] for i in range(8)]
+        argvs = [[sys.executable, "-c", READER, str(snaps[i % len(snaps)]), str(i)] for i in range(8)]
         outputs = run_parallel(argvs, env=env, timeout=240)
     finally:
         stop.set()
@@ -208,8 +211,55 @@ def test_no_op_locks_two_daemons_eight_readers_never_see_a_wrong_or_partial_blob
     want = {name: hashlib.sha256(data).hexdigest() for name, data in checkpoint.items()}
     wrong = sum(json.loads(out)[name] != digest for out in outputs for name, digest in want.items())
     assert wrong == 0 and bad == [], (wrong, bad)
-    for mountpoint in (tmp_path / "a", tmp_path / "b"):
-        mounts.unmount(mountpoint)
+    for name in daemons:
+        mounts.unmount(tmp_path / name)
     assert list((tmp_path / "cache" / "blobs-store" / "tmp").iterdir()) == []
     duplicates = sum(hub.bytes_served(name) / len(data) - 1 for name, data in checkpoint.items())
     print(f"no-op locks: {duplicates:.2f} duplicate transfers (in blobs' worth) over {len(checkpoint)} files")
+    # Single flight without locks (the O_EXCL claim files): each blob crossed the wire about once.
+    total = sum(len(data) for data in checkpoint.values())
+    assert hub.bytes_served() <= 1.1 * total, f"{hub.bytes_served() / total:.2f} x the checkpoint's bytes"
+
+
+@pytest.mark.timeout(120)
+def test_an_open_on_another_mount_starts_within_the_bound_behind_a_queued_read_ahead(
+    hub: HubEmulator, mounts: Mounts, tmp_path: Path, runtime_env: dict[str, str]
+) -> None:
+    """Mount A has only queued its read-ahead of x.bin (its one transfer connection is busy with a slow
+    file) and holds the blob's lock and claim; mount B, on the same cache dir, opens x.bin. Across
+    processes only a growing temp file is progress: B takes the fetch over (x.bin's temp stays empty)
+    and answers within --timeout + 2 s, and A's read-ahead, once it gets a connection, finds the blob
+    done and fetches nothing (issue 26)."""
+    files = {"big.bin": os.urandom(8 * MiB), "x.bin": os.urandom(MiB)}
+    hub.add_repo("Org/Shared", files)
+    hub.faults.add("*/big.bin", "trickle", rate_bps=1_000_000, seconds=60, methods=("GET",))  # ~8 s
+    timeout = 3
+    # max_connections 3: one transfer connection (two are kept for metadata).
+    snap_a = mount_as(mounts, tmp_path, "a", runtime_env, read_ahead="snapshot", max_connections=3, timeout=timeout)
+    snap_b = mount_as(mounts, tmp_path, "b", runtime_env, read_ahead="off", timeout=timeout)
+    results: dict[str, bytes | OSError] = {}
+
+    def read_big() -> None:
+        try:
+            results["big"] = (snap_a / "big.bin").read_bytes()
+        except OSError as exc:
+            results["big"] = exc
+
+    reading = threading.Thread(target=read_big)
+    reading.start()
+    claims = tmp_path / "cache" / "blobs-store" / "locks"
+    deadline = time.monotonic() + 30
+    while len(list(claims.glob("*.claim"))) < 2:  # big.bin's fetch and x.bin's queued read-ahead
+        assert time.monotonic() < deadline, "mount A never queued its read-ahead"
+        time.sleep(0.05)
+    time.sleep(1.5)  # A's read-ahead of x.bin has waited a while for a connection
+    start = time.monotonic()
+    assert (snap_b / "x.bin").read_bytes() == files["x.bin"]
+    assert time.monotonic() - start < timeout + 2
+    reading.join(60)
+    assert results["big"] == files["big.bin"]
+    deadline = time.monotonic() + 10
+    while list(claims.glob("*.claim")):  # A's read-ahead ran and ended
+        assert time.monotonic() < deadline, "A's read-ahead never ended"
+        time.sleep(0.05)
+    assert hub.bytes_served("x.bin") == len(files["x.bin"])  # one transfer: B's

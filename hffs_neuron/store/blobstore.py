@@ -4,13 +4,20 @@ Layout under the store root:
 
     blobs/<k[:2]>/<key>             complete, verified blobs (the only files ever served)
     tmp/<key>.<host>.<pid>.<rand>   one private temp file per writer, renamed into blobs/ when verified
-    locks/<key>.lock                fcntl lock: held exclusively while fetching (single-flight), shared
-                                    while a blob is open in some process (never evicted then)
+    locks/<key>.lock                fcntl lock: shared while a blob is open in some process (never
+                                    evicted then), exclusive for the moment of an eviction
+    locks/<key>.claim               the one fetcher's claim, made with O_EXCL: "<host> <pid> <token>"
 
 Correctness never depends on the lock: a writer only ever renames its own verified temp file into
-place, so even where `flock` is a no-op (some network filesystems) nobody sees a partial blob; the lock
-only avoids duplicate transfers. Temp names carry the host, so that several hosts can share one cache
-directory (a cluster filesystem): start-up cleanup removes only this host's dead writers' files.
+place, so even where `flock` is a no-op (some network filesystems) nobody sees a partial blob. Nor does
+single flight: a fetcher makes the key's claim file with `O_EXCL`, which works on those filesystems.
+Another process waits while the claimant's temp file grows, and takes the fetch over when
+it stops growing: for `timeout` once bytes arrived, for one attempt's time (a third of `timeout`) while
+it is still empty (a fetch only queued, e.g. read-ahead), at once when the claimant is a dead process of
+this host. Growth is the only sign of progress across processes: nothing else touches a temp file. A
+queued read-ahead whose claim was taken over, or whose blob another process completed, stops before its
+first byte. Temp names carry the host, so that several hosts can share one cache directory (a cluster
+filesystem): start-up cleanup removes only this host's dead writers' files.
 
 Transfers go through the daemon's one `TransferScheduler` (connection budget, priorities, read-ahead).
 """
@@ -44,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 _SAFE_KEY = re.compile(r"^[A-Za-z0-9_-]{8,128}$")
 _LOCK_POLL = 0.05
+# A temp file at its full size is being verified: hashing is allowed at least this rate (bytes/s; the
+# xet hash runs at ~500 MB/s here, README "Known limits") before its claim may be taken over.
+_VERIFY_FLOOR = 64 * 1024 * 1024
 # Transfers of one blob tried before a size/hash mismatch is reported (as IntegrityError, EIO).
 _VERIFY_ATTEMPTS = 2
 # Temp files older than this are removed at start-up whatever host wrote them (seconds).
@@ -88,7 +98,12 @@ class _Fetch:
     alive: float = field(default_factory=time.monotonic)  # the fetching thread's last sign of life
 
     def __post_init__(self) -> None:
-        self.read_ahead = self.priority == READ_AHEAD  # started by read-ahead (its failure is nobody's)
+        # Started by read-ahead and not promoted by an open since: its failure is nobody's.
+        self.read_ahead = self.priority == READ_AHEAD
+
+    def beat(self) -> None:
+        """The fetching thread is alive (threads of this process waiting for it check)."""
+        self.alive = time.monotonic()
 
 
 @dataclass
@@ -159,7 +174,7 @@ class BlobStore:
             self.scheduler.cancel_read_ahead(key)
         for _ in range(2):
             if self._is_complete(path, entry.size):
-                self._touch(path)
+                self._touch(path, priority)
                 with self._lock:
                     self.stats.hits += 1
                 return path
@@ -171,7 +186,10 @@ class BlobStore:
                     fetch = _Fetch(Future(), FetchProgress(key, entry.path, entry.size), priority)
                     self._inflight[key] = fetch
                 elif priority < fetch.priority:
+                    # Now the open's fetch: a failure from here on is the open's (answered, not retried
+                    # with a second deadline).
                     fetch.priority = priority
+                    fetch.read_ahead = False
                     if fetch.transfer is not None:
                         self.scheduler.promote(fetch.transfer)
             if not leader:
@@ -210,15 +228,15 @@ class BlobStore:
 
     def _fetch_locked(self, key: str, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> Path:
         path = self.blob_path(key)
-        with self._exclusive(key, entry.path, fetch):
+        with self._claim(key, entry, fetch) as token:
             # Another process may have finished it while we waited for the lock.
             if self._is_complete(path, entry.size):
-                self._touch(path)
+                self._touch(path, fetch.priority)
                 return path
             self._make_room(entry)
             for attempt in range(_VERIFY_ATTEMPTS):
                 try:
-                    self._download(key, remote, entry, fetch)
+                    self._download(key, remote, entry, fetch, token)
                     break
                 except IntegrityError as exc:
                     # Bytes damaged in transit are discarded; a fresh transfer usually succeeds.
@@ -272,70 +290,125 @@ class BlobStore:
         logger.error("%s", error)
         return error
 
+    def _claim_path(self, key: str) -> Path:
+        return self.root / "locks" / f"{key}.claim"
+
     @contextmanager
-    def _exclusive(self, key: str, name: str, fetch: _Fetch) -> Iterator[None]:
-        """The key's lock, waited for while the holder's temp file grows (or for `timeout` without)."""
-        fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _claim(self, key: str, entry: RemoteEntry, fetch: _Fetch) -> Iterator[str]:
+        """Be the one fetcher of `key` across processes and hosts; yields this fetch's claim token.
+
+        The key's claim file is made with O_EXCL; while another process has it, wait as long as its
+        temp file grows (module docstring), then replace it with ours. Returns early, claiming nothing,
+        once the blob is complete. While claimed, the key's lock is held shared, like a pin: the new
+        blob is not evicted before the caller pins it, and an exclusive lock would keep other processes'
+        pins waiting once they took the fetch over.
+        """
+        claim = self._claim_path(key)
+        token = f"{HOST} {os.getpid()} {secrets.token_hex(8)}"
+        mine = False
+        fd = -1
         try:
             seen, since = None, time.monotonic()
             while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _create_claim(claim, token):
+                    mine = True
                     break
-                except BlockingIOError:
-                    pass
-                now = fetch.alive = time.monotonic()
+                fetch.beat()
+                if self._is_complete(self.blob_path(key), entry.size):
+                    break
+                now = time.monotonic()
                 mark = self._tmp_progress(key)
                 if mark != seen:
                     seen, since = mark, now
-                elif now - since > self.timeout:
-                    raise RemoteUnavailable(
-                        f"{name}: another process's download of it made no progress for {self.timeout:.0f}s"
-                    )
+                elif now - since > self._takeover_after(mark, entry.size) or _claimant_dead(claim):
+                    logger.info("%s: taking over a stalled fetch of another process", entry.path)
+                    _remove_claim(claim, None)
+                    if _create_claim(claim, token):
+                        mine = True
+                        break
+                    seen, since = None, now  # someone else took it over first: watch theirs
                 time.sleep(_LOCK_POLL)
-            yield
+            if mine:
+                fd = os.open(self._lock_path(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                # Only an eviction's moment holds it exclusively.
+                _flock_by(fd, fcntl.LOCK_SH, time.monotonic() + self.timeout, f"{entry.path}: lock busy")
+            yield token
         finally:
-            os.close(fd)  # closing releases the flock; a killed holder releases it the same way
+            if mine:
+                _remove_claim(claim, token)
+            if fd >= 0:
+                os.close(fd)
+
+    def _takeover_after(self, mark: tuple, size: int) -> float:
+        """How long a claimant's temp files may stay as they are (`mark`) before its fetch is taken over."""
+        written = max((m[1] for m in mark), default=0)
+        if not written:  # nothing arrived yet: queued, or its server stalls; one attempt's time
+            return self.timeout * constants.ATTEMPT_TIMEOUT_FRACTION
+        if written >= size:  # complete, being verified
+            return self.timeout + size / _VERIFY_FLOOR
+        return self.timeout
+
+    def _superseded(self, key: str, size: int, token: str) -> bool:
+        """Whether a queued read-ahead need not start: the blob is complete, or its claim was taken over."""
+        if self._is_complete(self.blob_path(key), size):
+            return True
+        try:
+            return self._claim_path(key).read_text() != token
+        except FileNotFoundError:
+            return True
 
     def _tmp_progress(self, key: str) -> tuple:
-        """What changes while some writer (any process, any host) fills a temp file of `key`."""
+        """What grows while some writer (any process, any host) fills a temp file of `key`: its bytes."""
         marks = []
         for tmp in (self.root / "tmp").glob(f"{key}.*"):
             try:
                 st = tmp.stat()
             except FileNotFoundError:
                 continue
-            marks.append((tmp.name, st.st_mtime_ns, st.st_blocks))
+            marks.append((tmp.name, st.st_size, st.st_blocks))
         return tuple(sorted(marks))
 
     def _tmp_name(self, key: str) -> str:
         return f"{key}.{HOST}.{os.getpid()}.{secrets.token_hex(4)}"
 
-    def _download(self, key: str, remote: Remote, entry: RemoteEntry, fetch: _Fetch) -> None:
+    def _download(self, key: str, remote: Remote, entry: RemoteEntry, fetch: _Fetch, token: str) -> None:
         """One transfer into a private temp file, verified and renamed: over Xet where the file has a xet
         hash (and the path is on), else, or after any Xet failure, over HTTP Range into a fresh temp file.
         Both go through the scheduler; only the reader of byte ranges differs."""
         source = self.xet.source(remote, entry) if self.xet is not None else None
         if source is not None:
             reader = self.xet.reader(source, entry)
+            read = self._unless_superseded(key, entry, fetch, token, reader.read)
             try:
-                self._download_by(key, entry, fetch, "xet", reader.read, constants.XET_PIECE_SIZE, reader.close)
+                self._download_by(key, entry, fetch, "xet", read, constants.XET_PIECE_SIZE, reader.close)
                 return
-            except CacheFull:
+            except (CacheFull, _Superseded):
                 raise
             except Exception as exc:
                 if getattr(exc, "errno", None) == errno.ENOSPC or self._free_bytes() < entry.size:
                     raise
                 self.xet.fell_back(entry, exc)
 
-        def read(start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
+        def read_range(start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
             remote.read_range(entry, start, end, sink, deadline)
 
+        read = self._unless_superseded(key, entry, fetch, token, read_range)
         try:
             self._download_by(key, entry, fetch, "http", read)
         except RangeIgnored as exc:  # a proxy that drops Range: pieces cannot work, one stream can
             logger.info("%s: %s; fetching it as one stream", entry.path, exc)
             self._download_by(key, entry, fetch, "http", read, one_stream=True)
+
+    def _unless_superseded(self, key: str, entry: RemoteEntry, fetch: _Fetch, token: str, read: ReadRange) -> ReadRange:
+        """`read`, which a read-ahead (not promoted by an open) starts only if it is still needed: a queued
+        read-ahead may wait long, and meanwhile another process may fetch the blob or take its claim."""
+
+        def checked(start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
+            if fetch.priority == READ_AHEAD and self._superseded(key, entry.size, token):
+                raise _Superseded(f"{entry.path}: fetched or claimed by another process meanwhile")
+            read(start, end, sink, deadline)
+
+        return checked
 
     def _download_by(
         self,
@@ -357,7 +430,7 @@ class BlobStore:
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
-            verify_download(tmp, entry, actual)
+            verify_download(tmp, entry, actual, fetch.beat)
             if fetch.priority == READ_AHEAD:
                 # Not opened yet: a future mtime keeps it out of every process's LRU eviction for a while.
                 now = time.time()
@@ -408,17 +481,8 @@ class BlobStore:
             fetch.transfer = transfer
             if fetch.priority != priority:
                 self.scheduler.promote(transfer)
-        last_touch = time.monotonic()
-
-        def beat() -> None:
-            nonlocal last_touch
-            now = fetch.alive = time.monotonic()
-            if now - last_touch > 1.0:  # queued, not stalled: tell other processes' waiters so
-                os.utime(fd)
-                last_touch = now
-
         try:
-            transfer.consume(hasher.update if hasher else None, beat)
+            transfer.consume(hasher.update if hasher else None, fetch.beat)
         finally:
             if stop is not None:
                 stop()
@@ -436,10 +500,16 @@ class BlobStore:
             return False
 
     @staticmethod
-    def _touch(path: Path) -> None:
-        """Record a use for LRU eviction (atime may be disabled, so use mtime)."""
+    def _touch(path: Path, priority: int = FOREGROUND) -> None:
+        """Record a use for LRU eviction (atime may be disabled, so use mtime). A read-ahead's use keeps a
+        blob not opened yet out of eviction (a future mtime), and never shortens such protection that
+        another mount's read-ahead gave it."""
         try:
-            os.utime(path)
+            if priority == READ_AHEAD:
+                now = time.time()
+                os.utime(path, (now, max(path.stat().st_mtime, now + constants.READ_AHEAD_PROTECT)))
+            else:
+                os.utime(path)
         except OSError:
             pass
 
@@ -448,7 +518,7 @@ class BlobStore:
         key = blob_key(key)
         for _ in range(3):
             path = self.materialize(key, remote, entry)
-            # Pin after materializing: the fetch takes the key's lock exclusively, the pin shares it.
+            # Pin after materializing: an eviction between the two steps is seen below (fetched again).
             self.pin(key)
             try:
                 return os.open(path, os.O_RDONLY | os.O_CLOEXEC), lambda: self.unpin(key)
@@ -614,6 +684,42 @@ class BlobStore:
             for fd, _ in self._pins.values():
                 os.close(fd)
             self._pins.clear()
+
+
+class _Superseded(HffsError):
+    """A queued read-ahead found its blob fetched, or its claim taken, by another process: nobody's error."""
+
+
+def _create_claim(claim: Path, token: str) -> bool:
+    """Make the claim file `claim` holding `token` with O_EXCL (which works where flock does not); False if
+    it exists."""
+    try:
+        fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return False
+    try:
+        os.write(fd, token.encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def _remove_claim(claim: Path, token: str | None) -> None:
+    """Remove the claim file if it holds `token` (None: whatever it holds; a takeover)."""
+    try:
+        if token is None or claim.read_text() == token:
+            claim.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _claimant_dead(claim: Path) -> bool:
+    """Whether the claim was made by a process of this host that is gone (a crash): taken over at once."""
+    try:
+        host, pid, _ = claim.read_text().split(" ")
+        return host == HOST and not pid_alive(int(pid))
+    except (FileNotFoundError, ValueError):
+        return False
 
 
 def _flock_by(fd: int, operation: int, deadline: float, timeout_message: str) -> None:
