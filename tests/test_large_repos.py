@@ -125,3 +125,8 @@ def test_snapshot_download_offline_over_the_mount_finds_every_file(hub: HubEmula
     listings = tree_requests(hub)
     assert len(listings) == 6 and all("recursive=true" in r for r in listings), listings
     assert not hub.requests("/resolve/")  # offline clients read nothing to find their files
+    # `blobs/` shows every file's blob with its size, from that same listing.
+    blobs = Path(mountpoint) / "datasets--Org--Offline" / "blobs"
+    sizes = sorted(os.stat(blobs / name).st_size for name in os.listdir(blobs))
+    assert sizes == sorted(len(data) for data in files.values())
+    assert len(tree_requests(hub)) == 6

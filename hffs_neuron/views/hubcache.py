@@ -325,12 +325,14 @@ class HubCacheView(MergedView):
         with self._lock:
             return dict(state.refs), dict(state.commits)
 
-    def _note(self, state: RepoState, repo: HubRepo, entry: RemoteEntry) -> None:
+    def _note(self, state: RepoState, repo: HubRepo, *entries: RemoteEntry) -> None:
         """Remember which file `blobs/<etag>` is (the snapshot symlink to it was just shown)."""
-        key = (state.repo_type, state.repo_id.lower(), entry.content_id)
+        folder = (state.repo_type, state.repo_id.lower())
         with self._lock:
-            if key not in self._etags:
-                self._etags[key] = (repo, entry)
+            for entry in entries:
+                key = (*folder, entry.content_id)
+                if key not in self._etags:
+                    self._etags[key] = (repo, entry)
 
     def _blob(self, state: RepoState, etag: str) -> tuple[HubRepo, RemoteEntry] | None:
         """The file behind `blobs/<etag>`: one a listing showed, else found by listing whole commits."""
@@ -339,16 +341,18 @@ class HubCacheView(MergedView):
             found = self._etags.get(key)
         if found is not None or not _ETAG.match(etag):
             return found
-        for repo in self._snapshot(state)[1].values():
-            for entry in repo.files():
-                if entry.content_id == etag:
-                    self._note(state, repo, entry)
-                    return repo, entry
-        return None
+        self._all_blobs(state)  # notes every blob: a `stat` of each blob in turn lists the tree once
+        with self._lock:
+            return self._etags.get(key)
 
     def _all_blobs(self, state: RepoState) -> dict[str, RemoteEntry]:
-        """Every blob of every commit the mount knows (`ls blobs/`: whole listings)."""
-        return {e.content_id: e for repo in self._snapshot(state)[1].values() for e in repo.files() if e.content_id}
+        """Every blob of every commit the mount knows (`ls blobs/`: whole listings), each noted."""
+        blobs: dict[str, RemoteEntry] = {}
+        for repo in self._snapshot(state)[1].values():
+            files = [e for e in repo.files() if e.content_id]
+            self._note(state, repo, *files)
+            blobs.update((e.content_id, e) for e in files)
+        return blobs
 
     def _snapshot_node(self, state: RepoState, repo: HubRepo, entry: RemoteEntry, depth: int) -> VNode:
         """A snapshot entry `depth` directories below the snapshot root: a directory, or a relative
@@ -402,14 +406,15 @@ class HubCacheView(MergedView):
 
     def readdir_attrs(self, path: str) -> list[tuple[str, int, dict | None]]:
         """`readdir` with each entry's attributes (FUSE readdirplus, fuse_ops.py): a walk then needs no
-        lookup per entry. A snapshot directory's entries come from its listing, already held for `readdir`
-        (no request, no per-entry lookup); local entries and other directories take `getattr` per entry.
+        lookup per entry. Inside a repo folder the entries come from the nodes `readdir` was built from
+        (a snapshot directory's listing, already held: no request); local entries and the top level take
+        `getattr` per entry.
         An entry whose attributes cannot be had right now (e.g. a Hub error) goes without them."""
         entries = self.readdir(path)
         state, rest = self._resolve(path) if path else (None, [])
         virtual: dict[str, VNode] = {}
         local: set[str] = set()
-        if state is not None and len(rest) >= 2 and rest[0] == "snapshots":
+        if state is not None and rest:  # inside a repo folder: the entries' own nodes (blobs/: no lookup each)
             virtual = self._children_of(state, rest)
             rel = self._rel(path)
             st = self._lstat(rel)
