@@ -81,7 +81,7 @@ class MountConfig:
     check: bool = constants.CHECK  # mount-time checks of endpoint, token and source (mount_checks.py)
     # The FUSE fsname: the source as /proc/mounts, findmnt, df and mount(8) show it. The mount helper
     # sets it to the source exactly as the fstab line writes it (util-linux matches "already mounted"
-    # on that string); "" means default_fsname(): `neff:ORG/NAME` or `hub-cache`.
+    # on that string); "" means default_fsname(): the source's canonical form, or `hub-cache`.
     fsname: str = ""
 
     def to_json(self) -> str:
@@ -92,13 +92,19 @@ class MountConfig:
         return cls(**json.loads(text))
 
 
-def default_fsname(view: str, source: str) -> str:
-    """The fsname of a mount not made from fstab: the form an fstab line would write for it."""
-    return f"neff:{source}" if view == "neff" else "hub-cache"
+def default_fsname(view: str, source: str, prefix: str | None = None) -> str:
+    """The fsname of a mount not made from fstab: its source's one canonical form (`sources.Source`:
+    `ORG/NAME`, `hf://buckets/ORG/NAME/PREFIX`, `hf://ORG/NAME@REV`), or `hub-cache`. An fstab line
+    that writes the source in that form matches such a mount (util-linux compares the strings)."""
+    if view != "neff":
+        return "hub-cache"
+    from .sources import parse_source
+
+    return parse_source(source, prefix).canonical
 
 
 def mount_fsname(config: MountConfig) -> str:
-    return config.fsname or default_fsname(config.view, config.source)
+    return config.fsname or default_fsname(config.view, config.source, config.prefix)
 
 
 def parse_host_port(text: str) -> tuple[str, int]:

@@ -493,7 +493,12 @@ def test_mount_t_fuse_hffs_and_hffs_and_mountctl_name_the_source(cli: Cli, bucke
     cli.ok("mount", "neff", BUCKET, str(c), "--cache-dir", str(cli.tmp / "cache-c"))
     assert mountinfo(a) == [("fuse.hffs", f"neff:{BUCKET}")]
     assert mountinfo(b) == [("fuse.hffs", BUCKET)]
-    assert mountinfo(c) == [("fuse.hffs", f"neff:{BUCKET}")]  # what an fstab line for it would write
+    assert mountinfo(c) == [("fuse.hffs", BUCKET)]  # the source's canonical form (hffs_neuron/sources.py)
+    # An fstab line in the canonical form matches the mount `mountctl mount` made: `mount -a` leaves it be.
+    fstab = cli.tmp / "fstab"
+    fstab.write_text(f"{BUCKET}  {c}  hffs  cache_dir={cli.tmp / 'cache-c'},nofail  0 0\n")
+    again = subprocess.run(["mount", "--fstab", str(fstab), "-a"], env=cli.env, capture_output=True, text=True)
+    assert again.returncode == 0 and mountinfo(c) == [("fuse.hffs", BUCKET)], again.stderr
     for mp in (a, b, c):
         assert (mp / path).read_bytes() == data
         findmnt = subprocess.run(["findmnt", "-n", "-o", "SOURCE", str(mp)], capture_output=True, text=True)

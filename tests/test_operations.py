@@ -118,7 +118,7 @@ def test_status_and_cache_find_every_mount_whatever_runtime_dir_started_it(
     result = run_mountctl("status", "--json", env=admin)
     assert result.returncode == 0, result.stderr
     (state,) = [s for s in json.loads(result.stdout)["mounts"] if s["mountpoint"] == mp]
-    assert (state["live"], state["health"], state["fsname"]) == (True, "running", f"neff:{BUCKET}")
+    assert (state["live"], state["health"], state["fsname"]) == (True, "running", BUCKET)
     assert run_mountctl("status", mp, "--check", env=admin).returncode == 0
     du = run_mountctl("cache", "du", env=admin)
     assert du.returncode == 0 and f"under {os.path.realpath(state['cache_dir'])}" in du.stdout, du.stdout + du.stderr
@@ -127,7 +127,7 @@ def test_status_and_cache_find_every_mount_whatever_runtime_dir_started_it(
     user = {k: v for k, v in runtime_env.items() if k != "HFFS_RUNTIME_DIR"}  # their own, under their home
     mine = other_user.run([MOUNTCTL, "status"], env=user)
     assert mine.returncode == 0, mine.stderr
-    assert f"{mp}: neff:{BUCKET} (not yours: mounted by uid 0)" in mine.stdout
+    assert f"{mp}: {BUCKET} (not yours: mounted by uid 0)" in mine.stdout
     as_json = other_user.run([MOUNTCTL, "status", "--json"], env=user)
     (theirs,) = [s for s in json.loads(as_json.stdout)["mounts"] if s["mountpoint"] == mp]
     assert theirs["health"] == "not yours" and "counters" not in theirs and "options" not in theirs
