@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import Mounts
 
+from hffs_neuron.remote import HubHttp, HubRepo
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 PER_DIR = 1000
@@ -130,3 +131,27 @@ def test_snapshot_download_offline_over_the_mount_finds_every_file(hub: HubEmula
     sizes = sorted(os.stat(blobs / name).st_size for name in os.listdir(blobs))
     assert sizes == sorted(len(data) for data in files.values())
     assert len(tree_requests(hub)) == 6
+
+
+def test_one_recursive_listing_fills_every_directory(hub: HubEmulator) -> None:
+    """`files()` (the whole tree, e.g. for trees/<commit>.json) leaves every directory's listing held,
+    directories the listing leaves out included: a walk after it asks nothing more."""
+    hub.add_repo("Org/Tree", {"x/y/z.txt": "1", "top.txt": "2", "x/w.txt": "3"})
+    implied = {"type": "file", "path": "only/implied/f.txt", "oid": "1" * 40, "size": 1}
+    hub.add_listing_override("Org/Tree", [implied], repo_type="model")
+    http = HubHttp(hub.url, "", operation_timeout=10)
+    try:
+        repo = HubRepo(http, "model", "Org/Tree")
+        assert sorted(e.path for e in repo.files()) == ["only/implied/f.txt", "top.txt", "x/w.txt", "x/y/z.txt"]
+        listed = len(tree_requests(hub))
+        shown = {d: sorted((e.name, e.is_dir) for e in repo.list(d)) for d in ("", "x", "x/y", "only", "only/implied")}
+        assert shown == {
+            "": [("only", True), ("top.txt", False), ("x", True)],
+            "x": [("w.txt", False), ("y", True)],
+            "x/y": [("z.txt", False)],
+            "only": [("implied", True)],
+            "only/implied": [("f.txt", False)],
+        }
+        assert len(tree_requests(hub)) == listed
+    finally:
+        http.close()

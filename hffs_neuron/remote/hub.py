@@ -171,12 +171,17 @@ class HubRepo:
             directories: dict[str, dict[str, RemoteEntry]] = {"": {}}
             for page in self._pages("", True, key):
                 for entry in page:
+                    if entry.is_dir:
+                        directories.setdefault(entry.path, {})  # listed even when empty
                     parent = posixpath.dirname(entry.path)
+                    new = parent not in directories
                     directories.setdefault(parent, {})[entry.name] = entry
-                    while parent and parent not in directories.setdefault(posixpath.dirname(parent), {}):
-                        # A directory implied by its files (a listing may leave it out).
-                        directories[posixpath.dirname(parent)][posixpath.basename(parent)] = RemoteEntry(parent, True)
-                        parent = posixpath.dirname(parent)
+                    while new and parent:  # a directory the listing left out (or has not reached yet)
+                        grand = posixpath.dirname(parent)
+                        new = grand not in directories
+                        siblings = directories.setdefault(grand, {})
+                        siblings.setdefault(posixpath.basename(parent), RemoteEntry(parent, True))
+                        parent = grand
             for path, children in directories.items():
                 self._listings.put(self._key("dir", path), children, ttl=constants.PINNED_TTL)
             return tuple(e for children in directories.values() for e in children.values() if not e.is_dir)
