@@ -145,7 +145,7 @@ class MountRuntime:
                 self.checks = check_endpoint_and_token(http)
             return self._build_view(cache_dir)
         except RemoteNotFound as exc:
-            if http.has_token or "token" in str(exc):
+            if http.has_token or http.offline or "token" in str(exc):
                 raise
             raise RemoteNotFound(f"{exc} (if it is private, give the mount a token: --token-file)") from exc
         finally:

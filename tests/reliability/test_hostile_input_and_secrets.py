@@ -118,4 +118,7 @@ def test_gated_repo_without_token_is_eacces_with_a_hint(hub: HubEmulator, mounts
     with pytest.raises(OSError) as exc:
         blob.read_bytes()
     assert exc.value.errno == errno.EACCES
-    assert "HF_TOKEN" in (tmp_path / "hub.log").read_text()
+    assert (
+        "this mount's token (--token-file at mount time) has no access to secret/gated"
+        in (tmp_path / "hub.log").read_text()
+    )
