@@ -178,3 +178,36 @@ def test_backing_warning_says_what_its_mode_allows(mounts: Mounts, tmp_path: Pat
         assert "--backing" not in log
     else:
         assert f"--backing {backing} (mode {mode:04o}): {said} what it holds directly" in log
+
+
+# -- the code's shape --------------------------------------------------------------------------------
+def _module_level_imports(path: Path, package: str) -> set[str]:
+    """Modules `path` imports at module level (`if TYPE_CHECKING:` blocks included), as dotted names."""
+    import ast
+
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        nodes = [*node.body] if isinstance(node, ast.If) else [node]
+        for inner in nodes:
+            if isinstance(inner, ast.ImportFrom):
+                base = package.split(".")[: len(package.split(".")) - inner.level + 1] if inner.level else []
+                target = ".".join([*base, inner.module] if inner.module else base)
+                found |= {target, *(f"{target}.{alias.name}" for alias in inner.names)}
+            elif isinstance(inner, ast.Import):
+                found |= {alias.name for alias in inner.names}
+    return found
+
+
+@pytest.mark.parametrize("package", ["hffs_neuron.views", "hffs_neuron.testing.emulator"])
+def test_no_import_circle_within_the_views_or_the_emulator(package: str) -> None:
+    import hffs_neuron
+
+    folder = Path(hffs_neuron.__file__).parent.parent / package.replace(".", "/")
+    modules = {f"{package}.{p.stem}": p for p in folder.glob("*.py") if p.stem != "__init__"}
+    graph = {name: _module_level_imports(path, package) & set(modules) for name, path in modules.items()}
+
+    def reaches(start: str, goal: str, seen: set[str]) -> bool:
+        return any(n == goal or (n not in seen and reaches(n, goal, seen | {n})) for n in graph[start])
+
+    circles = sorted(name for name in modules if reaches(name, name, set()))
+    assert circles == [], f"modules in an import circle: {circles}"

@@ -24,19 +24,23 @@ import json
 import os
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from hffs_neuron.testing.emulator.protocol import HubError, Request, Response, clean_rel_path, json_response
+from hffs_neuron.testing.emulator.protocol import (
+    EmulatorHub,
+    HubError,
+    Request,
+    Response,
+    clean_rel_path,
+    json_response,
+)
 from hffs_neuron.testing.emulator.repos import REPO_TYPES, default_lfs_rule
-
-if TYPE_CHECKING:
-    from hffs_neuron.testing.emulator.hub import HubEmulator
 
 
 class CommitRoutes:
     """The write routes of repos (and their refs), over the emulator's RepoStore."""
 
-    def __init__(self, hub: HubEmulator) -> None:
+    def __init__(self, hub: EmulatorHub) -> None:
         self.hub = hub
         self._lock = threading.Lock()  # one commit at a time: each starts from the branch's newest
         #: Every commit made through the commit route, oldest first: (repo id, commit sha, paths it added).

@@ -35,6 +35,7 @@ class EmulatorHub(Protocol):
     stop_event: threading.Event
     accounting: Any  # accounting.Accounting
     buckets: Any  # buckets.BucketStore
+    repos: Any  # repos.RepoStore
     bucket_events: Any  # events.BucketEvents
     cas: Any  # cas.CasStore
     xet_bridge: Any  # xet_bridge.XetBridge
