@@ -16,6 +16,7 @@ backing folder's casing when one exists (the first in sorted order if several do
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import os
@@ -65,6 +66,7 @@ def repo_folder(repo_type: str, repo_id: str) -> str:
     return "--".join([f"{repo_type}s", *repo_id.split("/")])
 
 
+@functools.lru_cache(maxsize=4096)  # called several times per FUSE call on the same few folder names
 def parse_repo_folder(name: str) -> tuple[str, str] | None:
     """(repo_type, repo_id) for a folder name like `models--Org--Name`, in any case; None otherwise."""
     match = _FOLDER.match(name)
