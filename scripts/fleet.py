@@ -92,6 +92,7 @@ def main() -> int:
     parser.add_argument("--modules", type=int, default=8, help="modules each node compiles")
     parser.add_argument("--overlap", type=int, default=2, help="modules compiled by two nodes at the same moment")
     parser.add_argument("--neff-kb", type=int, default=1024, help="size of each model.neff")
+    parser.add_argument("--compile-s", type=float, default=1.0, help="seconds each module takes to compile")
     parser.add_argument("--net", default="100,20", help="MBPS,MS per connection and per request; 'off' for loopback")
     parser.add_argument("--mode", default="events,probe", help="storm follow modes: events, probe or both")
     parser.add_argument("--negative-ttl", type=float, default=3.0, help="probe mode's --negative-ttl")
@@ -127,7 +128,13 @@ def main() -> int:
     print("| workload | hffs-neuron | baseline | load |\n|---|---|---|---|", flush=True)
     try:
         storms = {}
-        common = {"nodes": args.nodes, "per_node": args.modules, "overlap": args.overlap, "neff_size": neff}
+        common = {
+            "nodes": args.nodes,
+            "per_node": args.modules,
+            "overlap": args.overlap,
+            "neff_size": neff,
+            "compile_s": args.compile_s,
+        }
         idle = args.idle if "idle" in wanted else 0.0
         for mode in modes if wanted & {"storm", "idle"} else ():
             storms[mode] = fl.run_storm(

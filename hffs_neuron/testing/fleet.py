@@ -577,11 +577,12 @@ def run_storm(
     negative_ttl: float = 3.0,
     idle: float = 0.0,
     rate_limit: tuple[float, float] | None = None,
+    compile_s: float = 0.2,
 ) -> dict[str, Any]:
     """A publish storm on a bucket and nodes of its own (`--publish`; the event feed followed or, with
     `events` False, probe mode with `negative_ttl`), then `idle` seconds of no work; with `rate_limit`
-    (share, Retry-After seconds) a share of the Hub's answers during the storm are 429s. The nodes are
-    unmounted at the end."""
+    (share, Retry-After seconds) a share of the Hub's answers during the storm are 429s; each module takes
+    `compile_s` to compile. The nodes are unmounted at the end."""
     bucket = f"fleet/{name}"
     fleet.hub.add_bucket(bucket)
     options = {"publish": True, "follow_events": events, "negative_ttl": negative_ttl}
@@ -592,7 +593,7 @@ def run_storm(
             limit(fleet.hub, *rate_limit)
         started = time.time()
         try:
-            result = publish_storm(fleet, mounted, bucket, plan, neff_size=neff_size)
+            result = publish_storm(fleet, mounted, bucket, plan, neff_size=neff_size, compile_s=compile_s)
         finally:
             fleet.hub.faults.clear()
         if rate_limit is not None:
@@ -663,7 +664,8 @@ def retry_gaps(hub: HubEmulator, since: float, shared: list[str]) -> list[tuple[
     records = [r for r in hub.requests() if r.time >= since]
     gaps = []
     for i, record in enumerate(records):
-        if record.status != 429 or not ("/tree/" in record.path or record.path.startswith("/v1/xorb")):
+        uploaded = record.method == "POST" and record.path.startswith("/v1/xorb")  # a xorb grant or upload
+        if record.status != 429 or not ("/tree/" in record.path or uploaded):
             continue
         if any(name in record.path for name in shared):
             continue
