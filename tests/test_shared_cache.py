@@ -12,7 +12,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -22,6 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Mounts, run_parallel
 
+from hffs_neuron.testing.fleet import build_nolock_shim
 from hffs_neuron.testing.hub_emulator import HubEmulator
 
 MiB = 1024 * 1024
@@ -105,33 +105,6 @@ def test_two_hosts_on_one_cache_dir_while_both_download(
     assert [p.name for p in tmp.iterdir()] == [b_elsewhere.name]
 
 
-SHIM = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <fcntl.h>
-#include <stdarg.h>
-#include <sys/file.h>
-
-/* Lock calls succeed without locking anything, like flock on many Lustre/GPFS/NFS mounts. */
-int flock(int fd, int operation) { (void)fd; (void)operation; return 0; }
-
-static int lock_cmd(int cmd, void *arg) {
-    if (cmd == F_GETLK || cmd == F_OFD_GETLK) { ((struct flock *)arg)->l_type = F_UNLCK; return 1; }
-    return cmd == F_SETLK || cmd == F_SETLKW || cmd == F_OFD_SETLK || cmd == F_OFD_SETLKW;
-}
-
-#define FORWARD(name)                                                         \
-    int name(int fd, int cmd, ...) {                                          \
-        va_list ap; va_start(ap, cmd); void *arg = va_arg(ap, void *); va_end(ap); \
-        if (lock_cmd(cmd, arg)) return 0;                                     \
-        static int (*real)(int, int, ...);                                    \
-        if (!real) real = (int (*)(int, int, ...))dlsym(RTLD_NEXT, #name);    \
-        return real(fd, cmd, arg);                                            \
-    }
-FORWARD(fcntl)
-FORWARD(fcntl64)
-"""
-
 # Holds LOCK_EX on argv[1] while the test holds it too: only possible when locks are no-ops.
 PROBE = "import fcntl, sys; fd = open(sys.argv[1], 'w'); fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB); print('ok')"
 
@@ -151,13 +124,9 @@ print(json.dumps(out))
 
 @pytest.fixture
 def no_lock_shim(tmp_path: Path) -> Path:
-    gcc = shutil.which("gcc") or shutil.which("cc")
-    if gcc is None:
+    shim = build_nolock_shim(tmp_path)
+    if shim is None:
         pytest.skip("no C compiler to build the no-op lock shim")
-    source = tmp_path / "nolock.c"
-    source.write_text(SHIM)
-    shim = tmp_path / "nolock.so"
-    subprocess.run([gcc, "-shared", "-fPIC", "-O1", "-o", str(shim), str(source), "-ldl"], check=True, timeout=60)
     return shim
 
 
