@@ -238,3 +238,37 @@ def test_a_transfer_refused_at_shutdown_closes_the_descriptor_it_was_given(tmp_p
     with pytest.raises(OSError) as closed:
         os.fstat(fd)
     assert closed.value.errno == errno.EBADF
+
+
+@pytest.mark.timeout(120)
+def test_a_read_ahead_flood_on_two_slow_connections_never_fails_an_open(
+    hub: HubEmulator, mounts: Mounts, tmp_path: Path
+) -> None:
+    """Two transfer connections at 2 MB/s, both busy reading ahead 8 MiB blobs (4 s a piece, over the
+    3 s --timeout): an open of another file gets a connection at once, because a read-ahead piece hands
+    the rest of its range back when a foreground transfer waits (issue 26)."""
+    files = {f"ahead-{i}.bin": os.urandom(8 * MiB + i) for i in range(6)}
+    files["wanted.bin"] = os.urandom(MiB)
+    hub.add_repo("Org/Flood", files)
+    hub.set_network(conn_mbps=2)
+    timeout = 3
+    try:
+        # max_connections 4: two transfer connections (two are kept for metadata).
+        backing = tmp_path / "backing"
+        backing.mkdir()
+        handle = mounts("hub-cache", backing=str(backing), read_ahead="snapshot", max_connections=4, timeout=timeout)
+        repo = Path(handle.mountpoint) / "models--Org--Flood"
+        snap = repo / "snapshots" / (repo / "refs" / "main").read_text()
+        with open(snap / "ahead-0.bin", "rb") as first:  # opening it reads the rest of the snapshot ahead
+            first.read(1)
+            deadline = time.monotonic() + 30
+            while status(handle.mountpoint)[0]["read_ahead"]["in_flight"] < 2:
+                assert time.monotonic() < deadline, "the read-ahead never filled both connections"
+                time.sleep(0.1)
+            time.sleep(0.5)  # both connections are inside 4 s read-ahead pieces now
+            start = time.monotonic()
+            assert (snap / "wanted.bin").read_bytes() == files["wanted.bin"]
+            assert time.monotonic() - start < timeout + 2
+    finally:
+        hub.set_network(None)
+    assert hub.bytes_served("wanted.bin") == len(files["wanted.bin"])

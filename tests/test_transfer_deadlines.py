@@ -206,3 +206,49 @@ def test_a_server_that_ignores_range_still_serves_a_large_blob(
     assert hub.faults.rules()[0].fired >= 1
     # The pieces' ranged requests fail at their headers; then one stream carries the blob.
     assert hub.bytes_served("wide.bin") < 3 * len(data)
+
+
+@pytest.mark.timeout(60)
+def test_xet_pieces_stay_within_their_share_of_the_connection_budget(tmp_path: Path) -> None:
+    """hf_xet's session is capped at the scheduler's Xet share (half the transfer connections) and charged
+    that much while a Xet piece runs: Xet pieces never run on more workers than that, HTTP pieces on
+    the rest (issue 26, one connection budget)."""
+    from hffs_neuron.store.scheduler import TransferScheduler
+
+    scheduler = TransferScheduler(4, chunk_size=MiB, parallel_threshold=MiB, timeout=30)
+    assert scheduler.xet_connections == 2
+    lock = threading.Lock()
+    running = {True: 0, False: 0}
+    peak = {True: 0, False: 0}
+    release = threading.Event()
+
+    def reader(xet: bool):
+        def read(start: int, end: int, sink, deadline: float) -> None:
+            with lock:
+                running[xet] += 1
+                peak[xet] = max(peak[xet], running[xet])
+                if running[True]:  # the HTTP pieces beside Xet ones: within the rest of the budget
+                    peak[False] = max(peak[False], running[False])
+            release.wait(10)  # hold the connection a while
+            with lock:
+                running[xet] -= 1
+            sink(start, bytes(end - start))
+
+        return read
+
+    transfers = []
+    try:
+        for name, xet in (("x.bin", True), ("h.bin", False)):
+            fd = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT, 0o600)
+            transfers.append(scheduler.start(name, 8 * MiB, fd, reader(xet), xet=xet))
+            time.sleep(0.5)  # the Xet transfer alone first: it would take every worker
+        assert peak[True] == 2 and running[False] == 2, (peak, running)
+        release.set()
+        for transfer in transfers:
+            transfer.consume(None, lambda: None)
+        assert peak == {True: 2, False: 2}, peak
+    finally:
+        release.set()
+        for transfer in transfers:
+            transfer.release()
+        scheduler.close()

@@ -145,13 +145,25 @@ class XetDownloader:
         self._tokens: dict[str, _Token] = {}  # by token route
         self._token_requests: dict[str, _TokenRequest] = {}  # by token route, while one is in flight
 
+    def limit_connections(self, n: int) -> None:
+        """Let hf_xet's session hold at most `n` connections (the transfer scheduler's Xet share); before
+        the first transfer."""
+        with self._lock:
+            self._max_connections = min(self._max_connections, max(1, n))
+
     def _get_session(self) -> Any:
         with self._lock:
             if self._session is None:
                 hf_xet = hf_xet_module()
                 n = max(1, self._max_connections)
+                # hf_xet has no per-connection hook: its concurrent CAS downloads (the adaptive-concurrency
+                # ceiling, and where it starts) and its pool of idle connections are what can be capped.
                 config = hf_xet.XetConfig().with_config(
-                    {"client.ac_max_download_concurrency": n, "client.ac_initial_download_concurrency": n}
+                    {
+                        "client.ac_max_download_concurrency": n,
+                        "client.ac_initial_download_concurrency": n,
+                        "client.max_idle_connections": n,
+                    }
                 )
                 self._session = _keeping_sigint(lambda: hf_xet.XetSession(config))
             return self._session

@@ -141,6 +141,8 @@ class BlobStore:
             parallel_threshold=parallel_threshold,
             timeout=timeout,
         )
+        if xet is not None:  # hf_xet's session within the scheduler's Xet share of the connections
+            xet.limit_connections(self.scheduler.xet_connections)
         for sub in ("blobs", "tmp", "locks"):
             (self.root / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self.stats = StoreStats()
@@ -426,7 +428,7 @@ class BlobStore:
         tmp = self.root / "tmp" / self._tmp_name(key)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            actual = self._fill(fd, read, entry, fetch, piece_size, stop, one_stream)
+            actual = self._fill(fd, read, entry, fetch, way, piece_size, stop, one_stream)
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
@@ -457,6 +459,7 @@ class BlobStore:
         read: ReadRange,
         entry: RemoteEntry,
         fetch: _Fetch,
+        way: str,
         piece_size: int | None,
         stop: Callable[[], None] | None,
         one_stream: bool,
@@ -476,7 +479,9 @@ class BlobStore:
         # The transfer writes through its own descriptor, closed only when its last worker is done.
         with self._lock:
             priority = fetch.priority
-        transfer = self.scheduler.start(entry.path, entry.size, os.dup(fd), read, priority, piece_size, one_stream)
+        transfer = self.scheduler.start(
+            entry.path, entry.size, os.dup(fd), read, priority, piece_size, one_stream, xet=way == "xet"
+        )
         with self._lock:
             fetch.transfer = transfer
             if fetch.priority != priority:

@@ -18,6 +18,16 @@ The waiting thread (the one that asked for the blob) verifies while the transfer
 hands it the bytes in order, from memory when the workers could keep them (a bounded reorder buffer
 shared by all transfers), read back from the temp file otherwise.
 
+Read-ahead never holds a connection a foreground open waits for: while a foreground transfer has no
+connection and every worker is busy, a read-ahead piece with more than 1 MiB left stops at its next
+network chunk (or at the end of its current attempt, at most a third of `timeout`, if its server sends
+nothing), hands the rest of its range back to its transfer, and frees its connection for the open.
+
+The Xet path (remote/xet.py) shares the budget: hf_xet opens its own connections, with no per-connection
+hook, so its session is capped at `xet_connections` (half the transfer connections, at least one) and
+charged that many while any Xet piece runs: Xet pieces run on at most that many workers, HTTP pieces on
+the rest. Transfers and hf_xet together never hold more than `max_connections`.
+
 The read-ahead queue lives here too: `read_ahead(key, job)` runs `job` later on a read-ahead thread,
 unless `cancel_read_ahead(key)` took it out (an open of that blob went first).
 """
@@ -52,6 +62,9 @@ _READ_BACK_BYTES = 8 * MiB
 # Blobs from this size are split over idle connections, in pieces of at least _PIECE_MIN.
 SPLIT_MIN = 8 * MiB
 _PIECE_MIN = 4 * MiB
+# A read-ahead piece hands back only a rest of more than this many bytes: what is already in flight on its
+# connection (socket buffers) is lost, and a short rest ends soon anyway.
+_HAND_BACK_MIN = MiB
 # Attempts in a row that bring no byte before a piece (and so its transfer) fails.
 STALL_RETRIES = 3
 # Below this rate over a --timeout window a transfer is stalled, however steadily its bytes come.
@@ -79,6 +92,11 @@ def transfer_connections(max_connections: int) -> int:
     return max(1, max_connections - METADATA_CONNECTIONS)
 
 
+def xet_connections(transfer_connections: int) -> int:
+    """The share of the transfer connections that hf_xet's session may hold (module docstring)."""
+    return max(1, transfer_connections // 2)
+
+
 def _describe(exc: BaseException) -> str:
     """A message that always names the cause (some exceptions, e.g. TimeoutError(), have no text)."""
     text = str(exc)
@@ -91,6 +109,10 @@ class _Piece:
     end: int
     written: int  # bytes [start, written) are in the temp file
     batches: deque = field(default_factory=deque)  # (offset, [bytes...], length) kept for the verifier
+
+
+class _HandBack(RemoteUnavailable):
+    """A read-ahead piece gives its connection to a waiting foreground transfer (internal)."""
 
 
 class Transfer:
@@ -106,17 +128,20 @@ class Transfer:
         priority: int,
         piece_size: int,
         one_stream: bool = False,
+        xet: bool = False,
     ):
         self.name = name
         self.size = size
         self.priority = priority
         self.piece_size = piece_size
         self.one_stream = one_stream  # never cut into pieces: the server ignores Range
+        self.xet = xet  # read through hf_xet: its pieces run within the Xet share
         self._scheduler = scheduler
         self._fd = fd
         self._read = read
         self.seq = 0
-        self.pieces: list[_Piece] = []
+        self.pieces: list[_Piece] = []  # in byte order
+        self.returned: deque[_Piece] = deque()  # the rests of pieces handed back, to run again first
         self.next_offset = 0
         self.active = 0  # connections working on it now
         self.done = 0  # bytes written
@@ -131,7 +156,7 @@ class Transfer:
 
     @property
     def queued(self) -> bool:
-        return self.error is None and self.next_offset < self.size
+        return self.error is None and (self.next_offset < self.size or bool(self.returned))
 
     def consume(self, update: Callable[[bytes | memoryview], None] | None, beat: Callable[[], None]) -> None:
         """Wait until every byte is in the temp file, feeding them in order to `update` (if given).
@@ -159,6 +184,9 @@ class Transfer:
                         raise self.error
                     if index < len(self.pieces):
                         piece = self.pieces[index]
+                        if pos >= piece.end:  # a piece that handed its rest back ends here
+                            index += 1
+                            continue
                         if piece.batches or piece.written > pos:
                             break
                     self._check_waits()
@@ -231,6 +259,22 @@ class Transfer:
             self._fd_closed = True
             os.close(self._fd)
 
+    def _hand_back(self, piece: _Piece, pos: int) -> bool:
+        """If a foreground transfer waits for a connection and this is read-ahead, end `piece` at `pos` and
+        give its rest [pos, end) back to this transfer, to run again first; True if it was handed back."""
+        s = self._scheduler
+        with s._lock:
+            if not (s.preempt and self.priority == READ_AHEAD and piece.end - pos > _HAND_BACK_MIN):
+                return False
+            rest = _Piece(pos, piece.end, pos)
+            piece.end = pos
+            at = next(i for i, p in enumerate(self.pieces) if p is piece)
+            self.pieces.insert(at + 1, rest)
+            self.returned.append(rest)
+            s.handed_back += 1
+            s.preempt = False  # one connection freed; the open taking it sets the flag again if need be
+            return True
+
     def _progressed(self, piece: _Piece) -> None:
         """Count bytes just written as progress once they reach the floor (or end their piece); called
         with the scheduler lock held."""
@@ -271,6 +315,9 @@ class Transfer:
             nonlocal batch_len, batch_started
             if self.error is not None:
                 raise RemoteUnavailable(f"{self.name}: transfer stopped")
+            # s.preempt is read without the lock: a hint, checked again in _hand_back.
+            if s.preempt and self.priority == READ_AHEAD and piece.end - offset > _HAND_BACK_MIN:
+                raise _HandBack(self.name)
             if offset != pos + batch_len:
                 raise RemoteUnavailable(f"{self.name}: bytes at offset {offset}, expected {pos + batch_len}")
             now = time.monotonic()
@@ -285,6 +332,8 @@ class Transfer:
         fruitless = 0
         while pos < piece.end and self.error is None:
             before = pos
+            if self._hand_back(piece, pos):
+                return
             try:
                 self._read(pos, piece.end, sink, time.monotonic() + s.timeout)
                 flush()
@@ -293,6 +342,9 @@ class Transfer:
             except RangeIgnored:
                 flush()
                 raise  # no resuming from that server: the caller fetches one stream instead
+            except _HandBack:
+                flush()
+                continue  # handed back at the top of the loop (or, if the open got a connection, not)
             except RemoteUnavailable as exc:
                 flush()  # bytes that arrived before the failure are good: resume after them
                 if self.error is not None:
@@ -315,6 +367,8 @@ class TransferScheduler:
         timeout: float,
     ):
         self.max_connections = max(1, max_connections)
+        self.xet_connections = xet_connections(self.max_connections)
+        self._pieces = {False: 0, True: 0}  # running pieces: HTTP (False), Xet (True)
         self.chunk_size = chunk_size
         self.parallel_threshold = parallel_threshold
         self.timeout = timeout
@@ -328,6 +382,10 @@ class TransferScheduler:
         self._buffered = 0
         self._closed = False
         self.bytes_transferred = 0
+        # A foreground transfer waits with no connection while every worker is busy: read-ahead pieces
+        # hand theirs back (`_update_preempt`). Read by workers without the lock, as a hint.
+        self.preempt = False
+        self.handed_back = 0  # read-ahead pieces that gave their connection to an open
         # Read-ahead: key -> job, run in order by at most max_connections threads.
         self._ahead: OrderedDict[str, tuple[Callable[[], None], bool]] = OrderedDict()
         self._ahead_threads = 0
@@ -345,14 +403,16 @@ class TransferScheduler:
         priority: int = FOREGROUND,
         piece_size: int | None = None,
         one_stream: bool = False,
+        xet: bool = False,
     ) -> Transfer:
         """Queue the download of bytes [0, size) into `fd` (which the transfer now owns: see `release`).
 
         `piece_size`: the range a connection takes at a time from a large blob (default `chunk_size`);
         a reader with a cost per range (a Xet reconstruction request) asks for larger ones. `one_stream`:
-        one connection from byte 0 to the end (a server that ignores Range).
+        one connection from byte 0 to the end (a server that ignores Range). `xet`: `read` goes through
+        hf_xet (the Xet share of the connections).
         """
-        transfer = Transfer(self, name, size, fd, read, priority, piece_size or self.chunk_size, one_stream)
+        transfer = Transfer(self, name, size, fd, read, priority, piece_size or self.chunk_size, one_stream, xet)
         with self._lock:
             if self._closed:
                 os.close(fd)  # owned from the call on, refused or not
@@ -363,6 +423,7 @@ class TransferScheduler:
                 transfer.start_by = time.monotonic() + self.timeout
             self._transfers.add(transfer)
             self._wake_worker()
+            self._update_preempt()
         return transfer
 
     def promote(self, transfer: Transfer) -> None:
@@ -373,6 +434,24 @@ class TransferScheduler:
                 if transfer.first_byte is None:
                     transfer.start_by = time.monotonic() + self.timeout
                 self._work.notify()
+                self._update_preempt()
+
+    def _room(self, t: Transfer) -> bool:
+        """Whether a piece of `t` may start now within the budget (module docstring)."""
+        xet_share = self.xet_connections if self._pieces[True] else 0
+        if t.xet:
+            return self._pieces[True] < self.xet_connections and self._pieces[False] + self.xet_connections <= (
+                self.max_connections
+            )
+        return self._pieces[False] + xet_share < self.max_connections
+
+    def _update_preempt(self) -> None:
+        """Called with the lock held whenever transfers, priorities or running pieces change."""
+        busy = self._workers - self._idle >= self.max_connections
+        self.preempt = any(
+            t.priority == FOREGROUND and t.queued and not t.active and (busy or not self._room(t))
+            for t in self._transfers
+        )
 
     def _wake_worker(self) -> None:
         if self._idle:
@@ -386,6 +465,11 @@ class TransferScheduler:
         if not runnable:
             return None
         t = min(runnable, key=lambda t: (t.priority, t.active, t.seq))
+        if not self._room(t):  # the first in order waits for room; nothing overtakes it
+            return None
+        if t.returned:
+            piece = t.returned.popleft()
+            return self._started(t, piece)
         remaining = t.size - t.next_offset
         if t.one_stream:
             length = remaining
@@ -402,10 +486,15 @@ class TransferScheduler:
         piece = _Piece(t.next_offset, t.next_offset + length, t.next_offset)
         t.next_offset = piece.end
         t.pieces.append(piece)
+        return self._started(t, piece)
+
+    def _started(self, t: Transfer, piece: _Piece) -> tuple[Transfer, _Piece]:
         t.active += 1
+        self._pieces[t.xet] += 1
         t.last_progress = time.monotonic()  # queued time never counts against a transfer
         if any(other.queued for other in self._transfers):
             self._wake_worker()
+        self._update_preempt()
         return t, piece
 
     def _worker(self) -> None:
@@ -434,7 +523,10 @@ class TransferScheduler:
             finally:
                 with self._lock:
                     transfer.active -= 1
+                    self._pieces[transfer.xet] -= 1
                     transfer._close_if_done()
+                    self._update_preempt()
+                    self._work.notify()  # room freed: a waiting transfer's piece may start now
                     self._progress.notify_all()
 
     def in_flight_bytes(self) -> int:
