@@ -252,3 +252,48 @@ def test_xet_pieces_stay_within_their_share_of_the_connection_budget(tmp_path: P
         for transfer in transfers:
             transfer.release()
         scheduler.close()
+
+
+@pytest.mark.timeout(60)
+def test_waiters_hear_the_fetcher_while_a_large_file_is_hashed(
+    hub: HubEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bucket file's xet hash is checked over the finished file, in one call (a few seconds for tens of
+    GB): another thread waiting for the same blob must not give up on a fetcher that is hashing
+    (issue 26). The hash is made slower than --timeout here, as a large file's would be."""
+    from hffs_neuron.remote import Bucket
+    from hffs_neuron.store import verify
+
+    data = os.urandom(MiB)
+    hub.add_bucket("org/hashed", {"big.neff": data})
+    real_hash = verify.xet_hash
+
+    def slow_hash(path: str | os.PathLike) -> str:
+        time.sleep(2.5)
+        return real_hash(path)
+
+    monkeypatch.setattr(verify, "xet_hash", slow_hash)
+    http = HubHttp(hub.url, "", read_timeout=1, operation_timeout=5)
+    bucket = Bucket(http, "org/hashed")
+    store = BlobStore(tmp_path / "store", max_connections=2, timeout=1)
+    entry = bucket.stat("big.neff")
+    assert entry.digest is not None and entry.digest.algo == "xet"
+    results: list[Path | BaseException] = []
+
+    def materialize() -> None:
+        try:
+            results.append(store.materialize(entry.content_id or "", bucket, entry))
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            results.append(exc)
+
+    try:
+        threads = [threading.Thread(target=materialize) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.2)  # the second one waits for the first one's fetch
+        for thread in threads:
+            thread.join(30)
+    finally:
+        store.close()
+        http.close()
+    assert [r.read_bytes() if isinstance(r, Path) else r for r in results] == [data, data]
