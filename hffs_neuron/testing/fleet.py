@@ -4,7 +4,7 @@ measure what a fleet sees. `scripts/fleet.py` prints the figures; `tests/test_fl
 
 A node is its own daemon, cache directory, mountpoint and host name (`HFFS_HOST_NAME`, so host-keyed
 names differ), plus one client process playing its compiler (or model loader). All traffic goes to the
-emulator on 127.0.0.1 (DESIGN.md, "Simulated hosts").
+emulator on 127.0.0.1, never another address. README "Fleet" has the figures and how to run them.
 
 Workloads (each returns a dict of figures; none asserts):
 - `publish_storm`: every node compiles its modules with libneuronxla's file pattern and polls for
@@ -399,6 +399,9 @@ class NodeClient:
 
 
 def node_spec(node: Node, own: list[str], others: list[str], *, neff_size: int, deadline: float, **extra: Any) -> dict:
+    """`NODE_SCRIPT`'s spec: compile `own`, poll for `others`, all within `deadline` seconds; `extra`
+    overrides `compile_s` (per module), `poll_s` (between polling rounds) or `hold_s` ({module: seconds}
+    of compile time for some modules)."""
     spec = {
         "root": str(node.mountpoint),
         "version": VERSION,
