@@ -1,6 +1,6 @@
 """Mount sources of the NEFF view: one parsing of every spelling, one canonical string per source.
 
-Accepted (DESIGN.md "Sources"):
+Accepted (README "Using it" and "Commands"):
 
 - `ORG/NAME`: a Storage Bucket (as always); `neff:ORG/NAME` is the fstab spelling of the same;
 - `hf://buckets/ORG/NAME[/PREFIX]`: a bucket, optionally one folder of it (as `--prefix`);
