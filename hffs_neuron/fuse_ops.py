@@ -114,12 +114,14 @@ class FuseOperations(mfusepy.Operations):
         self,
         view: MergedView,
         *,
-        attr_timeout: float = 60.0,
+        attr_timeout: float | None = None,
         negative_timeout: float = 2.0,
         on_init: Callable[[], None] | None = None,
     ):
         self.view = view
-        self.attr_timeout = attr_timeout
+        # The kernel keeps entries and attributes this long: the view's own figure where it states one
+        # (what it shows changes only through the mount, or not at all), else a minute.
+        self.attr_timeout = attr_timeout if attr_timeout is not None else getattr(view, "kernel_attr_timeout", 60.0)
         self.negative_timeout = negative_timeout
         self._on_init = on_init
         self._handles: dict[int, FileHandle] = {}
