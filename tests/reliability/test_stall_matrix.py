@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -175,7 +176,7 @@ class Matrix:
 
     def add_faults(self, case: Case) -> None:
         patterns, methods = (HUB_ROUTES if case.view == "hub-cache" else BUCKET_ROUTES)[case.route]
-        xh = xet_hash_of(case.data)
+        xh = _xet_hash_of(case.data)
         for pattern in patterns:
             case.rules.append(
                 self.hub.faults.add(pattern.format(rid=case.name, xh=xh), methods=methods, **FAULTS[case.fault])
@@ -300,10 +301,8 @@ def _xet_transfers(mp: Path) -> int:
     return state["transfers"]["xet"]["count"]
 
 
-def xet_hash_of(data: bytes) -> str:
+def _xet_hash_of(data: bytes) -> str:
     """The xet hash of `data`, as the Hub lists it (CAS routes carry it in their path)."""
-    import tempfile
-
     with tempfile.NamedTemporaryFile() as f:
         f.write(data)
         f.flush()
