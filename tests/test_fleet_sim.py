@@ -56,12 +56,12 @@ def test_publish_storm_every_node_sees_every_module_and_nobody_relists(fleet: fl
     check_storm(result, len(plan.modules))
     assert result["visibility_s"]["n"] == sum(len(plan.modules - set(own)) for own in plan.own)
     # Module listings are the publishers' own (check before the upload, list again after it): the other
-    # nodes learn each module from the event feed, so none of them lists it.
-    for name in plan.modules:
-        compilers = sum(name in own for own in plan.own)
-        listings = [r for r in hub.requests(f"/tree/{fl.VERSION}/{name}")]
-        assert len(listings) <= 2 * compilers, (name, [r.path for r in listings])
-    assert result["idle"]["requests"] == {}  # idle with the feed: no request at all
+    # nodes learn each module from the event feed. Each relisting node would add one per module (15 here);
+    # 2 of slack for a publish round retried under load.
+    listings = {name: len(hub.requests(f"/tree/{fl.VERSION}/{name}")) for name in plan.modules}
+    publications = sum(len(own) for own in plan.own)
+    assert sum(listings.values()) <= 2 * publications + 2, listings
+    assert result["idle"]["requests"] == {}, result["idle"]  # idle with the feed: no request at all
 
 
 @pytest.mark.parametrize("way", ["local", "shared", "shared-nolock"])

@@ -624,8 +624,22 @@ def _sha256(path: Path) -> str | None:
         return None
 
 
+def quiesce(hub: HubEmulator, quiet: float = 1.0, timeout: float = 30.0) -> float:
+    """Wait until the emulator saw no new request for `quiet` seconds (at most `timeout`): the last
+    checks of a storm (a publisher's re-list) are not idle traffic. Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        records = hub.requests()
+        if not records or time.time() - max(r.time for r in records) >= quiet:
+            break
+        time.sleep(0.2)
+    return time.monotonic() - started
+
+
 def idle_requests(fleet: Fleet, nodes: list[Node], window: float) -> dict[str, Any]:
-    """Hub requests while the nodes do nothing for `window` seconds (mounted, following the feed)."""
+    """Hub requests while the nodes do nothing for `window` seconds (mounted, following the feed), once
+    the emulator has been quiet for a second."""
+    quiesce(fleet.hub)
     started_wall = time.time()
     time.sleep(window)
     counts = request_counts(fleet.hub, started_wall)
