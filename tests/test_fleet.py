@@ -391,3 +391,34 @@ def test_probes_of_one_module_are_single_flight(hub: HubEmulator) -> None:
     assert not prober.probe(VERSION, module_name(10))  # and not probed again within the negative TTL
     assert len(hub.requests("/tree/")) == 2
     http.close()
+
+
+def test_a_file_replaced_upstream_after_it_was_listed_opens_with_the_new_bytes(
+    hub: HubEmulator, tmp_path: Path
+) -> None:
+    """Two nodes publishing one module at once: the second upload replaces the first's `model.neff` in the
+    bucket while a third node still lists the first's. Its open finds the bytes do not match the listed
+    hash, asks the bucket again and opens what is there now (no EIO for the waiting compiler)."""
+    from hffs_neuron.store.metacache import MetadataCache
+    from hffs_neuron.views.neff import NeffView
+
+    neff = f"{VERSION}/{module_name(20)}/model.neff"
+    first, second = os.urandom(50_000), os.urandom(60_000)
+    bucket_dir = hub.add_bucket("org/replaced", {neff: first})
+    http = HubHttp(hub.url)
+    store = BlobStore(tmp_path / "blobs")
+    view = NeffView(Bucket(http, "org/replaced"), store, MetadataCache(), tmp_path / "layer")
+    try:
+        assert view.getattr(neff)["st_size"] == len(first)  # listed with the first upload's hash
+        (bucket_dir / neff).write_bytes(second)  # the second upload lands
+        handle = view.virtual_open(neff, view.virtual_lookup(neff))
+        try:
+            assert os.pread(handle.fd, len(second) + 1, 0) == second
+        finally:
+            handle.release()
+        assert view.getattr(neff)["st_size"] == len(second)  # the cached listing follows
+        assert len(hub.requests("/paths-info")) == 1  # asked the bucket once
+    finally:
+        view.close()
+        store.close()
+        http.close()

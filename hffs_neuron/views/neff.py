@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from cachetools import LRUCache
 
-from ..errors import MountError, RemoteNotFound
+from ..errors import IntegrityError, MountError, RemoteNotFound
 from ..remote.base import Remote, RemoteEntry
 from ..store.blobstore import BlobStore, blob_key
 from ..store.metacache import MetadataCache
@@ -280,6 +280,21 @@ class NeffView(LayerEvents, MergedView):
         entry = self._visible_children(parent).get(name)
         if entry is None or entry.is_dir:
             raise fs_error(errno.ENOENT)
+        try:
+            return self._open_entry(entry)
+        except IntegrityError:
+            # The bytes upstream are not the listed ones: the file was replaced after it was listed (two
+            # nodes publishing one module at once: the second upload replaces the first's files before its
+            # re-list finds the conflict). Open what the bucket holds now, once; the feed or the TTL brings
+            # the kernel's attributes along.
+            fresh = self.remote.stat(path)
+            if fresh.content_id is None or fresh.content_id == entry.content_id:
+                raise
+            logger.info("%s was replaced upstream since it was listed; opening the new content", path)
+            self.apply_remote_change(path, fresh)
+            return self._open_entry(fresh)
+
+    def _open_entry(self, entry: RemoteEntry) -> FileHandle:
         key = entry.content_id or f"{self.remote.cache_namespace}|{entry.path}|{entry.size}|{entry.mtime}"
         fd, unpin = self.store.open_blob(blob_key(key), self.remote, entry)
         return FileHandle(fd=fd, keep_cache=True, on_release=unpin)
