@@ -134,9 +134,10 @@ class HubCacheView(MergedView):
         self._lock = threading.Lock()
         self._folders_memo: tuple[tuple[int, int], int, dict[str, str]] | None = None
         self._tree_json: LRUCache = LRUCache(maxsize=_TREE_JSON_BYTES, getsizeof=len)  # commit -> bytes, _lock
-        # (repo type, lower-cased id, etag) -> (commit's repo, file) of every file served from a listing:
-        # `blobs/<etag>` (what each snapshot symlink points to) is answered without listing the whole tree.
-        # Bounded like the listings it comes from; a forgotten etag costs one recursive listing.
+        # (repo type, lower-cased id, etag) -> (commit's repo, file path) of every file served from a
+        # listing: `blobs/<etag>` (what each snapshot symlink points to) is answered from the file's
+        # directory listing, not the whole tree. Paths only, so that evicted listings are not kept alive;
+        # bounded like the listings; a forgotten etag costs one recursive listing.
         self._etags: LRUCache = LRUCache(maxsize=meta.maxsize)
         # (commit namespace, directory) -> (the listing it was built from, `readdir`'s answer) of snapshot
         # directories the backing holds nothing of: a warm walk answers each `readdir` without rebuilding it.
@@ -339,18 +340,26 @@ class HubCacheView(MergedView):
             for entry in entries:
                 key = (*folder, entry.content_id)
                 if key not in self._etags:
-                    self._etags[key] = (repo, entry)
+                    self._etags[key] = (repo, entry.path)
 
     def _blob(self, state: RepoState, etag: str) -> tuple[HubRepo, RemoteEntry] | None:
-        """The file behind `blobs/<etag>`: one a listing showed, else found by listing whole commits."""
+        """The file behind `blobs/<etag>`: one a listing showed (found again in its directory's listing,
+        listed anew if it was evicted), else found by listing whole commits."""
         key = (state.repo_type, state.repo_id.lower(), etag)
         with self._lock:
             found = self._etags.get(key)
-        if found is not None or not _ETAG.match(etag):
-            return found
-        self._all_blobs(state)  # notes every blob: a `stat` of each blob in turn lists the tree once
-        with self._lock:
-            return self._etags.get(key)
+        if found is None and _ETAG.match(etag):
+            self._all_blobs(state)  # notes every blob: a `stat` of each blob in turn lists the tree once
+            with self._lock:
+                found = self._etags.get(key)
+        if found is None:
+            return None
+        repo, path = found
+        try:
+            entry = repo.stat(path)
+        except RemoteNotFound:
+            return None
+        return (repo, entry) if entry.content_id == etag else None
 
     def _all_blobs(self, state: RepoState) -> dict[str, RemoteEntry]:
         """Every blob of every commit the mount knows (`ls blobs/`: whole listings), each noted."""
