@@ -47,7 +47,11 @@ def check_storm(result: dict, plan_modules: int) -> None:
         for name, (_at, size, sha) in result_of_node["seen"].items():
             assert size == NEFF
             assert kept.setdefault(name, sha) == sha, name
-    assert all(ratio == 1.0 for ratio in result["bytes_ratio"].values()), result["bytes_ratio"]
+    # Each node fetched each module it read once; a doubly compiled one may be fetched again when the second
+    # upload replaced the bytes it had listed (a fetch, the store's retry, then the new bytes).
+    for node, fetched in result["bytes_per_node"].items():
+        expected = fetched / result["bytes_ratio"][node]
+        assert expected <= fetched <= expected + 2 * len(result["conflicts"]) * NEFF, result["bytes_per_node"]
 
 
 def test_publish_storm_every_node_sees_every_module_and_nobody_relists(fleet: fl.Fleet, hub: HubEmulator) -> None:
