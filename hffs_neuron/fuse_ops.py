@@ -84,6 +84,32 @@ _libc.malloc.restype = ctypes.c_void_p
 _libc.malloc.argtypes = [ctypes.c_size_t]
 
 
+_gil_ensure = ctypes.pythonapi.PyGILState_Ensure
+_gil_ensure.argtypes = []
+_gil_ensure.restype = ctypes.c_int
+_pinned = threading.local()  # `.done` once this thread's Python thread state is kept (see _pin_thread_state)
+
+
+def _pin_thread_state() -> None:
+    """Keep the calling libfuse worker thread's Python thread state for the thread's life.
+
+    ctypes enters a callback from a thread Python did not start with PyGILState_Ensure, which creates a
+    thread state, and leaves it with PyGILState_Release, which deletes it again and unmaps its frame stack:
+    once per FUSE request. Under the compile storm (`scripts/bench.py --rows storm`) perf put ~6% of the
+    daemon's CPU in those munmaps alone, besides the allocation, page faults and the interpreter's thread
+    list lock. One more Ensure, never released, keeps the state: libfuse >= 3.12 never ends idle workers
+    (max_idle_threads -1 by default), so this is one thread state per worker, at most max_threads."""
+    _gil_ensure()
+    _pinned.done = True
+
+
+_buf_size = mfusepy._libfuse.fuse_buf_size
+_buf_size.argtypes = [ctypes.c_void_p]
+_buf_size.restype = ctypes.c_size_t
+_buf_copy = mfusepy._libfuse.fuse_buf_copy
+_buf_copy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+_buf_copy.restype = ctypes.c_ssize_t
+
 _invalidate_path = mfusepy._libfuse.fuse_invalidate_path
 _invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _invalidate_path.restype = ctypes.c_int
@@ -106,6 +132,8 @@ class FuseOperations(mfusepy.Operations):
 
     File handles are indices into `_handles`; reads go through `read_buf`, which hands libfuse the
     local fd itself, and content-addressed files get `keep_cache` so the page cache survives reopens.
+    There is no `flush` (nothing is buffered here): libfuse answers the kernel's first FLUSH with ENOSYS,
+    and the kernel sends no more, so a close costs no round trip to the daemon.
     """
 
     use_ns = True
@@ -317,14 +345,22 @@ class FuseOperations(mfusepy.Operations):
         ctypes.cast(bufpp, ctypes.POINTER(ctypes.c_void_p))[0] = vec_addr
         return 0
 
-    def write(self, path: str, data: bytes, offset: int, fh: Any) -> int:
+    def write_buf(self, bufp: Any, offset: int, fh: Any) -> int:
+        """Writes from libfuse's own receive buffer: libfuse copies it into the local fd (pwrite, no GIL held)
+        without the bytes ever becoming a Python object (mfusepy's `write` copies each request into one:
+        for a 1 MiB request a fresh mapping under the daemon's 1 MiB mmap threshold, faulted in page by page)."""
         handle = self._handle(fh)
         if handle.fd < 0:
             raise mfusepy.FuseOSError(errno.EROFS)
-        try:
-            return os.pwrite(handle.fd, data, offset)
-        except OSError as exc:
-            raise mfusepy.FuseOSError(errno_of(exc)) from None
+        src = ctypes.cast(bufp, ctypes.c_void_p)
+        dst = _FuseBufvec(1, 0, 0)
+        buf = dst.buf[0]
+        buf.size, buf.flags, buf.mem = _buf_size(src), _FUSE_BUF_IS_FD | _FUSE_BUF_FD_SEEK, None
+        buf.fd, buf.pos = handle.fd, offset
+        written = _buf_copy(ctypes.byref(dst), src, 0)
+        if written < 0:
+            raise mfusepy.FuseOSError(-written)
+        return written
 
     def truncate(self, path: str | None, length: int, fh: Any = None) -> int:
         handle = self._handle(fh) if fh is not None else None
@@ -332,9 +368,6 @@ class FuseOperations(mfusepy.Operations):
             self._call(os.ftruncate, handle.fd, length)
         else:
             self._call(self.view.truncate, _relative(path), length, _caller())
-        return 0
-
-    def flush(self, path: str, fh: Any) -> int:
         return 0
 
     def fsync(self, path: str, datasync: int, fh: Any) -> int:
@@ -412,6 +445,16 @@ class _CachingFUSE(mfusepy.FUSE):
     ships 3.14) every `ls` is answered by the daemon.
     """
 
+    def __init__(self, operations: Any, mountpoint: str, **kwargs: Any) -> None:
+        self._loop_thread = threading.get_ident()  # FUSE.__init__ serves the mount from this thread
+        super().__init__(operations, mountpoint, **kwargs)
+
+    def _wrapper(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Worker threads keep their thread state (the loop's own thread has its real one).
+        if not getattr(_pinned, "done", False) and threading.get_ident() != self._loop_thread:
+            _pin_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
+
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         # mfusepy drops the flags: a `mv -n` (RENAME_NOREPLACE) would silently replace the target.
         return self.operations.rename(
@@ -421,6 +464,10 @@ class _CachingFUSE(mfusepy.FUSE):
     def read_buf(self, path: bytes | None, bufpp: Any, size: int, offset: int, fip: Any) -> int:
         # mfusepy decodes the path unconditionally; with hard_remove it is NULL for unlinked open files.
         return self.operations.read_buf("", bufpp, size, offset, fip.contents)
+
+    def write_buf(self, path: bytes | None, bufp: Any, offset: int, fip: Any) -> int:
+        # As read_buf: the path is NULL for an unlinked open file (hard_remove), and not needed.
+        return self.operations.write_buf(bufp, offset, fip.contents)
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         # mfusepy drops the file handle of an ftruncate (and the path is NULL once the file is unlinked).

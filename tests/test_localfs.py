@@ -57,12 +57,17 @@ def outside(tmp_path):
     return path
 
 
-@pytest.fixture
-def tree(mode, tmp_path):
-    t = LocalTree(tmp_path / "root")
+@pytest.fixture(params=[0, 4], ids=["uncached", "dir-cache"])
+def tree(mode, tmp_path, request):
+    """A tree without and with a (small: evictions happen) cache of directory fds."""
+    t = LocalTree(tmp_path / "root", dir_cache=request.param)
     assert t._openat2 == (mode == "openat2")
     yield t
     t.close()
+
+
+def _fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
 
 
 def _snapshot(path) -> dict:
@@ -470,7 +475,8 @@ def test_thread_safety(tree):
     assert not errors, errors[0]
     assert tree.listdir("") == [("shared", tree.lstat("shared").st_mode)]
     assert tree.listdir("shared") == []
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    tree.close()  # and with it any directory fds it keeps
+    assert _fds() == fds_before - 1  # the root's
 
 
 def test_no_fd_leaks_on_errors(tree, outside):
@@ -484,7 +490,7 @@ def test_no_fd_leaks_on_errors(tree, outside):
         _errno(tree.chmod, "a/b/link", 0o777)
         _errno(tree.rename, "a/b/nope", "a/b/x")
         _errno(tree.rename, "a/b", "a/b/link/x")
-    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert _fds() == fds_before
 
 
 @pytest.mark.parametrize("err", [errno.ENOSYS, errno.EPERM])
@@ -526,6 +532,47 @@ def test_env_knob_forces_the_walk(tmp_path):
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "r")], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_dir_cache_follows_renames_and_rmdirs(mode, tmp_path):
+    """Directory fds kept by the cache never stand for a path that now names another directory (or none):
+    renames and rmdirs through the tree drop them, and a symlink put in a directory's place is refused."""
+    fds_before = _fds()
+    tree = LocalTree(tmp_path / "root", dir_cache=8)
+    try:
+        tree.mkdir("v", 0o755)
+        tree.mkdir("v/m", 0o755)
+        _write(tree, "v/m/f", b"1")
+        assert tree.lstat("v/m/f").st_size == 1  # v/m resolved and kept
+        tree.rename("v/m", "v/moved")
+        with pytest.raises(FileNotFoundError):
+            tree.lstat("v/m/f")
+        assert _read(tree, "v/moved/f") == b"1"
+        tree.mkdir("v/m", 0o755)  # a new directory under the old name
+        _write(tree, "v/m/g", b"22")
+        assert sorted(os.listdir(os.path.join(tree.root, "v/m"))) == ["g"]
+        assert sorted(n for n, _ in tree.listdir("v/moved")) == ["f"]
+        tree.unlink("v/m/g")
+        tree.rmdir("v/m")
+        tree.symlink(os.path.join(tree.root, "v/moved"), "v/m")  # a link where the directory was
+        assert _errno(tree.lstat, "v/m/f") in BLOCKED
+        assert _errno(tree.open, "v/m/new", os.O_WRONLY | os.O_CREAT) in BLOCKED
+        tree.unlink("v/m")
+        tree.rename("v/moved", "v/m")  # renamed back: the old fd of v/moved is not used for v/m's parent
+        tree.rename("v", "w")  # a parent moved: everything below it is resolved again
+        assert _read(tree, "w/m/f") == b"1"
+        with pytest.raises(FileNotFoundError):
+            tree.lstat("v/m/f")
+        for i in range(20):  # more directories than the cache holds: the oldest fds are closed
+            tree.mkdir(f"w/d{i}", 0o755)
+            _write(tree, f"w/d{i}/f", b"x")
+        fds = _fds()
+        for i in range(20):
+            assert tree.lstat(f"w/d{i}/f").st_size == 1
+        assert _fds() == fds  # at most 8 kept, and already open before this loop
+    finally:
+        tree.close()
+    assert _fds() == fds_before  # the root's fd closed, and every kept directory fd with it
 
 
 def test_overhead_report(tree):

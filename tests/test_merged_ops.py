@@ -128,6 +128,37 @@ def test_unlinking_an_open_file_leaves_no_hidden_copy(hub: HubEmulator, mounts: 
     assert hub.bytes_served("model.neff") == len(remote_bytes)
 
 
+def test_writes_reach_the_layer_and_every_reader(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
+    """Writes go from libfuse's buffer straight into the layer file (write_buf), of any size and offset, also
+    to a file already unlinked (libfuse has no path for it then); closes need no FLUSH; a local file's page
+    cache, kept across opens, shows each change made through the mount."""
+    bucket = build_neff_bucket(hub)
+    mp = Path(mounts("neff", bucket["bucket_id"]).mountpoint)
+    module = mp / VERSION / "MODULE_writes+00000001"
+    module.mkdir(parents=True)
+    data = os.urandom(3 * 1024 * 1024 + 12345)
+    fd = os.open(module / "model.neff", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        mib = 1024 * 1024
+        # Larger than a request, odd offsets, overlaps, a hole filled last: together every byte once at least.
+        for start, end in ((0, mib + 3), (mib + 7, 2 * mib + 4100), (2 * mib + 4096, len(data)), (mib + 3, mib + 7)):
+            os.pwrite(fd, data[start:end], start)
+    finally:
+        os.close(fd)
+    layer_file = _layer(tmp_path / "cache") / "upper" / VERSION / "MODULE_writes+00000001" / "model.neff"
+    assert layer_file.read_bytes() == data
+    assert (module / "model.neff").read_bytes() == data
+    with open(module / "model.neff", "r+b", buffering=0) as f:  # kept pages, then a change through the mount
+        f.write(b"changed")
+    assert (module / "model.neff").read_bytes() == b"changed" + data[7:]
+    reader = open(module / "model.neff", "rb")
+    with open(module / "model.neff", "r+b", buffering=0) as writer, reader:
+        (module / "model.neff").unlink()
+        assert writer.write(b"after unlink") == 12
+        assert reader.read(12) == b"after unlink"
+    assert not layer_file.exists() and "model.neff" not in os.listdir(module)
+
+
 def test_copy_up_temp_files_are_private_and_cleaned_at_start(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
     module = f"{VERSION}/MODULE_big+00000000"
     data = os.urandom(48 * 1024 * 1024)

@@ -17,6 +17,8 @@ import logging
 import os
 import platform
 import stat
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -151,6 +153,17 @@ def _check(rel: str) -> None:
         raise ValueError(f"unsafe local path {rel!r}: relative, '/'-separated, no '.', '..' or empty parts")
 
 
+class _CachedDir:
+    """A directory fd kept by `LocalTree` (`dir_cache`), with the calls using it right now."""
+
+    __slots__ = ("fd", "users", "dropped")
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 1
+        self.dropped = False  # out of the cache: closed when its last user is done
+
+
 class LocalTree:
     """Filesystem operations on paths relative to one root directory, never following a symlink in
     any component (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS|RESOLVE_NO_MAGICLINKS where the kernel
@@ -159,12 +172,19 @@ class LocalTree:
     `rel` == "" means the root itself. `rel` is "/"-separated, never absolute, no "." / ".." parts
     (ValueError otherwise: callers validate names first).
 
-    Thread-safe: the only state is the root fd, which `close()` releases (no call may be in flight then).
+    `dir_cache` (entries; 0: off) keeps the O_PATH fds of recently resolved directories, so a call on
+    `a/b/name` is one `*at` system call on the fd of `a/b` instead of three (resolve, call, close). Only
+    for a tree that changes only through this object (a NEFF local layer in the private cache dir): a
+    rename or rmdir here drops the fds of the directories it moves or removes, while a directory moved
+    or removed behind its back would go on being used. Never for the hub-cache backing directory.
+
+    Thread-safe: the state is the root fd and the directory cache (under its lock); `close()` releases
+    them (no call may be in flight then).
     """
 
     root: str
 
-    def __init__(self, root: str | os.PathLike, *, create_mode: int | None = 0o700) -> None:
+    def __init__(self, root: str | os.PathLike, *, create_mode: int | None = 0o700, dir_cache: int = 0) -> None:
         self.root = os.path.abspath(os.fsdecode(root))
         if create_mode is not None:
             os.makedirs(self.root, mode=create_mode, exist_ok=True)
@@ -175,11 +195,21 @@ class LocalTree:
         except BaseException:
             os.close(self._fd)
             raise
+        self._dir_cache = dir_cache
+        self._dirs: OrderedDict[str, _CachedDir] = OrderedDict()  # rel -> its fd, least recently used first
+        self._cached_fds: dict[int, _CachedDir] = {}  # fd -> entry, until the fd is closed
+        self._dirs_lock = threading.Lock()
+        self._dirs_generation = 0  # bumped by every drop: a resolution that raced with one is not kept
 
     def __repr__(self) -> str:
         return f"LocalTree({self.root!r})"
 
     def close(self) -> None:
+        with self._dirs_lock:
+            for entry in self._dirs.values():
+                os.close(entry.fd)
+            self._dirs.clear()
+            self._cached_fds.clear()
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
@@ -190,6 +220,41 @@ class LocalTree:
         """O_PATH fd of directory `rel` (validated); the root's own fd for "" (see `_release`)."""
         if not rel:
             return self._fd
+        if not self._dir_cache:
+            return self._resolve_dir(rel)
+        with self._dirs_lock:
+            entry = self._dirs.get(rel)
+            if entry is not None:
+                entry.users += 1
+                self._dirs.move_to_end(rel)
+                return entry.fd
+            generation = self._dirs_generation
+        fd = self._resolve_dir(rel)
+        with self._dirs_lock:
+            if generation == self._dirs_generation and rel not in self._dirs:
+                entry = self._dirs[rel] = self._cached_fds[fd] = _CachedDir(fd)
+                while len(self._dirs) > self._dir_cache:
+                    self._drop(self._dirs.popitem(last=False)[1])
+        return fd
+
+    def _drop(self, entry: _CachedDir) -> None:
+        """Take `entry` out of use (called with the cache lock held, after removing it from `_dirs`)."""
+        entry.dropped = True
+        if entry.users == 0:
+            del self._cached_fds[entry.fd]
+            os.close(entry.fd)
+
+    def _forget_dirs(self, rel: str) -> None:
+        """Directory `rel` was moved or removed: drop its cached fd and those of everything below it."""
+        if not self._dir_cache:
+            return
+        below = f"{rel}/"
+        with self._dirs_lock:
+            self._dirs_generation += 1
+            for key in [k for k in self._dirs if k == rel or k.startswith(below) or not rel]:
+                self._drop(self._dirs.pop(key))
+
+    def _resolve_dir(self, rel: str) -> int:
         if self._openat2 and len(rel) <= _PIECE_BYTES:  # characters: at least as many bytes
             return _openat2(self._fd, rel, _DIR_PATH_OPENAT2, 0)
         if self._openat2:
@@ -243,8 +308,17 @@ class LocalTree:
             return False
 
     def _release(self, fd: int) -> None:
-        if fd != self._fd:
-            os.close(fd)
+        if fd == self._fd:
+            return
+        if self._dir_cache:
+            with self._dirs_lock:
+                entry = self._cached_fds.get(fd)
+                if entry is not None:
+                    entry.users -= 1
+                    if not entry.dropped or entry.users:
+                        return
+                    del self._cached_fds[fd]
+        os.close(fd)
 
     def _parent(self, rel: str, root_errno: int) -> tuple[int, str]:
         """(parent dir fd, final name); `root_errno` is what the kernel says for this call on "/"."""
@@ -289,7 +363,7 @@ class LocalTree:
     def open(self, rel: str, flags: int, mode: int = 0o600) -> int:
         _check(rel)
         flags = (flags & _OPEN_FLAGS) | os.O_NOFOLLOW | os.O_CLOEXEC
-        if self._openat2 and len(rel) <= _PIECE_BYTES:
+        if self._openat2 and len(rel) <= _PIECE_BYTES and not (self._dir_cache and rel):
             return _openat2(self._fd, rel or ".", flags, mode)
         if not rel:
             return os.open(".", flags, mode, dir_fd=self._fd)
@@ -326,6 +400,7 @@ class LocalTree:
 
     def rmdir(self, rel: str) -> None:
         self._at(rel, errno.EBUSY, lambda name, fd: os.rmdir(name, dir_fd=fd))
+        self._forget_dirs(rel)
 
     def unlink(self, rel: str) -> None:
         self._at(rel, errno.EISDIR, lambda name, fd: os.unlink(name, dir_fd=fd))
@@ -343,6 +418,8 @@ class LocalTree:
                 self._release(new_fd)
         finally:
             self._release(old_fd)
+        self._forget_dirs(old)  # a directory moved (a file: nothing cached under its name)
+        self._forget_dirs(new)  # and one it replaced
 
     def _rename_noreplace(self, old_fd: int, old: str, new_fd: int, new: str) -> None:
         try:

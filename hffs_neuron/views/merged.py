@@ -101,6 +101,10 @@ class MergedView:
 
     # Whether deleted virtual entries can be hidden (whiteouts); otherwise deleting them is EROFS.
     hides_virtual = False
+    # Whether the layer changes only through this view (a private directory): then the kernel may keep the
+    # page cache of a local file across opens, as it does for content-addressed blobs. Not for a layer that
+    # other processes also write directly (the hub-cache backing directory).
+    layer_keep_cache = False
 
     def __init__(
         self,
@@ -409,25 +413,39 @@ class MergedView:
                 return self.virtual_open(path, node)
             # O_TRUNC discards the content: copy up an empty file instead of fetching the old bytes.
             self._copy_up(path, node, caller, content=not flags & os.O_TRUNC)
-        return FileHandle(fd=self.local.open(rel, flags & ~(os.O_CREAT | os.O_EXCL)))
+        return FileHandle(fd=self.local.open(rel, flags & ~(os.O_CREAT | os.O_EXCL)), keep_cache=self.layer_keep_cache)
 
     def create(self, path: str, flags: int, mode: int, caller: Caller | None = None) -> FileHandle:
         _refuse_setid(mode)
         self.check_write(path, caller)
         rel = self._rel(path)
         node = self.virtual_lookup(path)  # remote lookups before any lock
-        self._ensure_local_parent(path)
+        try:
+            handle = self._create_new(path, rel, node, flags, mode, caller)
+        except FileNotFoundError:
+            # The parent is not in the layer yet (a remote directory): mirror it (no lock held), then again.
+            self._ensure_local_parent(path)
+            handle = self._create_new(path, rel, node, flags, mode, caller)
+        # An existing entry: open it (a virtual one is copied up first, without holding the lock).
+        return handle or self.open(path, flags & ~(os.O_CREAT | os.O_EXCL), caller)
+
+    def _create_new(
+        self, path: str, rel: str, node: VNode | None, flags: int, mode: int, caller: Caller | None
+    ) -> FileHandle | None:
+        """`create` of a new local file; None where an entry exists and may be opened instead. The O_EXCL
+        create in the layer is the existence check of the local side (no lstat before it)."""
         with self._locks.hold(path):
-            if self._lstat(rel) is None and (node is None or self.is_hidden(path)):
+            if node is None or self.is_hidden(path):
                 try:
-                    return FileHandle(fd=self._create_local(path, rel, flags, mode, caller))
-                except FileExistsError:  # written into the backing directly, just now
+                    fd = self._create_local(path, rel, flags, mode, caller)
+                except FileExistsError:  # a local entry (or one written into the backing directly)
                     if flags & os.O_EXCL:
                         raise
-            elif flags & os.O_EXCL:
+                    return None
+                return FileHandle(fd=fd, keep_cache=self.layer_keep_cache)
+            if flags & os.O_EXCL:
                 raise fs_error(errno.EEXIST)
-        # An existing entry: open it (a virtual one is copied up first, without holding the lock).
-        return self.open(path, flags & ~(os.O_CREAT | os.O_EXCL), caller)
+        return None
 
     def _create_local(self, path: str, rel: str, flags: int, mode: int, caller: Caller | None) -> int:
         fd = self.local.open(rel, flags | os.O_CREAT | os.O_EXCL, 0o600)

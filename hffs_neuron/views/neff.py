@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 # Up to this many not-yet-listed modules, a readdir lists each to hide failed ones.
 EAGER_MODULE_CHECKS = 64
+# Directory fds of the local layer kept open (the modules being compiled, their version directories).
+LAYER_DIR_FDS = 256
 
 
 def is_module_complete(names: set[str]) -> bool:
@@ -54,6 +56,7 @@ def is_module_complete(names: set[str]) -> bool:
 
 class NeffView(LayerEvents, MergedView):
     hides_virtual = True
+    layer_keep_cache = True  # the layer lives in the private cache dir; only the mount changes it
     #: Probe mode (`NameProber`, set by the daemon): names published upstream after a listing was cached.
     prober: NameProber | None = None
     #: Event mode (set by the daemon): True while the bucket's event feed keeps cached listings current;
@@ -74,7 +77,8 @@ class NeffView(LayerEvents, MergedView):
         group_gid: int | None = None,
     ):
         self.state_dir = os.fspath(state_dir)
-        tree = LocalTree(self.state_dir)
+        # The layer changes only through this view: directory fds may be kept (see LocalTree).
+        tree = LocalTree(self.state_dir, dir_cache=LAYER_DIR_FDS)
         self._lock_fd = _lock_layer(tree, self.state_dir)
         super().__init__(tree, upper="upper", tmp="tmp", state=tree, read_only=read_only, group_gid=group_gid)
         self.remote = remote
