@@ -139,9 +139,9 @@ class HubCacheView(MergedView):
         # directory listing, not the whole tree. Paths only, so that evicted listings are not kept alive;
         # bounded like the listings; a forgotten etag costs one recursive listing.
         self._etags: LRUCache = LRUCache(maxsize=meta.maxsize)
-        # (commit namespace, directory) -> (the listing it was built from, `readdir`'s answer) of snapshot
-        # directories the backing holds nothing of: a warm walk answers each `readdir` without rebuilding it.
-        self._readdir_memo: LRUCache = LRUCache(maxsize=meta.maxsize, getsizeof=lambda memo: max(1, len(memo[1])))
+        # (commit namespace, directory) -> `readdir`'s answer (names and modes) of snapshot directories the
+        # backing holds nothing of: a warm walk answers each `readdir` without rebuilding it.
+        self._readdir_memo: LRUCache = LRUCache(maxsize=meta.maxsize, getsizeof=lambda entries: max(1, len(entries)))
         # Lookups of names not seen yet, started by clients: bounded (see `_hub_repo`).
         self.resolutions = AdmissionLimiter(
             max_resolutions_per_s, constants.MAX_CONCURRENT_RESOLUTIONS, "Hub lookups of new repos or revisions"
@@ -407,17 +407,15 @@ class HubCacheView(MergedView):
     def readdir(self, path: str) -> list[tuple[str, int]]:
         state, rest = self._resolve(path) if path else (None, [])
         repo = self._commit(state, rest[1]) if state is not None and len(rest) >= 2 and rest[0] == "snapshots" else None
-        listing = repo.listed("/".join(rest[2:])) if repo is not None else None
-        if listing is None or self._lstat(self._rel(path)) is not None:
+        if repo is None or self._lstat(self._rel(path)) is not None:
             return super().readdir(path)
         key = (repo.cache_namespace, "/".join(rest[2:]))
         with self._lock:
-            memo = self._readdir_memo.get(key)
-        if memo is not None and memo[0] is listing:  # the same listing object: the same answer
-            return memo[1]
-        entries = super().readdir(path)
-        with self._lock:
-            self._readdir_memo[key] = (listing, entries)
+            entries = self._readdir_memo.get(key)
+        if entries is None:  # a commit's directory never changes: its answer stands while the backing adds none
+            entries = super().readdir(path)
+            with self._lock:
+                self._readdir_memo[key] = entries
         return entries
 
     def readdir_attrs(self, path: str) -> list[tuple[str, int, dict | None]]:
