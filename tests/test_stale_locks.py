@@ -9,10 +9,12 @@ The compiler pattern is libneuronxla's: create `MODULE_x/model.hlo_module.pb.loc
 from __future__ import annotations
 
 import signal
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from conftest import Mounts
@@ -189,3 +191,39 @@ def test_lock_of_exited_worker_thread_belongs_to_its_live_process(hub: HubEmulat
         if holder.poll() is None:
             holder.kill()
             holder.wait()
+
+
+def test_a_round_looks_at_each_creator_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One look at /proc per creator and round, however many locks it holds (a compiler takes one per module):
+    the checker runs every second beside the compilers."""
+    from hffs_neuron.views import stale_locks
+    from hffs_neuron.views.creators import Creator
+
+    gone, alive = Creator(1000, 4242, 7), Creator(1000, 4343, 8)
+    records = {
+        f"{VERSION}/MODULE_{i:04d}+0badcafe/model.hlo_module.pb.lock": gone if i % 2 else alive for i in range(100)
+    }
+    removed: list[str] = []
+
+    class View:
+        creators = SimpleNamespace(matching=lambda suffix: dict(records))
+        local = SimpleNamespace(listdir=lambda rel: [])
+
+        @staticmethod
+        def _rel(path: str) -> str:
+            return path
+
+        @staticmethod
+        def layer_stat(path: str) -> SimpleNamespace:
+            return SimpleNamespace(st_mode=stat.S_IFREG | 0o644, st_mtime=time.time() - 60)
+
+        @staticmethod
+        def remove_stale(path: str, creator: Creator) -> bool:
+            removed.append(path)
+            return True
+
+    looked: list[Creator] = []
+    monkeypatch.setattr(stale_locks, "creator_alive", lambda c: looked.append(c) or c == alive)
+    stale_locks.StaleLocks(View(), grace=0.0, remove=True, invalidate=lambda path: None).check()  # type: ignore[arg-type]
+    assert sorted(looked, key=lambda c: c.pid) == [gone, alive]
+    assert sorted(removed) == sorted(p for p, c in records.items() if c == gone)

@@ -27,6 +27,7 @@ LOCK_SUFFIX = ".lock"
 CHECK_INTERVAL = 1.0  # seconds between checks of the recorded locks (a dict scan, no I/O per entry)
 WALK_INTERVAL = 60.0  # seconds between walks of the layer for locks without a record
 _MAX_REPORTED = 1000  # status lists at most this many
+_UNSEEN = object()
 
 
 class StaleLocks:
@@ -79,8 +80,13 @@ class StaleLocks:
         records = self.view.creators.matching(LOCK_SUFFIX)
         reported: list[dict] = []
         stale_since: dict[str, float] = {}
+        # One look at /proc per creator and round: a compiler holds many locks over its life (one per module),
+        # and a busy layer thousands at once.
+        alive_by_creator: dict[Creator, bool | None] = {}
         for path, creator in records.items():
-            alive = creator_alive(creator)
+            alive = alive_by_creator.get(creator, _UNSEEN)
+            if alive is _UNSEEN:
+                alive = alive_by_creator[creator] = creator_alive(creator)
             if alive:
                 continue
             age = self._age(path)
