@@ -2,12 +2,16 @@
 is done.
 
 Fed by the NEFF view's write events (a written file closed, a rename, an unlink: `notify(path)`), each
-module is looked at again about a second after its last event; a finished, trusted one (the rules `push`
-uses, `publish.publishable_files`) is uploaded unless the bucket already holds the same content. A module
+module is looked at again a second after its last event (DEBOUNCE_S), or at once (SETTLE_S) after an event
+that can make it complete: its `model.done` closed or renamed into place, a lock or a held deleted file
+(`.fuse_hidden*`) removed. A finished, trusted one (the rules `push` uses, `publish.publishable_files`) is
+uploaded unless the bucket already holds the same content; uploads run in one long-lived worker process
+(`upload_worker.UploadWorker`), killed and replaced when its I/O stalls. A module
 the bucket holds with other content, or that another node published first with other bytes, is a
 conflict: reported, never uploaded again by this mount. Untrusted modules (written by a user outside
 `--publish-from`) stay local and are listed in status. Pending work is derived from the local layer at
-start, so it survives a restart. Transient failures retry with backoff, a bounded number of times;
+start, so it survives a restart. Transient failures retry with backoff (at least what a `Retry-After`
+asked for), a bounded number of times;
 permanent ones (no write access, bucket gone) are logged once with the fix, shown in status, and stop
 further uploads until the next mount.
 
@@ -27,7 +31,8 @@ from typing import TYPE_CHECKING, Any
 from . import constants, publish, supervision
 from .errors import RemoteAccessDenied, RemoteNotFound
 from .remote.repo import RepoTree
-from .views.neff import MODULE_PREFIX, VERSION_PREFIX
+from .upload_worker import UploadWorker, retry_after
+from .views.neff import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
 
 if TYPE_CHECKING:
     from .publish import NeffRemote
@@ -35,6 +40,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEBOUNCE_S = 1.0
+# After an event that can complete a module (see `_completes`): long enough to take the compiler's next
+# step along (libneuronxla closes model.done, then removes its lock), short against an upload round.
+SETTLE_S = 0.05
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 60.0
 MAX_ATTEMPTS = 8
@@ -83,9 +91,9 @@ class NeffPublisher:
         stall_timeout: float = constants.OPERATION_TIMEOUT,
         commit_interval: float = constants.COMMIT_INTERVAL,
     ):
-        """`api`: an HfApi to upload with in this process; None (the daemon): worker processes, each
-        stopped when no byte moved for `stall_timeout` seconds (`publish.run_upload`). `bucket`: the
-        bucket or repo; to a repo, at most one commit per `commit_interval` seconds."""
+        """`api`: an HfApi to upload with in this process; None (the daemon): an upload worker process,
+        killed and replaced when no byte moved for `stall_timeout` seconds in a call (`UploadWorker`).
+        `bucket`: the bucket or repo; to a repo, at most one commit per `commit_interval` seconds."""
         self.upper = Path(upper)
         self.stall_timeout = stall_timeout
         self.bucket = bucket
@@ -93,7 +101,8 @@ class NeffPublisher:
         self._next_round = 0.0  # monotonic time before which no commit is made (repos)
         self.checks = checks
         self.debounce = debounce
-        self._api = api
+        self._worker = UploadWorker() if api is None else None
+        self._api = api or self._worker
         self._cond = threading.Condition()
         self._due: dict[str, float] = {}  # module -> monotonic time to look at it
         self._attempts: dict[str, int] = {}
@@ -111,6 +120,8 @@ class NeffPublisher:
         with self._cond:
             for module in publish.local_modules(self.upper):
                 self._due.setdefault(module, 0.0)
+        if self._worker is not None:
+            self._worker.start()  # it loads huggingface_hub and hf_xet before the first module is done
         self._thread.start()
 
     def notify(self, path: str) -> None:
@@ -119,8 +130,9 @@ class NeffPublisher:
         if len(parts) < 2 or not parts[0].startswith(VERSION_PREFIX) or not parts[1].startswith(MODULE_PREFIX):
             return
         module = f"{parts[0]}/{parts[1]}"
+        wait = SETTLE_S if len(parts) == 3 and _completes(parts[2]) else self.debounce
         with self._cond:
-            self._due[module] = time.monotonic() + self.debounce
+            self._due[module] = time.monotonic() + min(wait, self.debounce)
             self._attempts.pop(module, None)
             self._cond.notify()
 
@@ -142,7 +154,9 @@ class NeffPublisher:
             self._stop = True
             self._cond.notify()
         if self._thread.is_alive():
-            self._thread.join(_JOIN_TIMEOUT)  # an upload in flight is bounded by the client's own timeouts
+            self._thread.join(_JOIN_TIMEOUT)  # an upload in flight is bounded by its stall timeout
+        if self._worker is not None:
+            self._worker.close()  # a call still in flight fails: the module is published at the next start
 
     # -- the worker -------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -288,6 +302,12 @@ class NeffPublisher:
                     self._failed[module] = reason
                     continue
                 self._attempts[module] = attempt
-                wait = min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1))
+                wait = max(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)), retry_after(exc) or 0.0)
                 logger.warning("publishing %s failed (%s); retry %d in %.0f s", module, exc, attempt, wait)
                 self._due.setdefault(module, time.monotonic() + wait)
+
+
+def _completes(name: str) -> bool:
+    """Whether an event on a module's file `name` can make the module complete: its done marker written or
+    renamed into place, a lock or a held deleted file (what libfuse keeps as `.fuse_hidden*`) removed."""
+    return name == publish.DONE_MARKER or is_lock_name(name) or name.startswith(publish.FUSE_HIDDEN_PREFIX)

@@ -37,7 +37,7 @@ from .remote.base import Digest
 from .remote.http import HubHttp
 from .remote.repo import RepoTree
 from .sources import parse_source
-from .upload_worker import run_upload
+from .upload_worker import UploadWorker
 from .views.neff import MODULE_PREFIX, VERSION_PREFIX, is_lock_name, is_module_complete
 
 if TYPE_CHECKING:
@@ -443,13 +443,14 @@ def _upload(
     message: str = "",
 ) -> None:
     """One upload call of the files in `part`, each read through an fd checked to be a regular file (in
-    a worker process unless an `api` object is given: see `run_upload`).
+    the worker process if `api` is an UploadWorker, stopped once no byte moved for `stall_timeout`; else
+    with `api`, an HfApi, in this process).
 
     A module whose files cannot be opened so (swapped for a symlink, removed), or whose files are not the
     ones checked before or after the call (the bytes uploaded must be those on disk), goes to `changed`.
     """
     fds: list[tuple[Upload, str, int]] = []
-    add: Additions = []
+    sent: list[tuple[int, str]] = []  # (fd, path in the remote)
     try:
         for upload, files in part:
             names = [Path(local).name for local, _ in files]
@@ -459,17 +460,17 @@ def _upload(
                 changed[upload.module] = f"changed since it was checked: {getattr(exc, 'strerror', None) or exc}"
                 continue
             fds += [(upload, name, fd) for name, fd in zip(names, opened, strict=True)]
-            # huggingface_hub takes paths or bytes, not file objects: /proc/self/fd/N opens the very file
-            # checked above (no symlink is resolved again), and keeps large NEFFs out of memory.
-            add += [(f"/proc/self/fd/{fd}", remote) for fd, (_, remote) in zip(opened, files, strict=True)]
-        if not add:
+            sent += [(fd, dest) for fd, (_, dest) in zip(opened, files, strict=True)]
+        if not sent:
             return
         before = {fd: os.fstat(fd) for _, _, fd in fds}
         target = upload_target(remote, message)
-        if api is None:
-            run_upload(remote.endpoint, target, add, [fd for _, _, fd in fds], stall_timeout)
+        if isinstance(api, UploadWorker):  # the worker gets the fds themselves (SCM_RIGHTS)
+            api.call(remote.endpoint, target, sent, stall_timeout)
         else:
-            send(api, target, add)
+            # huggingface_hub takes paths or bytes, not file objects: /proc/self/fd/N opens the very file
+            # checked above (no symlink is resolved again), and keeps large NEFFs out of memory.
+            send(api, target, [(f"/proc/self/fd/{fd}", dest) for fd, dest in sent])
         for upload, name, fd in fds:
             st = os.fstat(fd)
             if not (_same_file(st, upload.checked.get(name)) and _same_file(st, before[fd])):
@@ -489,8 +490,8 @@ def publish_modules(
     commit_interval: float = constants.COMMIT_INTERVAL,
 ) -> dict[str, str]:
     """Upload the files of `modules` from the local layer `upper`; returns module -> reason of those left out
-    because they changed since they were checked. Upload errors propagate. `api` None: each call runs in
-    a worker process, stopped when no byte moved for `stall_timeout` seconds.
+    because they changed since they were checked. Upload errors propagate. `api`: an UploadWorker (each
+    call stopped when no byte moved for `stall_timeout` seconds) or an HfApi used in this process.
 
     Each batch's `model.done` files go in calls after all the rest succeeded: `batch_bucket_files` may
     split a batch and apply part of it, so with the markers last a failure can leave a module without its
@@ -642,14 +643,19 @@ def push(
     if dry_run or not plan.upload:
         return plan
     check_write_access(remote)
-    changed = publish_modules(
-        api,
-        remote,
-        upper,
-        plan.upload,
-        stall_timeout=options.get("timeout") or constants.OPERATION_TIMEOUT,
-        commit_interval=options.get("commit_interval", constants.COMMIT_INTERVAL),
-    )
+    worker = UploadWorker() if api is None else None
+    try:
+        changed = publish_modules(
+            api or worker,
+            remote,
+            upper,
+            plan.upload,
+            stall_timeout=options.get("timeout") or constants.OPERATION_TIMEOUT,
+            commit_interval=options.get("commit_interval", constants.COMMIT_INTERVAL),
+        )
+    finally:
+        if worker is not None:
+            worker.close()
     for upload in plan.upload:
         if upload.module not in changed and (conflict := lost_race(remote, upload, upper, checks.hashes)):
             changed[upload.module] = conflict

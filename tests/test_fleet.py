@@ -263,6 +263,23 @@ def test_an_interrupted_publish_sends_only_what_is_missing(
     assert (hub.bucket_dir(bucket["bucket_id"]) / module / "model.neff").read_bytes() == NEFF
 
 
+def test_a_failed_upload_is_retried_no_sooner_than_retry_after_says(
+    hub: HubEmulator, mounts: Mounts, seam_env: dict[str, str]
+) -> None:
+    """The Hub refuses the first call with `Retry-After: 4` (once huggingface_hub's own retries are spent):
+    the publisher's retry waits those 4 s, not its own first backoff (1 s)."""
+    bucket = build_neff_bucket(hub)
+    env = dict(seam_env, HFFS_TEST_UPLOAD_FAIL="503@1:4")
+    mp = Path(mounts("neff", bucket["bucket_id"], publish=True, env=env).mountpoint)
+    module = compile_module(mp, module_name(13))
+    wait_for((hub.bucket_dir(bucket["bucket_id"]) / module / "model.done").exists, 25, "the module in the bucket")
+    body = sorted(f"{module}/{n}" for n in BODY)
+    assert uploads(env) == [body, body, [f"{module}/model.done"]]
+    first, retry = (json.loads(line)["time"] for line in Path(env["HFFS_TEST_UPLOAD_LOG"]).read_text().splitlines()[:2])
+    assert retry - first >= 4.0, f"retried after {retry - first:.2f} s"
+    wait_for(lambda: state_of(mp)["publish"]["published"] == 1, 5, "status")
+
+
 def test_publisher_uploads_regular_files_only(hub: HubEmulator, mounts: Mounts, tmp_path: Path) -> None:
     """A client plants a symlink to a root-only file in a module being compiled: the publisher (push's code)
     never follows it and publishes the module's regular files."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,14 +18,16 @@ import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
 
+from hffs_neuron.neff_publisher import NeffPublisher
 from hffs_neuron.publish import UPLOAD_BATCH_FILES, Upload, additions, publish_modules, push
-from hffs_neuron.publish_checks import HashCache
+from hffs_neuron.publish_checks import Checks, HashCache, TrustedWriters
 from hffs_neuron.remote.bucket import Bucket
 from hffs_neuron.remote.http import HubHttp
 from hffs_neuron.runtime import read_states
 from hffs_neuron.store.verify import xet_hash
 from hffs_neuron.testing.hub_emulator import HubEmulator
 from hffs_neuron.testing.sample_data import build_neff_bucket
+from hffs_neuron.upload_worker import UploadFailed, UploadWorker, retry_after
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -387,3 +390,121 @@ def test_local_hashes_survive_a_restart_and_follow_changes(tmp_path: Path) -> No
     assert hashed(restarted) == xet_hash(neff) != digest
     restarted.save()
     assert len(log.read_text().splitlines()) == 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait(predicate: Callable[[], object], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_upload_worker_serves_calls_through_the_fds_and_is_replaced_after_a_stall(
+    hub: HubEmulator, tmp_path: Path
+) -> None:
+    """One worker process serves call after call; it reads the files through the fds it is given (a file
+    unlinked after it was opened is still uploaded, with the bytes of that open file); a call whose I/O
+    stalls fails within its stall timeout, its worker is killed, and the next call starts a new one."""
+    bucket_dir = hub.add_bucket("org/worker")
+    worker = UploadWorker()
+
+    def upload(name: str, data: bytes, stall_timeout: float = 30.0) -> None:
+        path = tmp_path / name
+        path.write_bytes(data)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            path.unlink()  # only the fd leads to these bytes now
+            path.write_bytes(b"another file in its place")
+            worker.call(hub.url, {"bucket_id": "org/worker"}, [(fd, f"w/{name}")], stall_timeout)
+        finally:
+            os.close(fd)
+
+    try:
+        upload("one.bin", b"first" * 1000)
+        first = worker.pid
+        upload("two.bin", b"second" * 1000)
+        assert worker.pid == first and worker.started == 1  # one process for both calls
+        assert (bucket_dir / "w/one.bin").read_bytes() == b"first" * 1000
+        assert (bucket_dir / "w/two.bin").read_bytes() == b"second" * 1000
+
+        hub.faults.add("/api/buckets/*/batch", "stall", seconds=60, count=1, methods=("POST",))
+        started = time.monotonic()
+        with pytest.raises(UploadFailed, match="stalled"):
+            upload("three.bin", b"third" * 1000, stall_timeout=1.0)
+        assert time.monotonic() - started < 10
+        assert worker.pid is None and not _alive(first)  # killed and reaped
+        upload("three.bin", b"third" * 1000)
+        assert worker.started == 2 and worker.pid != first
+        assert (bucket_dir / "w/three.bin").read_bytes() == b"third" * 1000
+        last = worker.pid
+    finally:
+        worker.close()
+    assert last is not None and not _alive(last)
+
+
+def test_upload_worker_reports_status_and_retry_after(hub: HubEmulator, tmp_path: Path) -> None:
+    """A call the Hub keeps refusing (huggingface_hub's own retries spent) fails with the HTTP status and
+    the seconds `Retry-After` asked for; the worker stays and serves the next call."""
+    hub.add_bucket("org/limited")
+    hub.faults.add("/api/buckets/*/batch", "status", status=429, retry_after=0, methods=("POST",))
+    (tmp_path / "f.bin").write_bytes(b"x" * 100)
+    fd = os.open(tmp_path / "f.bin", os.O_RDONLY)
+    worker = UploadWorker()
+    try:
+        with pytest.raises(UploadFailed) as info:
+            worker.call(hub.url, {"bucket_id": "org/limited"}, [(fd, "f.bin")], 30.0)
+        assert info.value.status == 429 and info.value.retry_after == 0.0
+        first = worker.pid
+        hub.faults.clear()
+        worker.call(hub.url, {"bucket_id": "org/limited"}, [(fd, "f.bin")], 30.0)
+        assert worker.pid == first
+    finally:
+        worker.close()
+        os.close(fd)
+    assert retry_after(UploadFailed("x", 503, 12.0)) == 12.0
+    assert retry_after(ValueError("no response")) is None
+
+
+def test_publisher_looks_at_a_module_at_once_when_it_may_be_complete(hub: HubEmulator, tmp_path: Path) -> None:
+    """The debounce (30 s here) holds back a module after a write; closing its done marker or removing its
+    lock has it looked at at once: a compile's burst (lock, files, done, unlock) is one upload round."""
+    bucket = Bucket(HubHttp(hub.url), build_neff_bucket(hub)["bucket_id"])
+    upper = tmp_path / "layer" / "upper"
+    upper.mkdir(parents=True)
+    checks = Checks.for_layer(upper, TrustedWriters.parse(os.getuid(), ()), writing=frozenset)
+    api = RecordingApi(hub)
+    publisher = NeffPublisher(upper, bucket, checks, api=api, debounce=30.0)
+    publisher.start()
+
+    def write(module: str, name: str, data: bytes = b"") -> None:
+        (upper / module).mkdir(parents=True, exist_ok=True)
+        (upper / module / name).write_bytes(data)
+        publisher.notify(f"{module}/{name}")
+
+    try:
+        one, two = f"{VERSION}/MODULE_1+1", f"{VERSION}/MODULE_2+2"
+        write(one, "model.hlo_module.pb.lock")
+        write(one, "model.hlo_module.pb", b"hlo")
+        write(one, "model.neff", b"neff")
+        write(one, "model.done")  # looked at at once: still locked
+        write(two, "model.done")
+        write(two, "model.neff", b"neff 2")  # complete, but a plain write: the debounce holds it back
+        time.sleep(1.5)
+        assert api.calls == []
+        (upper / one / "model.hlo_module.pb.lock").unlink()
+        publisher.notify(f"{one}/model.hlo_module.pb.lock")
+        _wait(lambda: len(api.calls) == 2, 15, "the module published")
+        sent = [sorted(dest for _, dest in add) for _, add in api.calls]
+        assert sent == [[f"{one}/model.hlo_module.pb", f"{one}/model.neff"], [f"{one}/model.done"]]
+        time.sleep(1.0)
+        assert len(api.calls) == 2 and publisher.stats()["pending"] == 1  # the second module still waits
+    finally:
+        publisher.close()
