@@ -151,6 +151,8 @@ def test_writes_reach_the_layer_and_every_reader(hub: HubEmulator, mounts: Mount
     with open(module / "model.neff", "r+b", buffering=0) as f:  # kept pages, then a change through the mount
         f.write(b"changed")
     assert (module / "model.neff").read_bytes() == b"changed" + data[7:]
+    (module / "model.neff").write_bytes(b"short")  # O_TRUNC: no kept page survives it
+    assert (module / "model.neff").read_bytes() == b"short"
     reader = open(module / "model.neff", "rb")
     with open(module / "model.neff", "r+b", buffering=0) as writer, reader:
         (module / "model.neff").unlink()
