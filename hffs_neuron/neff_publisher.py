@@ -10,8 +10,8 @@ uploaded unless the bucket already holds the same content; uploads run in one lo
 the bucket holds with other content, or that another node published first with other bytes, is a
 conflict: reported, never uploaded again by this mount. Untrusted modules (written by a user outside
 `--publish-from`) stay local and are listed in status. Pending work is derived from the local layer at
-start, so it survives a restart. Transient failures retry with backoff (at least what a `Retry-After`
-asked for), a bounded number of times;
+start, so it survives a restart. Transient failures retry with backoff, a bounded number of times, and
+no upload starts before a `Retry-After` the Hub sent with a failure has passed;
 permanent ones (no write access, bucket gone) are logged once with the fix, shown in status, and stop
 further uploads until the next mount.
 
@@ -98,7 +98,8 @@ class NeffPublisher:
         self.stall_timeout = stall_timeout
         self.bucket = bucket
         self.commit_interval = commit_interval if isinstance(bucket, RepoTree) else 0.0
-        self._next_round = 0.0  # monotonic time before which no commit is made (repos)
+        # Monotonic time before which no round starts: a repo's commit interval, a Retry-After.
+        self._next_round = 0.0
         self.checks = checks
         self.debounce = debounce
         self._worker = UploadWorker() if api is None else None
@@ -293,6 +294,9 @@ class NeffPublisher:
                 self._fail(module, str(permanent))
             return
         with self._cond:
+            told = retry_after(exc)
+            if told is not None:  # the Hub's wait holds for every module: it limits the token, not one file
+                self._next_round = max(self._next_round, time.monotonic() + told)
             for module in modules:
                 attempt = self._attempts.get(module, 0) + 1
                 if attempt >= MAX_ATTEMPTS:
@@ -302,7 +306,7 @@ class NeffPublisher:
                     self._failed[module] = reason
                     continue
                 self._attempts[module] = attempt
-                wait = max(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)), retry_after(exc) or 0.0)
+                wait = max(min(RETRY_MAX_S, RETRY_BASE_S * 2 ** (attempt - 1)), told or 0.0)
                 logger.warning("publishing %s failed (%s); retry %d in %.0f s", module, exc, attempt, wait)
                 self._due.setdefault(module, time.monotonic() + wait)
 

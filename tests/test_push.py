@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx2
 import pytest
 from conftest import Mounts
 from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 from hffs_neuron.neff_publisher import NeffPublisher
 from hffs_neuron.publish import UPLOAD_BATCH_FILES, Upload, additions, publish_modules, push
@@ -506,5 +508,52 @@ def test_publisher_looks_at_a_module_at_once_when_it_may_be_complete(hub: HubEmu
         assert sent == [[f"{one}/model.hlo_module.pb", f"{one}/model.neff"], [f"{one}/model.done"]]
         time.sleep(1.0)
         assert len(api.calls) == 2 and publisher.stats()["pending"] == 1  # the second module still waits
+    finally:
+        publisher.close()
+
+
+class RefusedOnce(RecordingApi):
+    """The first upload call is refused with 429 and `Retry-After: 3` (huggingface_hub's own retries spent)."""
+
+    refused_at: float | None = None
+    sent_at: list[float]
+
+    def batch_bucket_files(self, bucket_id: str, **kwargs: Any):
+        if self.refused_at is None:
+            self.refused_at = time.monotonic()
+            request = httpx2.Request("POST", f"{self.hub.url}/api/buckets/{bucket_id}/batch")
+            response = httpx2.Response(429, request=request, headers={"Retry-After": "3"})
+            raise HfHubHTTPError("429 Too Many Requests", response=response)
+        self.sent_at = getattr(self, "sent_at", []) + [time.monotonic()]
+        return super().batch_bucket_files(bucket_id, **kwargs)
+
+
+def test_retry_after_holds_back_every_upload(hub: HubEmulator, tmp_path: Path) -> None:
+    """A call refused with `Retry-After: 3`: neither its module nor one completed meanwhile is uploaded
+    before those 3 s have passed (the publisher's own first backoff is 1 s, a new module goes at once)."""
+    bucket = Bucket(HubHttp(hub.url), build_neff_bucket(hub)["bucket_id"])
+    upper = tmp_path / "layer" / "upper"
+    upper.mkdir(parents=True)
+    checks = Checks.for_layer(upper, TrustedWriters.parse(os.getuid(), ()), writing=frozenset)
+    api = RefusedOnce(hub)
+    publisher = NeffPublisher(upper, bucket, checks, api=api)
+    publisher.start()
+
+    def complete(module: str) -> None:
+        (upper / module).mkdir(parents=True)
+        (upper / module / "model.neff").write_bytes(module.encode())
+        (upper / module / "model.done").write_bytes(b"")
+        publisher.notify(f"{module}/model.done")
+
+    try:
+        one, two = f"{VERSION}/MODULE_1+1", f"{VERSION}/MODULE_2+2"
+        complete(one)
+        _wait(lambda: api.refused_at is not None, 10, "the refused call")
+        complete(two)
+        _wait(lambda: publisher.stats()["published"] == 2, 20, "both modules published")
+        assert api.refused_at is not None and min(api.sent_at) - api.refused_at >= 3.0
+        assert {dest for _, add in api.calls for _, dest in add} == {
+            f"{m}/{n}" for m in (one, two) for n in ("model.neff", "model.done")
+        }
     finally:
         publisher.close()
