@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from cachetools import LRUCache
 
 from .. import constants
-from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, no_access
+from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, no_access
 from ..remote.admission import AdmissionLimiter
 from ..remote.base import RemoteEntry
 from ..remote.http import HubHttp
@@ -58,6 +58,11 @@ _HF_TEMP_REF = re.compile(r"^.+\.[0-9a-f]{8}\.tmp$")
 _CONTENT_DIRS = ("blobs", "snapshots")  # where file bytes are served (access-checked for gated/private)
 # trees/<commit>.json documents kept built, in bytes (one of a 500,000-file repo is about 80 MB).
 _TREE_JSON_BYTES = 128 * 1024 * 1024
+# How long a repo lookup that failed after its whole deadline (timeout, 5xx) is answered from memory:
+# one FUSE call asks twice (the layer path's casing, then the view), and the kernel may repeat it at
+# once; each must not wait out the deadline again. Far below the negative TTL, so recovery is not delayed.
+_FAILED_LOOKUP_MEMO_S = 1.0
+_FAILED_LOOKUP_MEMO_MAX = 1024
 _ETAG = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 
 
@@ -133,6 +138,8 @@ class HubCacheView(MergedView):
         self._repos: dict[tuple[str, str], RepoState] = {}  # (type, id.lower()) -> state
         self._lock = threading.Lock()
         self._folders_memo: tuple[tuple[int, int], int, dict[str, str]] | None = None
+        # (type, id.lower()) -> (monotonic expiry, the error) of repo lookups that just failed, _lock
+        self._failed_lookups: dict[tuple[str, str], tuple[float, RemoteUnavailable]] = {}
         self._tree_json: LRUCache = LRUCache(maxsize=_TREE_JSON_BYTES, getsizeof=len)  # commit -> bytes, _lock
         # (repo type, lower-cased id, etag) -> (commit's repo, file path) of every file served from a
         # listing: `blobs/<etag>` (what each snapshot symlink points to) is answered from the file's
@@ -196,14 +203,30 @@ class HubCacheView(MergedView):
         if parsed is None:
             return None
         repo_type, repo_id = parsed
+        key = (repo_type, repo_id.lower())
+        now = time.monotonic()
         with self._lock:
-            state = self._repos.get((repo_type, repo_id.lower()))
+            state = self._repos.get(key)
+            failed = self._failed_lookups.get(key)
         if state is not None and state.refs:
             return state
+        if failed is not None and failed[0] > now:
+            raise failed[1]
         try:
             return self.pin_repo(repo_type, repo_id, "main")
         except RemoteNotFound:
             return None
+        except RemoteUnavailable as exc:
+            self._remember_failed_lookup(key, exc)
+            raise
+
+    def _remember_failed_lookup(self, key: tuple[str, str], exc: RemoteUnavailable) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._failed_lookups) >= _FAILED_LOOKUP_MEMO_MAX:
+                self._failed_lookups = {k: v for k, v in self._failed_lookups.items() if v[0] > now}
+            if len(self._failed_lookups) < _FAILED_LOOKUP_MEMO_MAX:
+                self._failed_lookups[key] = (now + _FAILED_LOOKUP_MEMO_S, exc)
 
     def _commit(self, state: RepoState, commit: str) -> HubRepo | None:
         repo = state.commits.get(commit)

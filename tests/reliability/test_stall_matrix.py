@@ -101,12 +101,6 @@ BUCKET_ROUTES: dict[str, tuple[list[str], tuple[str, ...]]] = {
 }
 _XET_ROUTES = {"xet-token", "cas-reconstruction", "xorb-data"}
 _SERVED = _XET_ROUTES | {"event-feed", "upload"}
-# Defects outside this issue's code, each with its owner; the test fails on anything else (and xfails
-# while only these remain).
-KNOWN = {
-    "hub-cache-repo-info-": "issue 31 (views/hubcache.py): a lookup of a repo folder resolves it twice when "
-    "the Hub fails (canonical_folder swallows the failure, then _resolve asks again): up to 2 x --timeout",
-}
 
 
 def _cases() -> list[Case]:
@@ -353,13 +347,9 @@ def test_stall_matrix(hub: HubEmulator, mounts: Mounts, runtime_env: dict[str, s
     started = time.monotonic()
     with ThreadPoolExecutor(max_workers=PARALLEL) as pool:
         outcomes = list(pool.map(_guarded(matrix), cases))
-    report, failures, known = [], [], set()
+    report, failures = [], []
     for case, out in zip(cases, outcomes, strict=True):
         problems = out.problems if isinstance(out, Failed) else _check(case, out)
-        reason = next((why for prefix, why in KNOWN.items() if case.id.startswith(prefix)), None)
-        if problems and reason is not None and all(" took " in p for p in problems):
-            known.add(reason)  # only over the bound, as the known defect makes it
-            problems = []
         steps = ", ".join(f"{s}={_show(r)} {t:.1f}s" for s, r, t in getattr(out, "steps", []))
         fired = getattr(out, "fired", "?")
         report.append(f"{case.id}: {steps}; fault met {fired} requests" + ("" if fired else " (route not used)"))
@@ -370,8 +360,6 @@ def test_stall_matrix(hub: HubEmulator, mounts: Mounts, runtime_env: dict[str, s
     heads = [r.path for r in hub.requests("/stall/", method="HEAD")]
     assert heads == [], f"the mount sent HEAD requests: {heads[:5]}"
     assert not failures, "\n".join(failures)
-    if known:
-        pytest.xfail("; ".join(sorted(known)))
 
 
 @dataclass
