@@ -7,6 +7,10 @@
     .venv/bin/python scripts/bench.py --rows 10 --net 100,20     # Xet path: loopback, then network
     .venv/bin/python scripts/bench.py --rows ops,storm           # compile path: per-operation latency
                                                                  # and the compile storm vs a local dir
+    .venv/bin/python scripts/bench.py --rows cpu --net 100,20    # CPU per cold GiB, HTTP and Xet paths:
+                                                                 # loopback, then network
+    .venv/bin/python scripts/bench.py --rows 11,12               # large repos: first read against repo
+                                                                 # size, walks against a local cache dir
 
 Each row prints the project's figure, the baseline's and the ratio (see the README table). Sizes are
 parameters; the defaults fit a 2-core machine in a few minutes. Nothing here asserts: tests do that.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import secrets
 import shutil
 import subprocess
@@ -49,6 +54,20 @@ def timed(cmd: list[str], env: dict | None = None) -> float:
 def dd_read(path: str) -> float:
     """Seconds to read a file sequentially with 1 MiB requests."""
     return timed(["dd", f"if={path}", "of=/dev/null", "bs=1M"])
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a live process has used, its threads and reaped children included."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def child_cpu(cmd: list[str], env: dict | None = None) -> float:
+    """CPU seconds (user + system) of running `cmd` to its end (getrusage of the reaped child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def make_file(path: Path, size: int, unique: bool = False) -> None:
@@ -419,6 +438,48 @@ transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_
         if self.args.net:
             self.hub.set_network(conn_mbps=None, latency_ms=0)
 
+    def row_cpu(self) -> None:
+        """CPU seconds per cold GiB: the daemon (/proc/<pid>/stat, threads and reaped children included) plus
+        the reader's one pass over the file (`dd`, getrusage), against `hf_hub_download`'s whole process plus
+        one `dd` of the downloaded file; the HTTP path (`--xet off` vs HF_HUB_DISABLE_XET=1) and the Xet path
+        (`--xet auto` vs hf_xet on). Loopback, then with --net under the simulated network. The emulator's
+        own CPU (this process) is in neither figure. Best of --repeat, every run printed."""
+        size = self.args.size_mb * MiB
+        self.big_repo("bench/cpu", size, unique=True)
+        self.hub.prepare_xet()  # conversion to Xet is never measured
+        xet_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_XET"}
+        http_env = dict(os.environ, HF_HUB_DISABLE_XET="1")
+        script = "from huggingface_hub import hf_hub_download as d; d('bench/cpu', 'model.safetensors')"
+        gib = size / (1024 * MiB)
+        for label in ("loopback", "net"):
+            if label == "net" and (label := self.network()) is None:
+                break
+            for path, way, env in (("HTTP", "off", http_env), ("Xet", "auto", xet_env)):
+                ours, base, startup = [], [], child_cpu([PY, "-c", "import huggingface_hub"], env)
+                for attempt in range(self.args.repeat):
+                    name = f"hubcpu-{way}-{len(self.rows)}-{attempt}"
+                    handle = self.mount("hub-cache", name, env=env, xet=way)
+                    file = self.snapshot_file(Path(handle.mountpoint), "bench/cpu", "model.safetensors")
+                    before = process_cpu(handle.pid)
+                    reader = child_cpu(["dd", f"if={file}", "of=/dev/null", "bs=1M"])
+                    ours.append((process_cpu(handle.pid) - before + reader) / gib)
+                    self.unmount(handle)
+                    shutil.rmtree(self.work / f"cache-{name}")
+                    plain = self.work / f"plain-cache-cpu-{len(self.rows)}-{attempt}"
+                    download = child_cpu([PY, "-c", script], dict(env, HF_HUB_CACHE=str(plain)))
+                    (downloaded,) = plain.glob("models--bench--cpu/snapshots/*/model.safetensors")
+                    base.append((download + child_cpu(["dd", f"if={downloaded}", "of=/dev/null", "bs=1M"])) / gib)
+                    shutil.rmtree(plain)
+                every = f"ours {'/'.join(f'{c:.2f}' for c in ours)}, base {'/'.join(f'{c:.2f}' for c in base)}"
+                print(f"    row cpu {label} {path}, every run (CPU s/GiB): {every}", flush=True)
+                what = (
+                    f"CPU per cold GiB, {path} path, {label}: daemon + reader vs hf_hub_download process + dd "
+                    f"(s; its import alone {startup:.2f} s; load {os.getloadavg()[0]:.1f})"
+                )
+                self.report("cpu", what, min(ours), min(base), "s", min(ours) / min(base), "<= 1.0")
+        if self.args.net:
+            self.hub.set_network(conn_mbps=None, latency_ms=0)
+
     def python_startup(self, env: dict) -> float:
         return min(timed([PY, "-c", "import huggingface_hub"], env=env) for _ in range(2))
 
@@ -670,6 +731,116 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
         except (ValueError, IndexError):
             return {"errors": [f"exit {p.returncode}: {out.strip()[-2000:]}"]}
 
+    # -- large repos (issue 31) -------------------------------------------------------------------
+    def rows_dataset(self, repo_id: str, count: int) -> tuple[dict[str, str], str]:
+        """A dataset of `count` small JSON rows, 1,000 to a directory (as `datasets` lays them out)."""
+        files = {f"data/part-{i // 1000:03d}/row-{i:06d}.json": json.dumps({"row": i}) for i in range(count)}
+        files["README.md"] = "# rows\n"
+        return files, self.hub.add_repo(repo_id, files, repo_type="dataset")
+
+    @staticmethod
+    def daemon_memory(pid: int) -> tuple[float, float]:
+        """(VmRSS, VmHWM) of a daemon, in MB."""
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+        return int(fields["VmRSS"].split()[0]) / 1e3, int(fields["VmHWM"].split()[0]) / 1e3
+
+    def row_11(self) -> None:
+        """First read of one file against the repo's size: a 50-file dataset is the baseline."""
+        from huggingface_hub import HfApi
+
+        sizes = [int(n) for n in self.args.large_files.split(",")]
+        handle = self.mount("hub-cache", "hub11")
+        root = Path(handle.mountpoint)
+
+        def first_read(count: int) -> tuple[float, int]:
+            """Best of 3 first reads, each in a directory not listed yet (the machine's noise is large);
+            and the metadata requests of the first."""
+            repo_id = f"bench/rows{count}"
+            files, commit = self.rows_dataset(repo_id, count)
+            folder = root / ("datasets--" + repo_id.replace("/", "--"))
+            (folder / "refs" / "main").read_text()  # the repo resolved: not part of the first read
+            # The emulator indexes a commit's tree on its first listing (the Hub has it indexed): untimed.
+            HfApi(endpoint=self.hub.url).get_paths_info(repo_id, ["README.md"], repo_type="dataset")
+            names = sorted(files)
+            times, requests = [], []
+            for trial in range(3):
+                name = names[min(count - 1, (trial + 1) * count // 4)]
+                self.hub.reset_stats()
+                start = time.perf_counter()
+                (folder / "snapshots" / commit / name).read_bytes()
+                times.append(time.perf_counter() - start)
+                requests.append(len(self.hub.requests("/api/")))
+            return min(times), requests[0]
+
+        base, base_requests = first_read(50)
+        for count in sizes:
+            ours, requests = first_read(count)
+            self.report(
+                "11",
+                f"first read, {count}-file dataset (ms; {requests} vs {base_requests} metadata requests)",
+                ours * 1e3,
+                base * 1e3,
+                "ms",
+                ours / base,
+                "~1x a 50-file repo",
+            )
+        rss, peak = self.daemon_memory(handle.pid)
+        self.report(
+            "11", f"daemon RSS after those first reads (MB; peak {peak:.0f})", rss, 300, "MB", rss / 300, "bounded"
+        )
+        self.unmount(handle)
+
+    def row_12(self) -> None:
+        """`os.walk` of a dataset's snapshot (stat through each symlink, as loaders do), cold then warm,
+        against the same tree as a local hub cache (relative symlinks into blobs/)."""
+        count = self.args.walk_files
+        files, commit = self.rows_dataset("bench/walk", count)
+        local = self.work / "walk-local" / "datasets--bench--walk"
+        snapshot = local / "snapshots" / commit
+        for i, (path, data) in enumerate(sorted(files.items())):
+            blob = local / "blobs" / f"{i:040x}"
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_text(data)
+            link = snapshot / path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+
+        def walk(top: Path) -> int:
+            return sum(len(names) for _top, _dirs, names in os.walk(top))
+
+        handle = self.mount("hub-cache", "hub12")
+        mounted = Path(handle.mountpoint) / "datasets--bench--walk" / "snapshots" / commit
+        self.hub.reset_stats()
+        cold = self._time(lambda: walk(mounted))
+        requests = len(self.hub.requests("/tree/"))
+        warm = min(self._time(lambda: walk(mounted)) for _ in range(3))
+        warm_requests = len(self.hub.requests("/tree/")) - requests
+        drop_caches()
+        local_cold = self._time(lambda: walk(snapshot))
+        local_warm = min(self._time(lambda: walk(snapshot)) for _ in range(3))
+        per = 1e6 / len(files)
+        self.report(
+            "12",
+            f"walk of {count} files, cold (us/entry; {requests} listing requests)",
+            cold * per,
+            local_cold * per,
+            "us",
+            cold / local_cold,
+            "<= 3x",
+        )
+        self.report(
+            "12",
+            f"walk of {count} files, warm (us/entry; {warm_requests} listing requests)",
+            warm * per,
+            local_warm * per,
+            "us",
+            warm / local_warm,
+            "<= 1.5x",
+        )
+        rss, peak = self.daemon_memory(handle.pid)
+        self.report("12", f"daemon RSS after the walks (MB; peak {peak:.0f})", rss, 300, "MB", rss / 300, "bounded")
+        self.unmount(handle)
+
     def row_8(self) -> None:
         per = max(32, self.args.size_mb // 4) * MiB
         for i in range(8):
@@ -720,11 +891,17 @@ def main() -> int:
     parser.add_argument(
         "--rows",
         default="1,2,3,4,5,6,7,8,9",
-        help="also 3n (needs --net), 10 (xet), ops (per-operation latency of the compile path), storm (compile storm)",
+        help="also 3n (needs --net), 10 (xet), ops (per-operation latency of the compile path), storm (compile storm),"
+        " 11 (first read against repo size), 12 (walks against a local cache dir), cpu (CPU per cold GiB, HTTP and"
+        " Xet paths, vs hf_hub_download + one read)",
     )
-    parser.add_argument("--net", default=None, metavar="MBPS,MS", help="simulate a network for rows 3n and 9")
+    parser.add_argument(
+        "--large-files", default="5000,50000,500000", help="row 11: dataset sizes (files) to read a first file of"
+    )
+    parser.add_argument("--walk-files", type=int, default=50_000, help="row 12: files of the walked dataset")
+    parser.add_argument("--net", default=None, metavar="MBPS,MS", help="simulate a network for rows 3n, 9, 10 and cpu")
     parser.add_argument("--net-size-mb", type=int, default=512, help="size of the blob of row 3n")
-    parser.add_argument("--repeat", type=int, default=2, help="rows 9 and 10: best of this many runs")
+    parser.add_argument("--repeat", type=int, default=2, help="rows 9, 10 and cpu: best of this many runs")
     parser.add_argument("--ops-n", type=int, default=2000, help="row ops: iterations of each operation")
     parser.add_argument("--storm-compilers", type=int, default=32, help="row storm: compiler processes")
     parser.add_argument("--storm-modules", type=int, default=12, help="row storm: modules per compiler")
@@ -747,12 +924,18 @@ def main() -> int:
             bench.row_7()
         if "8" in wanted:
             bench.row_8()
+        if "11" in wanted:
+            bench.row_11()
+        if "12" in wanted:
+            bench.row_12()
         if "3n" in wanted:
             bench.row_3n()
         if "9" in wanted:
             bench.row_9()
         if "10" in wanted:
             bench.row_10()
+        if "cpu" in wanted:
+            bench.row_cpu()
         if "ops" in wanted:
             bench.row_ops()
         if "storm" in wanted:
