@@ -208,20 +208,26 @@ class MountRuntime:
 
         A bucket not checked (--no-check, HF_HUB_OFFLINE=1, an endpoint that did not answer) or whose check
         failed transiently is mounted without its info: served as private (the owner and --group only)
-        until the next mount, since its visibility is unknown. A repo source needs its commit: it opens now.
+        until the next mount, since its visibility is unknown. A repo source is likewise served as private
+        when the Hub did not answer, and its commit is resolved on first use.
         """
         from .remote.bucket import Bucket
 
         checking = self.checks.source == NOT_CHECKED
-        if checking or source.is_repo:
+        if source.is_repo:
+            remote = source.open(self.http, self.config.metadata_ttl, defer=True)
+            if remote.commit is None:
+                self.checks.warn("source", f"{source.canonical}: {remote.unresolved_reason}; resolved on first use")
+            elif checking:
+                self.checks.source = OK
+            return remote
+        if checking:
             try:
                 remote = source.open(self.http, self.config.metadata_ttl)
             except RemoteUnavailable as exc:
-                if source.is_repo:
-                    raise
                 self.checks.warn("source", f"bucket {source.repo_id}: {exc}")
             else:
-                self.checks.source = OK if checking else self.checks.source
+                self.checks.source = OK
                 return remote
         logger.warning("bucket %s mounted without its info from the Hub: served as private", source.repo_id)
         return Bucket(self.http, source.repo_id, source.prefix, info={"private": True})

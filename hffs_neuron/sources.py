@@ -55,13 +55,16 @@ class Source:
         rev = f"@{quote(self.revision, safe='')}" if self.revision else ""
         return f"hf://{kind}{self.repo_id}{rev}"
 
-    def open(self, http: HubHttp, ref_ttl: float) -> Bucket | RepoTree:
+    def open(self, http: HubHttp, ref_ttl: float, *, defer: bool = False) -> Bucket | RepoTree:
         """The NEFF view's remote of this source (resolved now: a request to the Hub); a repo checks its
-        branch for new commits at most once per `ref_ttl` seconds."""
+        branch for new commits at most once per `ref_ttl` seconds, and with `defer` comes up through a
+        transient failure, resolved on first use."""
         from .remote.bucket import Bucket
         from .remote.repo import RepoTree
 
-        return Bucket(http, self.repo_id, self.prefix) if self.kind == BUCKET else RepoTree(http, self, ref_ttl)
+        if self.kind == BUCKET:
+            return Bucket(http, self.repo_id, self.prefix)
+        return RepoTree(http, self, ref_ttl, defer=defer)
 
     def config_fields(self) -> tuple[str, str | None]:
         """(MountConfig.source, MountConfig.prefix): a bucket keeps its id and prefix apart, as before

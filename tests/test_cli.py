@@ -21,7 +21,7 @@ import pytest
 
 from hffs_neuron.process_tuning import with_huge_page_malloc
 from hffs_neuron.testing.hub_emulator import HubEmulator
-from hffs_neuron.testing.sample_data import build_neff_bucket
+from hffs_neuron.testing.sample_data import build_neff_bucket, build_neff_repo
 
 BIN = Path(sys.executable).parent
 MOUNTCTL = str(BIN / "mountctl")
@@ -676,6 +676,19 @@ def test_a_failing_hub_mounts_with_a_warning_and_serves_once_it_recovers(
     _warned(cli, mp, "source", "HFFS-Test/Public@main", "503")
     hub.faults.clear()
     assert (mp / "models--HFFS-Test--Public" / "refs" / "main").exists()  # resolved on its first lookup
+    cli.ok("umount", str(mp))
+
+    # A repo source: mounted unresolved through the blip, its commit resolved on the first listing.
+    repo = build_neff_repo(hub, "HFFS-Test/Neff-Repo-Blip")
+    neff = next(p for p in repo["data"] if p.endswith("model.neff"))
+    hub.faults.add("/api/models/*", "status", status=503)
+    cli.ok("mount", "neff", "hf://HFFS-Test/Neff-Repo-Blip", str(mp), timeout=45)
+    _warned(cli, mp, "source", "hf://HFFS-Test/Neff-Repo-Blip", "503", "resolved on first use")
+    with pytest.raises(OSError) as failed:
+        os.listdir(mp)
+    assert failed.value.errno == errno.EIO  # still failing: EIO, never an empty cache
+    hub.faults.clear()
+    assert (mp / neff).read_bytes() == repo["data"][neff]
     cli.ok("umount", str(mp))
 
 

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from urllib.parse import quote
 
-from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, UsageError
+from ..errors import HffsError, RemoteAccessDenied, RemoteNotFound, RemoteUnavailable, UsageError
 from ..sources import DEFAULT_REVISION, Source
 from .base import DropLog, RemoteEntry, direct_children, is_git_oid
 from .http import HubHttp
@@ -35,7 +35,9 @@ class RepoTree:
     prefix = ""  # the whole repo is mounted (publish.py writes bucket-relative paths with it)
     event_feed = False  # repos have no change feed: the branch is checked, names are probed
 
-    def __init__(self, http: HubHttp, source: Source, ref_ttl: float):
+    def __init__(self, http: HubHttp, source: Source, ref_ttl: float, *, defer: bool = False):
+        """Resolve the revision now; `defer`: a transient failure (timeout, 5xx) leaves it to the first
+        listing instead (the mount comes up through a Hub blip, served as private until resolved)."""
         if not source.is_repo:
             raise ValueError(f"{source.canonical} is not a repo source")
         self._http = http
@@ -45,8 +47,34 @@ class RepoTree:
         self.revision = source.revision or DEFAULT_REVISION
         self.ref_ttl = ref_ttl
         self._api = f"api/{self.repo_type}s/{source.repo_id}"
-        what = f"{self.repo_type} {source.repo_id}@{self.revision}"
-        info = http.get_json(
+        self.repo_id = self.bucket_id = source.repo_id  # the Hub's casing once resolved (publish.py: bucket_id)
+        self.private = True  # others never get past the root until the Hub says otherwise
+        self.commit: str | None = None
+        self.unresolved_reason = ""  # why the revision is not resolved yet (a deferred mount)
+        self.follows = not is_git_oid(self.revision)  # a branch (or tag) name moves; a commit id never does
+        namespace_rev = self.revision if self.follows else self.revision.lower()
+        self.cache_namespace = (
+            f"{http.endpoint}|{http.token_fingerprint}|{self.repo_type}|{source.repo_id.lower()}|{namespace_rev}"
+        )
+        # The NEFF local layer's key: one for every casing of the id, resolved or not.
+        self.layer_identity = f"{source.kind}:{source.repo_id.lower()}@{self.revision}|"
+        self.ref_checks = 0  # ref requests made (tests and status)
+        self._checked = time.monotonic()
+        self._ref_lock = threading.Lock()
+        self._drop = DropLog()
+        self._warned_ref = False
+        try:
+            self._resolve()
+        except RemoteUnavailable as exc:
+            if not defer:
+                raise
+            self.unresolved_reason = str(exc)
+            logger.warning("%s@%s: not resolved at mount (%s); resolved on first use", self.repo_id, self.revision, exc)
+
+    def _resolve(self) -> None:
+        """The revision's commit, the repo's casing and visibility, from the Hub."""
+        what = f"{self.repo_type} {self.source.repo_id}@{self.revision}"
+        info = self._http.get_json(
             f"{self._api}/revision/{quote(self.revision, safe='')}",
             what=what,
             params={"expand": ["sha", "private", "gated"]},
@@ -55,23 +83,11 @@ class RepoTree:
         if not is_git_oid(sha):
             raise HffsError(f"{what}: the Hub answered an invalid commit id {str(sha)[:80]!r}")
         canonical = info.get("id")
-        self.repo_id = (
-            canonical if isinstance(canonical, str) and canonical.lower() == source.repo_id.lower() else source.repo_id
-        )
-        self.bucket_id = self.repo_id  # the name publish.py and status messages give the remote
-        self.private = bool(info.get("private")) or bool(info.get("gated"))  # others never get past the root
-        self.commit: str = sha
-        self.follows = not is_git_oid(self.revision)  # a branch (or tag) name moves; a commit id never does
-        namespace_rev = self.revision if self.follows else sha
-        self.cache_namespace = (
-            f"{http.endpoint}|{http.token_fingerprint}|{self.repo_type}|{self.repo_id}|{namespace_rev}"
-        )
-        self.layer_identity = f"{source.kind}:{self.repo_id}@{self.revision}|"  # the NEFF local layer's key
-        self.ref_checks = 0  # ref requests made (tests and status)
+        if isinstance(canonical, str) and canonical.lower() == self.source.repo_id.lower():
+            self.repo_id = self.bucket_id = canonical
+        self.private = bool(info.get("private")) or bool(info.get("gated"))
+        self.commit = sha
         self._checked = time.monotonic()
-        self._ref_lock = threading.Lock()
-        self._drop = DropLog()
-        self._warned_ref = False
 
     # -- following the branch -------------------------------------------------------------------------
     def current_commit(self, *, force: bool = False) -> str:
@@ -81,6 +97,8 @@ class RepoTree:
         One thread asks while the others go on with the commit known; a failed ref check keeps it (and is
         asked again a TTL later): listings never fail because the branch could not be checked.
         """
+        if self.commit is None:
+            return self._resolve_late()
         if not self.follows or (not force and time.monotonic() - self._checked < self.ref_ttl):
             return self.commit
         if not self._ref_lock.acquire(blocking=force, timeout=self._http.operation_timeout if force else -1):
@@ -88,6 +106,19 @@ class RepoTree:
         try:
             if force or time.monotonic() - self._checked >= self.ref_ttl:
                 self._check_ref()
+        finally:
+            self._ref_lock.release()
+        return self.commit
+
+    def _resolve_late(self) -> str:
+        """The commit of a mount that came up unresolved: one thread asks, the others wait (bounded) and
+        fail as it did (RemoteUnavailable: EIO, asked again next time)."""
+        if not self._ref_lock.acquire(timeout=self._http.operation_timeout):
+            raise RemoteUnavailable(f"{self.repo_type} {self.repo_id}@{self.revision}: not resolved yet")
+        try:
+            if self.commit is None:
+                self._resolve()
+                logger.info("%s@%s: resolved to commit %s", self.repo_id, self.revision, self.commit[:12])
         finally:
             self._ref_lock.release()
         return self.commit
@@ -165,11 +196,13 @@ class RepoTree:
         self._http.stream_range(self.download_url(entry), start, end, sink, f"read {entry.path}", deadline)
 
     def xet_token_url(self) -> str:
-        return self._http.url(f"{self._api}/xet-read-token/{self.commit}")
+        return self._http.url(f"{self._api}/xet-read-token/{self.current_commit()}")
 
     def download_url(self, entry: RemoteEntry) -> str:
         prefix = "datasets/" if self.repo_type == "dataset" else ""
-        return self._http.url(f"{prefix}{self.repo_id}/resolve/{entry.commit or self.commit}/{quote(entry.path)}")
+        return self._http.url(
+            f"{prefix}{self.repo_id}/resolve/{entry.commit or self.current_commit()}/{quote(entry.path)}"
+        )
 
 
 def _parent(path: str) -> str:
