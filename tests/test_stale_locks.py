@@ -227,3 +227,30 @@ def test_a_round_looks_at_each_creator_once(monkeypatch: pytest.MonkeyPatch) -> 
     stale_locks.StaleLocks(View(), grace=0.0, remove=True, invalidate=lambda path: None).check()  # type: ignore[arg-type]
     assert sorted(looked, key=lambda c: c.pid) == [gone, alive]
     assert sorted(removed) == sorted(p for p, c in records.items() if c == gone)
+
+
+def test_a_restarted_daemon_clears_its_dead_compilers_lock_within_the_grace(
+    hub: HubEmulator, mounts: Mounts, tmp_path: Path
+) -> None:
+    """Churn: the node's daemon and compiler die together; after the restart the lock the compiler left
+    goes `grace` seconds after the mount is back (not a check round later), so waiters proceed in time."""
+    bucket = build_neff_bucket(hub)
+    grace = 3.0
+    handle = mounts("neff", bucket["bucket_id"], stale_lock_grace=grace)
+    module = Path(handle.mountpoint) / VERSION / "MODULE_churn+00000003"
+    holder = start_holder(module)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert handle.process is not None
+    handle.process.send_signal(signal.SIGKILL)  # the node goes down before the grace ends
+    handle.process.wait()
+
+    handle = mounts("neff", bucket["bucket_id"], stale_lock_grace=grace)
+    restarted = time.monotonic()
+    lock = Path(handle.mountpoint) / VERSION / "MODULE_churn+00000003" / "model.hlo_module.pb.lock"
+    assert lock.exists()  # the local layer kept it, with its creator record
+    while lock.exists() and time.monotonic() - restarted < grace + 5:
+        time.sleep(0.05)
+    cleared = time.monotonic() - restarted
+    assert not lock.exists()
+    assert cleared <= grace + 0.5, f"cleared {cleared:.2f} s after the restart (grace {grace} s)"

@@ -4,7 +4,9 @@ libneuronxla's module lock is existence-based: a compiler killed while holding i
 compiler of that module waiting forever. The creator record (pid + start time, see `creators`) tells
 whether the process that made a lock still runs. A lock whose creator is gone is stale: it is reported
 in status and, unless the mount keeps stale locks, removed `grace` seconds after it was first seen stale
-(the kernel's cached entry of it dropped too, so pollers see it go at once). A lock whose creator is
+(the kernel's cached entry of it dropped too, so pollers see it go at once). A lock the first round
+finds stale was so when the daemon started (a restart after a crash): its grace counts from the start,
+and the check wakes when a grace ends, so such a lock is gone `grace` seconds after the restart. A lock whose creator is
 alive is never touched; one whose creator is unknown (pid 0: another pid namespace; or no record:
 created before this feature or not through the mount) is only reported, once older than `grace`.
 """
@@ -50,6 +52,8 @@ class StaleLocks:
         self._stale_since: dict[str, float] = {}  # path -> monotonic time first seen with its creator gone
         self._unrecorded: set[str] = set()  # locks found by the walk that have no creator record
         self._walked = float("-inf")
+        self._started = time.monotonic()
+        self._first_round = True
         self._reported: list[dict] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -69,11 +73,23 @@ class StaleLocks:
             return [dict(r) for r in self._reported]
 
     def _run(self) -> None:
-        supervision.every(CHECK_INTERVAL, self._stop, "stale lock check", self.check)
+        while not self._stop.wait(self._next_wait()):
+            with supervision.one_round("stale lock check"):
+                self.check()
+
+    def _next_wait(self) -> float:
+        """Until the next round: CHECK_INTERVAL, or sooner when a stale lock's grace ends."""
+        with self._lock:
+            first_due = min(self._stale_since.values(), default=None) if self.remove else None
+        if first_due is None:
+            return CHECK_INTERVAL
+        return min(CHECK_INTERVAL, max(0.01, first_due + self.grace - time.monotonic()))
 
     def check(self) -> None:
         """One round: classify every lock of the layer, remove those stale for longer than the grace."""
         now = time.monotonic()
+        first_seen = self._started if self._first_round else now
+        self._first_round = False
         if now - self._walked >= WALK_INTERVAL:
             self._walked = now
             self._unrecorded = set(self._walk(""))
@@ -96,7 +112,7 @@ class StaleLocks:
                 if age >= self.grace:
                     reported.append(_entry(path, creator.pid, age, "unknown"))
                 continue
-            since = stale_since[path] = self._stale_since.get(path, now)
+            since = stale_since[path] = self._stale_since.get(path, first_seen)
             if self.remove and now - since >= self.grace and self._remove(path, creator, age):
                 stale_since.pop(path)
                 continue
