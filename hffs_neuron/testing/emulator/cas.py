@@ -4,7 +4,8 @@
 - ``GET /v2/reconstructions/{file}`` (with ``Range``): the terms of a file and, per xorb, one URL
   with all the byte ranges to fetch (multi-range requests answered as ``multipart/byteranges``);
 - ``GET /v1/reconstructions/{file}``: the same with one URL and byte range per term;
-- ``POST /v1/xorbs/default/{xorb}`` and ``POST /v1/shards``: uploads (shards name the files);
+- ``POST /v1/xorbs/default/{xorb}`` and ``POST /v1/shards``: uploads (shards name the files and, for
+  files a repo commit will name, their sha256: see :meth:`CasStore.file_by_sha256`);
 - ``GET /v1/chunks/default/{chunk}``: the global dedupe query, always a miss (404), which is valid;
 - ``GET /v1/xorb-data/{file}/{xorb}`` with ``Range``: the serialized xorb bytes a reconstruction
   points to (the file hash in the path lets accounting count CAS bytes per file);
@@ -61,6 +62,7 @@ class CasStore:
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[str, float]] = {}  # token -> (scope, expiry)
         self._files: dict[str, list[Segment]] = {}
+        self._by_sha256: dict[str, str] = {}  # sha256 -> file hash, from the shards' metadata extensions
         self._chunk_sizes: dict[str, list[int]] = {}  # xorb -> unpacked size of each chunk
         self._offsets: dict[str, list[int]] = {}  # xorb -> byte offset of each chunk (+ end)
         self._load()
@@ -103,6 +105,11 @@ class CasStore:
         with self._lock:
             return file_hash in self._files
 
+    def file_by_sha256(self, sha256: str) -> str | None:
+        """The file hash of an uploaded file whose shard named this sha256 (an LFS file sent over Xet)."""
+        with self._lock:
+            return self._by_sha256.get(sha256)
+
     def file_size(self, file_hash: str) -> int | None:
         with self._lock:
             segments = self._files.get(file_hash)
@@ -118,6 +125,7 @@ class CasStore:
             self._chunk_sizes.update(contents.xorbs)
             new = any(f not in self._files for f in contents.files)
             self._files.update(contents.files)
+            self._by_sha256.update((sha256, file_hash) for file_hash, sha256 in contents.sha256s.items())
         return new
 
     def _chunk_offsets(self, xorb: str) -> list[int]:

@@ -3,17 +3,20 @@
 - ``GET /api/{models,datasets}/{id}/refs``: branches with their ``targetCommit`` (``list_repo_refs``);
 - ``POST /api/{models,datasets}/{id}/preupload/{rev}``: ``uploadMode`` ("lfs" or "regular") per file,
   by the store's LFS rule, and the git oid a file already has at that revision;
-- ``POST /[datasets/]{id}.git/info/lfs/objects/batch``: the LFS batch API, basic transfer; an object the
-  store already holds gets no action (huggingface_hub then skips its upload);
-- ``PUT /_lfs/{sha256}``: the upload href the batch answer gives: the body is stored as a blob once its
+- ``POST /[datasets/]{id}.git/info/lfs/objects/batch``: the LFS batch API: the ``xet`` transfer when the
+  client offers it and the emulator speaks Xet (objects without actions: the client uploads them to the
+  CAS), else the basic transfer, where an object the store already holds gets no action (huggingface_hub
+  then skips its upload);
+- ``PUT /_lfs/{sha256}``: the upload href the basic answer gives: the body is stored as a blob once its
   sha256 matches;
+- ``GET /api/{models,datasets}/{id}/xet-write-token/{rev}``: a CAS write token (huggingface_hub 2.x with
+  ``hf_xet`` asks for it straight after preupload, with no LFS batch call, and uploads xorbs and shards);
 - ``POST /api/{models,datasets}/{id}/commit/{rev}``: the ndjson commit (``header``, ``file`` with base64
-  content, ``lfsFile`` naming an uploaded blob), one new commit on the branch.
+  content, ``lfsFile`` naming a blob by sha256), one new commit on the branch. A blob uploaded over Xet is
+  found by the sha256 its shard names (:meth:`CasStore.file_by_sha256`) and downloaded from the CAS into
+  the blob store, so ``resolve``, the LFS CDN and Xet reads all serve it.
 
 Writes (all but the upload href) need one of the emulator's tokens, else 403.
-
-Xet uploads are not spoken here: clients that write to repos run with ``HF_HUB_DISABLE_XET=1`` (then
-``create_commit`` takes the LFS path above).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from hffs_neuron.testing.emulator.cas import token_response
 from hffs_neuron.testing.emulator.protocol import (
     EmulatorHub,
     HubError,
@@ -34,7 +38,7 @@ from hffs_neuron.testing.emulator.protocol import (
     clean_rel_path,
     json_response,
 )
-from hffs_neuron.testing.emulator.repos import REPO_TYPES, default_lfs_rule
+from hffs_neuron.testing.emulator.repos import REPO_TYPES, default_lfs_rule, hash_file
 
 
 class CommitRoutes:
@@ -56,6 +60,10 @@ class CommitRoutes:
             if method == "POST" and len(rest) == 2 and rest[0] == "preupload":
                 self._check_write(req)
                 return self._preupload(repo_type, repo_id, rest[1], req)
+            if method == "GET" and len(rest) == 2 and rest[0] == "xet-write-token" and self.hub.xet:
+                self._check_write(req)
+                self.hub.repos.get(repo_type, repo_id, req)
+                return token_response(self.hub.cas.issue_token("write"))
             if method == "POST" and len(rest) == 2 and rest[0] == "commit":
                 self._check_write(req)
                 return self._commit(repo_type, repo_id, rest[1], req)
@@ -102,14 +110,16 @@ class CommitRoutes:
 
     def _lfs_batch(self, repo_type: str, repo_id: str, req: Request) -> Response:
         self.hub.repos.get(repo_type, repo_id, req)
+        body = json.loads(req.body or b"{}")
+        transfer = "xet" if self.hub.xet and "xet" in body.get("transfers", ()) else "basic"
         objects = []
-        for obj in json.loads(req.body or b"{}").get("objects", []):
+        for obj in body.get("objects", []):
             oid, size = str(obj.get("oid", "")), int(obj.get("size") or 0)
             answer: dict[str, Any] = {"oid": oid, "size": size}
-            if not (self.hub.root / "blobs" / oid).exists():
+            if transfer == "basic" and not (self.hub.root / "blobs" / oid).exists():
                 answer["actions"] = {"upload": {"href": f"{self.hub.url}/_lfs/{oid}"}}
             objects.append(answer)
-        return json_response({"transfer": "basic", "objects": objects})
+        return json_response({"transfer": transfer, "objects": objects})
 
     def _lfs_put(self, sha256: str, req: Request) -> Response:
         if hashlib.sha256(req.body).hexdigest() != sha256:
@@ -118,6 +128,24 @@ class CommitRoutes:
         tmp.write_bytes(req.body)
         os.replace(tmp, self.hub.root / "blobs" / sha256)
         return json_response({})
+
+    def _blob(self, sha256: str, path: str) -> Path:
+        """The stored blob of an LFS file the commit names: uploaded with PUT, or over Xet (then written from
+        the CAS into the blob store now, its content checked against the sha256)."""
+        blob = self.hub.root / "blobs" / sha256
+        if blob.exists():
+            return blob
+        xet_hash = self.hub.cas.file_by_sha256(sha256)
+        if xet_hash is None:
+            raise HubError(400, None, f"LFS object {sha256} of {path} was never uploaded")
+        tmp = self.hub.root / "tmp" / f"xet-{sha256}.{threading.get_ident()}"
+        self.hub.xet_bridge.materialize(xet_hash, tmp)
+        if hash_file(tmp, with_git_sha1=False)[0] != sha256:
+            tmp.unlink()
+            raise HubError(400, None, f"the Xet file {xet_hash} of {path} does not match its sha256 {sha256}")
+        os.replace(tmp, blob)
+        self.hub.xet_bridge.remember(blob, xet_hash)  # served with this xetHash, never hashed again
+        return blob
 
     def _commit(self, repo_type: str, repo_id: str, revision: str, req: Request) -> Response:
         if repo_type not in REPO_TYPES:
@@ -141,10 +169,8 @@ class CommitRoutes:
             if key == "file":
                 files[path] = base64.b64decode(value.get("content", ""))
             elif key == "lfsFile":
-                blob = self.hub.root / "blobs" / str(value.get("oid"))
-                if not blob.exists():
-                    raise HubError(400, None, f"LFS object {value.get('oid')} of {path} was never uploaded")
-                files[path] = blob  # a path: hard-linked (a str would be taken as the content)
+                # A path: hard-linked (a str would be taken as the content).
+                files[path] = self._blob(str(value.get("oid")), path)
                 lfs_paths.add(path)
             else:
                 raise HubError(400, None, f"unknown commit operation {key!r}")

@@ -46,10 +46,12 @@ class Segment:
 class ShardContents:
     files: dict[str, list[Segment]]  # file hash -> its segments, in order
     xorbs: dict[str, list[int]]  # xorb hash -> unpacked length of each chunk
+    sha256s: dict[str, str]  # file hash -> the sha256 its metadata extension names (LFS uploads carry one)
 
 
 def parse_shard(data: bytes) -> ShardContents:
-    """Read the file-info and xorb-info sections of a shard (lookup tables and footer are not needed)."""
+    """Read the file-info (with its sha256 metadata extension) and xorb-info sections of a shard (lookup
+    tables and footer are not needed)."""
     if len(data) < _SHARD_HEADER or data[:32] != SHARD_TAG:
         raise FormatError("not a shard (wrong tag)")
     pos = _SHARD_HEADER
@@ -60,6 +62,7 @@ def parse_shard(data: bytes) -> ShardContents:
         return data[at : at + 32], data[at + 32 : at + _ENTRY]
 
     files: dict[str, list[Segment]] = {}
+    sha256s: dict[str, str] = {}
     while True:
         file_hash, fields = record(pos)
         pos += _ENTRY
@@ -73,7 +76,9 @@ def parse_shard(data: bytes) -> ShardContents:
             _xorb_flags, length, start, end = struct.unpack_from("<IIII", seg)
             segments.append(Segment(hash_hex(xorb), start, end, length))
         pos += _ENTRY * count if flags & _FLAG_VERIFICATION else 0
-        pos += _ENTRY if flags & _FLAG_METADATA_EXT else 0
+        if flags & _FLAG_METADATA_EXT:  # the sha256 (a 32-byte hash like the others) and 16 unused bytes
+            sha256s[hash_hex(file_hash)] = hash_hex(record(pos)[0])
+            pos += _ENTRY
         files[hash_hex(file_hash)] = segments
     xorbs: dict[str, list[int]] = {}
     while True:
@@ -88,7 +93,7 @@ def parse_shard(data: bytes) -> ShardContents:
             pos += _ENTRY
             sizes.append(struct.unpack_from("<II", chunk_fields)[1])
         xorbs[hash_hex(xorb_hash)] = sizes
-    return ShardContents(files, xorbs)
+    return ShardContents(files, xorbs, sha256s)
 
 
 def xorb_chunk_offsets(data: bytes) -> list[int]:
