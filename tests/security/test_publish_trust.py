@@ -195,15 +195,33 @@ def test_oversized_sparse_and_conflicting_modules_are_refused(hub: HubEmulator, 
     assert (mp / good / "model.neff").read_bytes() == b"good neff"
 
 
+def _upload_workers(daemon: int) -> list[int]:
+    """Pids of the daemon's upload worker processes (its children running hffs_neuron.upload_worker)."""
+    workers = []
+    for task in Path(f"/proc/{daemon}/task").iterdir():
+        try:  # a thread or a child may end while this looks
+            children = (task / "children").read_text().split()
+            workers += [p for p in children if b"upload_worker" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        except FileNotFoundError:
+            continue
+    return [int(pid) for pid in workers]
+
+
 def test_a_stalled_upload_is_stopped_and_retried(hub: HubEmulator, mounts: Mounts) -> None:
-    """The bucket accepts the upload's batch call and never answers: the upload worker is stopped once no
-    byte moved for --timeout, and the retry publishes the module."""
+    """The bucket accepts the upload's batch call and never answers: the upload worker (started with the
+    mount) is killed once no byte moved for --timeout, a new one takes its place, and the retry publishes
+    the module; no worker is left behind."""
     bucket = build_neff_bucket(hub)
     bucket_id = bucket["bucket_id"]
     hub.faults.add("/api/buckets/*/batch", "stall", seconds=120, count=1, methods=("POST",))
     mp = Path(mounts("neff", bucket_id, publish=True, timeout=3).mountpoint)
+    daemon = state_of(mp)["pid"]
+    wait_for(lambda: len(_upload_workers(daemon)) == 1, 10, "the upload worker")
+    (stalled,) = _upload_workers(daemon)
     module = _module("c" * 20)
     _compile_as_owner(mp, module, b"neff after a stall")
     wait_for(lambda: _in_bucket(hub, bucket_id, f"{module}/model.done"), 30, "the module after the stalled call")
     assert (hub.bucket_dir(bucket_id) / module / "model.neff").read_bytes() == b"neff after a stall"
     assert len(hub.requests("/batch", method="POST")) >= 2  # the stalled call, then the retry
+    replacement = _upload_workers(daemon)
+    assert len(replacement) == 1 and replacement != [stalled] and not Path(f"/proc/{stalled}").exists()
