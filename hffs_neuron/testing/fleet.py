@@ -697,7 +697,8 @@ def churn(
     fleet: Fleet, nodes: list[Node], bucket_id: str, *, neff_size: int, grace: float, deadline: float = 120.0
 ) -> dict[str, Any]:
     """Node 0 finishes module A, starts module B and is SIGKILLed (compiler and daemon) while it holds B's
-    lock, before A is published (the publish debounce); then remounted, and its compiler started again on
+    lock, before A is published (the bucket's batch route answers 503 until the restart, so the kill never
+    races the publisher); then remounted, and its compiler started again on
     B at once, waiting on the lock as libneuronxla does (its wait is how long the stale lock outlived the
     restart). The other nodes compile their own module and poll for all of them throughout. Figures: A
     published after the restart, the lock wait against the grace, every module seen everywhere, no
@@ -723,15 +724,17 @@ def churn(
         )
         for n in others
     ]
+    held_back = fleet.hub.faults.add(f"/api/buckets/{bucket_id}/batch", "status", status=503, methods=("POST",))
     for client in [victim_client, *clients]:
         client.go()
     victim_client.wait_for(f"begin {b}")
-    victim_client.kill()  # mid-compile: B's lock held, A not yet published (debounce)
+    victim_client.kill()  # mid-compile: B's lock held, A not yet published
     fleet.kill(victim)
     killed = time.monotonic()
     a_before = (fleet.hub.bucket_dir(bucket_id) / VERSION / a / "model.done").exists()
     fleet.start(victim)
     restarted = time.monotonic()
+    fleet.hub.faults.remove(held_back)
     again = NodeClient(victim, node_spec(victim, [b], [], neff_size=neff_size, deadline=deadline))
     again.go()  # the restarted compiler finds B's lock and waits on it, as libneuronxla does
     again_result = again.result(deadline)
