@@ -202,30 +202,38 @@ class HubHttp:
         return self.request_json("GET", path_or_url, what, **kwargs)[0]
 
     def paginate(self, path: str, params: dict[str, Any] | None, what: str) -> Iterator[dict]:
-        """Yield items of a JSON-list endpoint, following `Link: <...>; rel="next"` pages.
+        """Yield items of a JSON-list endpoint, following `Link: <...>; rel="next"` pages, all of them
+        within one deadline (`operation_timeout`); see `pages`."""
+        for items in self.pages(path, params, what):
+            yield from items
 
-        The whole listing shares one deadline (`operation_timeout`) and at most `max_listing_pages`
-        pages: a server that keeps sending `next` links fails the listing instead of holding it forever.
-        Only the endpoint's origin gets our token: a `next` link elsewhere is followed without it (as
-        httpx does for redirects).
+    def pages(
+        self, path: str, params: dict[str, Any] | None, what: str, *, deadline_per_page: bool = False
+    ) -> Iterator[list]:
+        """Yield each page of a JSON-list endpoint, following `Link: <...>; rel="next"` pages.
+
+        The whole listing shares one deadline (`operation_timeout`), or, with `deadline_per_page`, each
+        page has it and a retry asks for that same page (the `next` link is the cursor), so a slow but
+        moving listing completes. At most `max_listing_pages` pages: a server that keeps sending `next`
+        links fails the listing instead of holding it forever. Only the endpoint's origin gets our token:
+        a `next` link elsewhere is followed without it (as httpx does for redirects).
         """
         deadline = time.monotonic() + self.operation_timeout
-        items, response = self.request_json("GET", path, what, deadline=deadline, params=params)
-        pages = 1
-        while True:
+        url, anonymous = path, False
+        for _page in range(self.max_listing_pages):
+            if deadline_per_page:
+                deadline = time.monotonic() + self.operation_timeout
+            elif time.monotonic() >= deadline:
+                raise RemoteUnavailable(f"{what}: listing not complete after {self.operation_timeout:.0f}s")
+            items, response = self.request_json("GET", url, what, deadline=deadline, params=params, anonymous=anonymous)
             if not isinstance(items, list):
                 raise HffsError(f"{what}: the server answered {type(items).__name__}, expected a list")
-            yield from items
+            yield items
             if "next" not in response.links:
                 return
-            if pages >= self.max_listing_pages:
-                raise HffsError(f"{what}: more than {self.max_listing_pages} pages; giving up on this listing")
-            url = response.links["next"].get("url", "")
-            if time.monotonic() >= deadline:
-                raise RemoteUnavailable(f"{what}: listing not complete after {self.operation_timeout:.0f}s")
+            url, params = response.links["next"].get("url", ""), None
             anonymous = not self._same_origin(url)
-            items, response = self.request_json("GET", url, what, deadline=deadline, anonymous=anonymous)
-            pages += 1
+        raise HffsError(f"{what}: more than {self.max_listing_pages} pages; giving up on this listing")
 
     def _same_origin(self, url: str) -> bool:
         mine, theirs = urlsplit(self.endpoint), urlsplit(url)

@@ -6,7 +6,7 @@ import logging
 import posixpath
 import time
 from collections.abc import Callable, Iterator
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -85,28 +85,13 @@ class HubRepo:
         return (self.cache_namespace, kind, path)
 
     def _pages(self, path: str, recursive: bool, key: tuple) -> Iterator[list[RemoteEntry]]:
-        """The tree below `path`, page by page: each page has the whole `--timeout` and its retries ask
-        for that same page (the `next` link is the cursor), so only a stalled page fails the listing."""
+        """The tree below `path`, page by page, each page with its own deadline (`HubHttp.pages`)."""
         what = f"{self.repo_type} {self.repo_id}@{self.commit[:12]}: tree {path or '/'}"
         url = self._http.url(f"{self._api}/tree/{self.commit}" + (f"/{quote(path)}" if path else ""))
-        params: dict | None = {"recursive": "true" if recursive else "false", "expand": "false"}
-        origin = urlsplit(self._http.endpoint)
-        for _page in range(self._http.max_listing_pages):
-            deadline = time.monotonic() + self._http.operation_timeout
-            theirs = urlsplit(url)
-            # Only the endpoint's origin gets our token: a `next` link elsewhere is followed without it.
-            anonymous = (theirs.scheme, theirs.netloc.lower()) != (origin.scheme, origin.netloc.lower())
-            items, response = self._http.request_json(
-                "GET", url, what, deadline=deadline, params=params, anonymous=anonymous
-            )
-            if not isinstance(items, list):
-                raise HffsError(f"{what}: the server answered {type(items).__name__}, expected a list")
+        params = {"recursive": "true" if recursive else "false", "expand": "false"}
+        for items in self._http.pages(url, params, what, deadline_per_page=True):
             yield _entries(items, what)
             self._listings.progress(key)  # another caller waiting on this listing waits for progress
-            if "next" not in response.links:
-                return
-            url, params = response.links["next"].get("url", ""), None
-        raise HffsError(f"{what}: more than {self._http.max_listing_pages} pages; giving up on this listing")
 
     def _directory(self, path: str) -> dict[str, RemoteEntry]:
         """The direct children of directory `path` by name (cached; RemoteNotFound if it is none)."""
