@@ -47,21 +47,14 @@ def test_offline_mount_serves_what_is_cached_and_never_calls_the_hub(
     assert state["checks"] == dict.fromkeys(("endpoint", "token", "source"), "skipped: HF_HUB_OFFLINE=1")
 
     client = dict(offline, HF_HUB_CACHE=str(m.mountpoint))
-    cached = subprocess.run(
-        [sys.executable, "-c", DOWNLOAD, "HFFS-Test/Offline", "config.json"],
-        env=client,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+
+    def download(filename: str) -> subprocess.CompletedProcess:
+        argv = [sys.executable, "-c", DOWNLOAD, "HFFS-Test/Offline", filename]
+        return subprocess.run(argv, env=client, capture_output=True, text=True, timeout=60)
+
+    cached = download("config.json")
     assert cached.returncode == 0 and '{"cached": true}' in cached.stdout, cached.stderr
-    missing = subprocess.run(
-        [sys.executable, "-c", DOWNLOAD, "HFFS-Test/Offline", "weights.bin"],
-        env=client,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    missing = download("weights.bin")
     assert missing.returncode != 0 and "LocalEntryNotFoundError" in missing.stderr  # not cached: offline's answer
     assert not (Path(m.mountpoint) / "models--HFFS-Test--Other").exists()
     assert hub.requests() == []  # neither the mount (checks, pins, lookups) nor its clients asked the Hub
