@@ -49,6 +49,10 @@ class BucketEvents:
         self.hub = hub
         self.enabled = False
         self._cond = threading.Condition()
+        # One scan at a time, from its snapshot to its batch: two overlapping scans (a batch upload and a
+        # session's poll) could otherwise record a change out of order, or take back a file another just
+        # added (the older snapshot stored last), and the feed would end on a state the bucket is not in.
+        self._scanning = threading.Lock()
         self._feeds: dict[Path, _Feed] = {}
 
     def clear(self) -> None:
@@ -75,27 +79,28 @@ class BucketEvents:
                 if feed is None or time.monotonic() - feed.polled < POLL_INTERVAL:
                     return
                 feed.polled = time.monotonic()
-        snapshot = _snapshot(directory)
-        with self._cond:
-            feed = self._feeds.get(directory)
-            if feed is None:
-                self._feeds[directory] = _Feed(snapshot)
-                return
-            changes = []
-            for path, (size, mtime_ns) in snapshot.items():
-                old = feed.snapshot.get(path)
-                if old != (size, mtime_ns):
-                    changes.append((path, "add" if old is None else "update"))
-            changes += [(path, "delete") for path in feed.snapshot.keys() - snapshot.keys()]
-            feed.snapshot = snapshot
-            if not changes:
-                return
-        items = [self._item(directory, path, op) for path, op in sorted(changes)]  # hashes: no lock held
-        with self._cond:
-            feed.seq += 1
-            feed.updated = time.time()
-            feed.batches.append((feed.seq, feed.updated, items))
-            self._cond.notify_all()
+        with self._scanning:
+            snapshot = _snapshot(directory)
+            with self._cond:
+                feed = self._feeds.get(directory)
+                if feed is None:
+                    self._feeds[directory] = _Feed(snapshot)
+                    return
+                changes = []
+                for path, (size, mtime_ns) in snapshot.items():
+                    old = feed.snapshot.get(path)
+                    if old != (size, mtime_ns):
+                        changes.append((path, "add" if old is None else "update"))
+                changes += [(path, "delete") for path in feed.snapshot.keys() - snapshot.keys()]
+                feed.snapshot = snapshot
+                if not changes:
+                    return
+            items = [self._item(directory, path, op) for path, op in sorted(changes)]  # sessions keep serving
+            with self._cond:
+                feed.seq += 1
+                feed.updated = time.time()
+                feed.batches.append((feed.seq, feed.updated, items))
+                self._cond.notify_all()
 
     def _item(self, directory: Path, path: str, op: str) -> dict[str, Any]:
         if op == "delete":
