@@ -548,6 +548,7 @@ def serve(config: MountConfig, ready_fd: int | None = None) -> None:
         while time.monotonic() < deadline:
             if runtime.ready.wait(0.05) and os.path.ismount(config.mountpoint):
                 runtime.device = os.stat(config.mountpoint).st_dev
+                runtime.ops.attach(config.mountpoint, runtime.device)
                 tune_readahead(runtime.device)
                 runtime.write_state()
                 report("READY", close=True)

@@ -113,6 +113,12 @@ _buf_copy.restype = ctypes.c_ssize_t
 _invalidate_path = mfusepy._libfuse.fuse_invalidate_path
 _invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _invalidate_path.restype = ctypes.c_int
+_get_session = mfusepy._libfuse.fuse_get_session
+_get_session.argtypes = [ctypes.c_void_p]
+_get_session.restype = ctypes.c_void_p
+_notify_inval_entry = mfusepy._libfuse.fuse_lowlevel_notify_inval_entry
+_notify_inval_entry.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_char_p, ctypes.c_size_t]
+_notify_inval_entry.restype = ctypes.c_int
 
 
 def _relative(path: str | None) -> str:
@@ -157,6 +163,7 @@ class FuseOperations(mfusepy.Operations):
         self._lock = threading.Lock()
         self._fuse: int | None = None  # libfuse's `struct fuse *`, from init until destroy
         self._fuse_lock = threading.Lock()  # never held by the hot paths (handles have `_lock`)
+        self._mounted: tuple[str, int] | None = None  # (mountpoint, st_dev) once the mount is up
         # Directory -> when it was last answered with attributes (readdirplus): see `readdir_plus`.
         self._plus_filled: dict[str, float] = {}
         # Open directory handle -> its entries with attributes, handed out page by page (see
@@ -164,18 +171,48 @@ class FuseOperations(mfusepy.Operations):
         self._dir_entries: dict[int, list[tuple[str, int, dict | None]]] = {}
         self._next_dir = itertools.count(1)
 
+    def attach(self, mountpoint: str, device: int) -> None:
+        """The mount is up at `mountpoint` (its st_dev `device`): `invalidate` may look directories up there."""
+        self._mounted = (mountpoint, device)
+
     def invalidate(self, path: str) -> None:
-        """Drop the kernel's cached attributes (and page cache) of mount-relative `path`, so a change the
-        kernel did not see (a lock removed by the daemon, a file changed upstream) shows at once instead
-        of after the entry timeout. libfuse 3.14's high-level `fuse_invalidate_path`; a path the kernel
-        holds nothing of (never looked up, or only as a negative entry) is a no-op: negative entries
-        last `negative_timeout` (at most a second)."""
+        """Drop what the kernel caches of mount-relative `path`, so a change the kernel did not see (a lock
+        removed by the daemon, a file added, changed or deleted upstream) shows at once instead of after
+        the entry timeout: its attributes and page cache if the kernel holds it, else the "not found" it
+        may hold for the name (a compiler polling `model.done` of a module another node is publishing).
+
+        libfuse 3.14's high-level `fuse_invalidate_path` covers the first case. A "not found" has no node
+        in libfuse, so the second needs the low-level `fuse_lowlevel_notify_inval_entry` and the parent's
+        node id, which the high-level library hands out as the inode number (no `use_ino`): the parent is
+        looked up through the mount. Not called from FUSE requests (the kernel's call waits for lookups in
+        the parent to finish)."""
         with self._fuse_lock:
             if self._fuse is None:
                 return
             result = _invalidate_path(self._fuse, ("/" + path).encode())
+            parent, name = os.path.split(path)
+            unknown = bool(path) and result == -errno.ENOENT
+            parent_known = unknown and _invalidate_path(self._fuse, ("/" + parent).encode()) == 0
         if result not in (0, -errno.ENOENT):
             logger.debug("fuse_invalidate_path(%s): %s", path, os.strerror(-result))
+        if parent_known and self._mounted is not None:
+            self._drop_negative_entry(parent, name)
+
+    def _drop_negative_entry(self, parent: str, name: str) -> None:
+        mountpoint, device = self._mounted  # type: ignore[misc]
+        try:
+            st = os.lstat(os.path.join(mountpoint, parent))
+        except OSError:
+            return
+        if st.st_dev != device or not stat.S_ISDIR(st.st_mode):  # unmounted, or another mount took the path
+            return
+        encoded = name.encode()
+        with self._fuse_lock:
+            if self._fuse is None:
+                return
+            result = _notify_inval_entry(_get_session(self._fuse), st.st_ino, encoded, len(encoded))
+        if result not in (0, -errno.ENOENT):  # ENOENT: the kernel held nothing for the name
+            logger.debug("fuse_lowlevel_notify_inval_entry(%s, %s): %s", parent, name, os.strerror(-result))
 
     # -- lifecycle ------------------------------------------------------------------------------
     def init_with_config(self, conn: Any, config: Any) -> None:

@@ -11,6 +11,7 @@ import errno
 import http.client
 import json
 import os
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -112,6 +113,31 @@ def test_event_mode_shows_new_and_deleted_modules_in_seconds(hub: HubEmulator, m
     assert raised.value.errno == errno.ENOENT
     assert uploaded not in os.listdir(node_b / VERSION)
     assert follow_mode(node_b) == "events"
+
+
+def test_a_module_shows_at_once_to_a_compiler_that_just_missed_it(hub: HubEmulator, mounts: Mounts) -> None:
+    """A compiler polling `model.done` of a module another node is publishing leaves a "not found" in the
+    kernel (up to a second). The feed's change must drop it, not wait it out: the module shows to the
+    poller as soon as the daemon has applied the change."""
+    bucket = build_neff_bucket(hub)
+    bucket_id = bucket["bucket_id"]
+    bucket_dir = hub.bucket_dir(bucket_id)
+    (bucket_dir / "marker.txt").write_bytes(b"1")
+    hub.bucket_events.enabled = True
+    node = Path(mounts("neff", bucket_id).mountpoint)
+    wait_for(lambda: follow_mode(node) == "events", 10, "event mode")
+    assert os.stat(node / "marker.txt").st_size == 1  # cached by the kernel (attributes kept 60 s)
+    name = "MODULE_polled+0000000c"
+    done = node / VERSION / name / "model.done"
+    assert not done.exists()  # the kernel now holds a "not found" for the module's name
+
+    for path, data in module_files(name).items():
+        (bucket_dir / path).parent.mkdir(parents=True, exist_ok=True)
+        (bucket_dir / path).write_bytes(data)
+    (bucket_dir / "marker.txt").write_bytes(b"22")  # after the module: its change is applied last
+    wait_for(lambda: os.stat(node / "marker.txt").st_size == 2, 10, "the feed's change of marker.txt")
+    assert done.exists(), "the kernel still hid the module after the daemon applied its arrival"
+    assert (node / VERSION / name / "model.neff").read_bytes() == NEFF
 
 
 def test_without_the_feed_the_node_falls_back_to_probes(hub: HubEmulator, mounts: Mounts) -> None:
@@ -287,3 +313,27 @@ def test_feed_replays_from_a_cursor_or_an_instant(hub: HubEmulator) -> None:
     hub.bucket_events.enabled = False
     response = httpx2.get(f"{hub.url}/api/buckets/org/replay/events", timeout=10)
     assert response.status_code == 404  # switched off: not served
+
+
+def test_overlapping_scans_report_only_what_the_bucket_did(hub: HubEmulator) -> None:
+    """Uploads of several nodes at once each scan the bucket (and sessions poll it meanwhile): whatever
+    the overlap, the feed reports no change the bucket did not make (a file that was never deleted
+    reported deleted hides it on every node until its listing expires) and ends on the bucket's files."""
+    directory = hub.add_bucket("org/race", {"a/zero": b"0"})
+    hub.bucket_events.enabled = True
+    assert read_events(hub, "org/race") == [("ready", {})]
+
+    def uploader(k: int) -> None:
+        for i in range(60):
+            (directory / "a" / f"n{k}-{i}").write_bytes(os.urandom(20_000 + i))
+            hub.bucket_events.scan(directory)
+
+    threads = [threading.Thread(target=uploader, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    hub.bucket_events.scan(directory)
+    changes = [c for name, payload in read_events(hub, "org/race", "?cursor=0")[:-1] for c in payload["changes"]]
+    assert [c["path"] for c in changes if c["op"] == "delete"] == []
+    assert {c["path"] for c in changes} | {"a/zero"} == {f"a/{p.name}" for p in (directory / "a").iterdir()}
