@@ -44,6 +44,9 @@ logger = logging.getLogger(__name__)
 _PAUSE_AFTER_FAILURE = constants.XET_PAUSE_AFTER_FAILURE
 # A cached token is asked for again this long before it expires (seconds), as huggingface_hub does.
 _TOKEN_SAFETY_PERIOD = 60
+# Idle stream groups kept per token route for the next transfer: a new group loads the system's root
+# certificates (about 3 ms of CPU; a third of the daemon's work for a 1 MiB NEFF read over Xet).
+_IDLE_GROUPS = 2
 _lock = threading.Lock()
 _module: Any = None
 
@@ -144,6 +147,7 @@ class XetDownloader:
         self._paused_until = 0.0
         self._tokens: dict[str, _Token] = {}  # by token route
         self._token_requests: dict[str, _TokenRequest] = {}  # by token route, while one is in flight
+        self._idle_groups: dict[str, list[tuple[Any, _Token]]] = {}  # by token route: (group, its token)
 
     def limit_connections(self, n: int) -> None:
         """Let hf_xet's session hold at most `n` connections (the transfer scheduler's Xet share); before
@@ -235,9 +239,18 @@ class XetDownloader:
         except (KeyError, ValueError) as exc:
             raise HffsError(f"xet read token: the answer of {url} has no usable X-Xet-* headers") from exc
 
-    def _new_group(self, source: XetSource, deadline: float) -> Any:
+    def take_group(self, source: XetSource, deadline: float) -> tuple[Any, _Token]:
+        """A stream group for one transfer of `source` and the token it was opened with: an idle one whose
+        token is still fresh, else a new one (its token from `token`, bounded by `deadline`)."""
+        with self._lock:
+            idle = self._idle_groups.get(source.token_url, [])
+            while idle:
+                group, token = idle.pop()
+                if token.fresh():
+                    return group, token
+                _abort(group)
         token = self.token(source, deadline)
-        return self._get_session().new_download_stream_group(
+        group = self._get_session().new_download_stream_group(
             endpoint=token.endpoint,
             token=token.access_token,
             token_expiry_unix_secs=token.expiry,
@@ -245,6 +258,17 @@ class XetDownloader:
             token_refresh_headers=self._headers,
             custom_headers=self._cas_headers,
         )
+        return group, token
+
+    def give_back_group(self, source: XetSource, group: Any, token: _Token) -> None:
+        """A transfer ended with every stream of `group` read to its end: keep the group for the next one
+        (up to `_IDLE_GROUPS` per route), else close it."""
+        with self._lock:
+            idle = self._idle_groups.setdefault(source.token_url, [])
+            if token.fresh() and len(idle) < _IDLE_GROUPS:
+                idle.append((group, token))
+                return
+        _abort(group)
 
     def fell_back(self, entry: RemoteEntry, exc: BaseException) -> None:
         """Record a failure of the Xet path: logged once per mount (at WARNING, then at DEBUG); the path is
@@ -259,9 +283,11 @@ class XetDownloader:
 class XetFileReader:
     """Byte ranges of one file from the Xet CAS, for the scheduler's workers (its `ReadRange`).
 
-    One hf_xet stream group per transfer, opened by the first range read: its `abort()` is the only way
-    to stop a stream that another thread is iterating, so `close()` (the transfer ended, failed or was
-    abandoned) stops exactly this file's streams, and a stalled CAS never holds a worker past it.
+    One hf_xet stream group per transfer, taken by the first range read: its `abort()` is the only way
+    to stop a stream that another thread is iterating (a stream's own `cancel()` fails while it is being
+    iterated), so `close()` (the transfer ended, failed or was abandoned) stops exactly this file's
+    streams, and a stalled CAS never holds a worker past it. A transfer whose every read ended at its
+    end hands the group back to the downloader for the next transfer instead.
     """
 
     def __init__(self, downloader: XetDownloader, source: XetSource, entry: RemoteEntry):
@@ -270,21 +296,24 @@ class XetFileReader:
         self._entry = entry
         self._lock = threading.Lock()
         self._group: Any = None
+        self._token: _Token | None = None
         self._closed = False
+        self._reading = 0  # reads in flight
+        self._clean = True  # every read so far ended at its end
 
     def _stream_group(self, deadline: float) -> Any:
-        """The transfer's stream group, opened by the first caller. The token request and the group's
-        creation run outside `_lock`, so `close()` never waits on the network; a group opened by a caller
+        """The transfer's stream group, taken by the first caller. The token request and the group's
+        creation run outside `_lock`, so `close()` never waits on the network; a group taken by a caller
         that lost the race (or after `close()`) is aborted."""
         with self._lock:
             if self._closed:
                 raise RemoteUnavailable(f"{self._entry.path}: xet transfer stopped")
             if self._group is not None:
                 return self._group
-        group = self._downloader._new_group(self._source, deadline)
+        group, token = self._downloader.take_group(self._source, deadline)
         with self._lock:
             if self._group is None and not self._closed:
-                self._group = group
+                self._group, self._token = group, token
                 return group
             kept, closed = self._group, self._closed
         _abort(group)
@@ -302,13 +331,15 @@ class XetFileReader:
         HffsError, which makes the store fall back to HTTP.
         """
         hf_xet = hf_xet_module()
+        pos = start
+        with self._lock:
+            self._reading += 1
         try:
             deadline = min(deadline, time.monotonic() + self._downloader.operation_timeout)
             stream = self._stream_group(deadline).download_stream(
                 hf_xet.XetFileInfo(self._source.file_hash, self._entry.size), start, end
             )
             count_xet_stream()  # one reconstruction request to the CAS (status counters.xet_requests)
-            pos = start
             for data in stream:
                 if pos + len(data) > end:
                     raise HffsError(f"{self._entry.path}: xet stream sent bytes past {end}")
@@ -318,13 +349,23 @@ class XetFileReader:
             raise
         except Exception as exc:  # hf_xet's own errors (RuntimeError, XetObjectNotFoundError, ...)
             raise HffsError(f"{self._entry.path}: xet download failed: {exc}") from exc
+        finally:
+            with self._lock:
+                self._reading -= 1
+                self._clean = self._clean and pos == end
 
     def close(self) -> None:
-        """The transfer is over: stop any stream still running (a no-op once they all ended)."""
+        """The transfer is over: hand the group back if every read ended at its end, else stop any stream
+        still running (a no-op once they all ended)."""
         with self._lock:
             self._closed = True
             group, self._group = self._group, None
-        if group is not None:
+            reusable = self._clean and self._reading == 0 and self._token is not None
+        if group is None:
+            return
+        if reusable:
+            self._downloader.give_back_group(self._source, group, self._token)  # type: ignore[arg-type]
+        else:
             _abort(group)
 
 
