@@ -297,7 +297,8 @@ class MountRuntime:
             )
         follow = None
         if self.config.follow_events and self.view.remote.event_feed:  # buckets have one, repos not
-            follow = EventFollow(self.view, self.view.remote, self.http.endpoint, self.ops.invalidate)
+            on_change = self.publisher.remote_changed if self.publisher is not None else None
+            follow = EventFollow(self.view, self.view.remote, self.http.endpoint, self.ops.invalidate, on_change)
             self.view.events_live = follow.live
         return stale_locks, follow
 

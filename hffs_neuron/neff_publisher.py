@@ -23,6 +23,9 @@ files.
 from __future__ import annotations
 
 import logging
+import os
+import posixpath
+import stat
 import threading
 import time
 from pathlib import Path
@@ -36,6 +39,7 @@ from .views.neff import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
 
 if TYPE_CHECKING:
     from .publish import NeffRemote
+    from .remote.base import Digest, RemoteEntry
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +115,7 @@ class NeffPublisher:
         self._failed: dict[str, str] = {}  # module -> reason
         self._untrusted: dict[str, tuple[int, int]] = {}  # module -> (uid, files touched)
         self._conflicts: dict[str, str] = {}  # module -> what differs: never uploaded again by this mount
+        self._replaced: dict[str, dict[str, Digest]] = {}  # published module -> {file: digest} the feed reported
         self._blocked: str | None = None  # a bucket-wide permanent failure
         self._stop = False
         self._thread = supervision.thread("hffs-publish", self._run)
@@ -136,6 +141,18 @@ class NeffPublisher:
             self._due[module] = time.monotonic() + min(wait, self.debounce)
             self._attempts.pop(module, None)
             self._cond.notify()
+
+    def remote_changed(self, path: str, entry: RemoteEntry) -> None:
+        """The event feed reports file `path` added or changed upstream. If it belongs to a module this
+        mount published, look at its content in the next round: another node's copy of the same module
+        that lands after our re-list (both checked before either uploaded) replaces ours unseen by it."""
+        module, name = posixpath.split(path)
+        if entry.digest is None:
+            return
+        with self._cond:
+            if module in self._published:
+                self._replaced.setdefault(module, {})[name] = entry.digest
+                self._cond.notify()
 
     def stats(self) -> dict:
         with self._cond:
@@ -163,13 +180,14 @@ class NeffPublisher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                due = self._take_due()
-                while not due and not self._stop:
+                due, replaced = self._take_due(), self._take_replaced()
+                while not due and not replaced and not self._stop:
                     self._cond.wait(self._wait_time())
-                    due = self._take_due()
+                    due, replaced = self._take_due(), self._take_replaced()
                 if self._stop:
                     return
             with supervision.one_round("publish round"):  # a bad round must not end publishing
+                self._check_replaced(replaced)
                 self._publish(due)
 
     def _take_due(self) -> list[str]:
@@ -180,6 +198,28 @@ class NeffPublisher:
         for module in due:
             del self._due[module]
         return due
+
+    def _take_replaced(self) -> dict[str, dict[str, Digest]]:
+        replaced, self._replaced = self._replaced, {}
+        return replaced
+
+    def _check_replaced(self, replaced: dict[str, dict[str, Digest]]) -> None:
+        """Published modules the feed reported files of: a conflict where the bucket's copy of a file we
+        published (and still hold) is not ours. Our own upload's events match and cost no request."""
+        for module, theirs in replaced.items():
+            ours = [name for name in theirs if _is_regular_file(self.upper / module / name)]
+            try:
+                differ = publish.differing(self.upper, module, ours, theirs, self.checks.hashes)
+            except OSError:  # our copy changed meanwhile: its own events bring it back
+                continue
+            if differ:
+                where = publish.remote_name(self.bucket)
+                reason = (
+                    f"another copy of {module} replaced ours after it was published ({differ[0]} differs in {where})"
+                )
+                self._conflict(module, f"conflict: {reason}")
+                with self._cond:
+                    self._published.discard(module)
 
     def _wait_time(self) -> float | None:
         if not self._due:
@@ -315,3 +355,11 @@ def _completes(name: str) -> bool:
     """Whether an event on a module's file `name` can make the module complete: its done marker written or
     renamed into place, a lock or a held deleted file (what libfuse keeps as `.fuse_hidden*`) removed."""
     return name == publish.DONE_MARKER or is_lock_name(name) or name.startswith(publish.FUSE_HIDDEN_PREFIX)
+
+
+def _is_regular_file(path: Path) -> bool:
+    """A regular file, not through a symlink (the layer's files are hashed through fds that follow none)."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False

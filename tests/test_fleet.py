@@ -439,3 +439,28 @@ def test_a_file_replaced_upstream_after_it_was_listed_opens_with_the_new_bytes(
         view.close()
         store.close()
         http.close()
+
+
+def test_a_copy_that_replaces_ours_after_it_was_published_is_a_conflict(hub: HubEmulator, mounts: Mounts) -> None:
+    """Two nodes compile one module and both find it absent; if the other node's upload lands after ours
+    was uploaded and re-listed, the re-list cannot see it. The event feed does: the node whose bytes lost
+    reports the conflict (and keeps its copy local), as when the re-list finds it."""
+    from huggingface_hub import HfApi
+
+    bucket_id = build_neff_bucket(hub)["bucket_id"]
+    hub.bucket_events.enabled = True
+    node = Path(mounts("neff", bucket_id, publish=True).mountpoint)
+    wait_for(lambda: state_of(node)["follow"] == "events", 10, "event mode")
+    name = module_name(7)
+    module = compile_module(node, name)
+    wait_for(lambda: state_of(node)["publish"]["published"] == 1, 15, "our copy published")
+    assert state_of(node)["publish"]["conflicts"] == []
+
+    theirs = os.urandom(len(NEFF))
+    HfApi(endpoint=hub.url).batch_bucket_files(bucket_id, add=[(theirs, f"{module}/model.neff")])
+    wait_for(lambda: state_of(node)["publish"]["conflicts"], 10, "the conflict reported")
+    (conflict,) = state_of(node)["publish"]["conflicts"]
+    assert conflict["module"] == module and "model.neff differs" in conflict["reason"], conflict
+    assert state_of(node)["publish"]["published"] == 0
+    assert (node / module / "model.neff").read_bytes() == NEFF  # our copy stays ours, locally
+    assert (hub.bucket_dir(bucket_id) / module / "model.neff").read_bytes() == theirs  # never overwritten back

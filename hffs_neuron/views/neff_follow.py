@@ -16,6 +16,7 @@ from collections.abc import Callable
 from huggingface_hub._bucket_live_follow import BucketEventsUnavailable, BucketFileChange, BucketFollower
 
 from .. import supervision
+from ..remote.base import RemoteEntry
 from ..remote.bucket import Bucket
 from .neff import NeffView
 
@@ -60,10 +61,20 @@ class _Follower(BucketFollower):
 
 
 class EventFollow:
-    def __init__(self, view: NeffView, bucket: Bucket, endpoint: str, invalidate: Callable[[str], None]):
+    def __init__(
+        self,
+        view: NeffView,
+        bucket: Bucket,
+        endpoint: str,
+        invalidate: Callable[[str], None],
+        on_change: Callable[[str, RemoteEntry], None] | None = None,
+    ):
+        """`invalidate(path)` drops the kernel's caches of a path; `on_change(path, entry)` hears of every
+        file added or changed upstream (the publisher: another copy replacing one it published)."""
         self.view = view
         self.bucket = bucket
         self.invalidate = invalidate
+        self.on_change = on_change
         self.applied = 0  # file changes applied to cached listings
         self._closed = False
         self._started = False  # the first reconcile (before the first session) has nothing to drop
@@ -110,6 +121,8 @@ class EventFollow:
                 continue
             partial = change.size is None or change.xet_hash is None  # an update names what changed only
             affected.update(self.view.apply_remote_change(path, entry, partial=partial))
+            if self.on_change is not None and not partial:
+                self.on_change(path, entry)
         self.applied += len(changes)
         for path in sorted(affected, key=len, reverse=True):  # files before their directories
             self.invalidate(path)
