@@ -52,6 +52,14 @@ SETUP_RETRIES = 2
 KERNEL_NEGATIVE_TIMEOUT = 1.0
 
 
+def kernel_negative_timeout(negative_ttl: float) -> float:
+    """How long the kernel keeps a "not found": a second at most, and half of --negative-ttl. A module
+    published by another node shows within --negative-ttl, kernel caches included: probe mode asks about
+    a missing name again this much sooner than the TTL (`NameProber`), and event mode drops the kernel's
+    entry when the feed reports the name (`FuseOperations.invalidate`)."""
+    return min(negative_ttl / 2, KERNEL_NEGATIVE_TIMEOUT)
+
+
 class MountRuntime:
     """The objects of one live mount: remote, store, view, FUSE adapter, stats reporting."""
 
@@ -95,10 +103,9 @@ class MountRuntime:
         )
         self.view = self._build_view_checked(cache_dir)
         self.publisher = self._neff_follow_and_publish()
-        # A module published by another node must show within --negative-ttl + 1 s, kernel caches included:
-        # the daemon's answer may be a TTL old, so the kernel keeps a "not found" a second at most.
-        negative_timeout = min(config.negative_ttl / 2, KERNEL_NEGATIVE_TIMEOUT)
-        self.ops = FuseOperations(self.view, negative_timeout=negative_timeout, on_init=self._on_init)
+        self.ops = FuseOperations(
+            self.view, negative_timeout=kernel_negative_timeout(config.negative_ttl), on_init=self._on_init
+        )
         self.stale_locks, self.follow = self._neff_watchers()
         self.ready = threading.Event()
         self._stop = threading.Event()
@@ -257,7 +264,8 @@ class MountRuntime:
         from .neff_publisher import NeffPublisher
         from .views.neff_probe import NameProber
 
-        self.view.prober = NameProber(self.view.remote, self.config.negative_ttl)
+        ttl = self.config.negative_ttl
+        self.view.prober = NameProber(self.view.remote, ttl, kernel_negative_timeout(ttl))
         if not self.config.publish:
             return None
         from . import publish

@@ -464,3 +464,25 @@ def test_a_copy_that_replaces_ours_after_it_was_published_is_a_conflict(hub: Hub
     assert state_of(node)["publish"]["published"] == 0
     assert (node / module / "model.neff").read_bytes() == NEFF  # our copy stays ours, locally
     assert (hub.bucket_dir(bucket_id) / module / "model.neff").read_bytes() == theirs  # never overwritten back
+
+
+def test_a_module_caught_mid_publish_is_asked_about_again_soon(hub: HubEmulator, mounts: Mounts) -> None:
+    """Probe mode: a module whose files are in the bucket but not yet its done marker (the publisher's
+    second call) is being published; a compiler polling `model.done` must not wait a whole probe window
+    (here 7 s: `--negative-ttl 8` less the kernel's second) for the marker that follows within a second."""
+    bucket = build_neff_bucket(hub)
+    bucket_dir = hub.bucket_dir(bucket["bucket_id"])
+    node = Path(mounts("neff", bucket["bucket_id"], negative_ttl=8).mountpoint)
+    os.listdir(node / VERSION)
+    name = module_name(9)
+    module = bucket_dir / VERSION / name
+    module.mkdir(parents=True)
+    (module / "model.neff").write_bytes(NEFF)
+    done = node / VERSION / name / "model.done"
+    wait_for((node / VERSION / name / "model.neff").exists, 15, "the module, by a probe", interval=0.05)
+    assert not done.exists()  # found mid-publish
+    (module / "model.done").write_bytes(b"")
+    started = time.monotonic()
+    wait_for(done.exists, 15, "the done marker", interval=0.05)
+    assert time.monotonic() - started < 4.0, "the done marker waited for the whole probe window"
+    assert (node / VERSION / name / "model.neff").read_bytes() == NEFF

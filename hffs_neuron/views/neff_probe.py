@@ -5,7 +5,8 @@ thousands of listing requests. Instead, a lookup of a name missing from a cached
 than the negative TTL asks about that name alone: the one module's listing for a `MODULE_*` (or for a
 file inside a module), the small root listing for a `neuronxcc-*` version. What a probe finds is laid over
 the cached listing until that listing is reloaded. Probes of one target are single-flight, each target
-is probed at most once per negative TTL, and all probes together are rate-bounded.
+is probed at most once per window (the negative TTL less the kernel's own "not found" time, so that the
+two together hide an arrival at most the negative TTL), and all probes together are rate-bounded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from cachetools import LRUCache, TTLCache
+from cachetools import LRUCache
 
 from .. import constants
 from ..errors import RemoteNotFound
@@ -25,10 +26,16 @@ from .neff_names import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
 
 logger = logging.getLogger(__name__)
 
-PROBE_RATE = 20.0  # probes per second, sustained
-PROBE_BURST = 40
+# Probes per second, sustained, and the burst: a bound against a storm of lookups of random names, above
+# what a node's waiting compilers need (the fleet simulation's poller, 54 modules every 50 ms, needs ~30).
+PROBE_RATE = 50.0
+PROBE_BURST = 100
 _MAX_LISTINGS = 4096
 _MAX_RECENT = 65536
+# A module found without its done marker is being published (its files first, the marker in a second call,
+# well under a second later): it is asked about again after this long, not after a whole window.
+MID_PUBLISH_WINDOW = 0.5
+_DONE_MARKER = "model.done"
 
 
 @dataclass
@@ -36,16 +43,19 @@ class _Seen:
     listing: dict[str, RemoteEntry]  # the cached listing object, as the metadata cache holds it
     since: float  # monotonic time it was first seen (just after it was loaded)
     merged: dict[str, RemoteEntry]  # the listing with what probes found since
+    window: float  # how long after `since` it answers for its names without asking upstream
 
 
 class NameProber:
-    def __init__(self, remote: Remote, negative_ttl: float):
+    def __init__(self, remote: Remote, negative_ttl: float, kernel_negative: float = 0.0):
+        """`kernel_negative`: how long the kernel keeps a "not found" the daemon answered (at most half of
+        `negative_ttl`); a name is asked about again `negative_ttl - kernel_negative` after its last probe."""
         self.remote = remote
-        self.negative_ttl = negative_ttl
+        self.window = negative_ttl - kernel_negative
         self.probes = 0  # upstream probe requests made
         self._lock = threading.Lock()
         self._seen: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # path -> _Seen
-        self._recent: TTLCache = TTLCache(maxsize=_MAX_RECENT, ttl=max(negative_ttl, 1e-3), timer=time.monotonic)
+        self._recent: LRUCache = LRUCache(maxsize=_MAX_RECENT)  # target -> monotonic time it may be probed again
         self._inflight: dict[str, Future] = {}
         self._tokens = float(PROBE_BURST)
         self._refilled = time.monotonic()
@@ -58,9 +68,15 @@ class NameProber:
         with self._lock:
             seen = self._seen.get(path)
             if seen is None or seen.listing is not listing:
-                seen = _Seen(listing, time.monotonic(), listing)
+                seen = _Seen(listing, time.monotonic(), listing, self._window(path, listing))
                 self._seen[path] = seen
             return seen.merged
+
+    def _window(self, path: str, listing: dict[str, RemoteEntry]) -> float:
+        """How long a listing of `path` answers for its names: shorter for a module caught mid-publish."""
+        if _is_module(path) and listing and _DONE_MARKER not in listing:
+            return min(MID_PUBLISH_WINDOW, self.window)
+        return self.window
 
     def probe(self, parent: str, name: str) -> bool:
         """`name` is missing from `parent`'s listing: ask upstream if that listing is old enough.
@@ -76,7 +92,7 @@ class NameProber:
             if seen is None:
                 return False
             now = time.monotonic()
-            if now - seen.since < self.negative_ttl or target in self._recent:
+            if now - seen.since < seen.window or self._recent.get(target, 0.0) > now:
                 return name in seen.merged
             future = self._inflight.get(target)
             leader = future is None
@@ -98,7 +114,6 @@ class NameProber:
                 future.set_exception(exc)
                 raise
             with self._lock:
-                self._recent[target] = True
                 self._inflight.pop(target, None)
             future.set_result(None)
         with self._lock:
@@ -112,8 +127,11 @@ class NameProber:
             entries = []
         # Any other failure (after the HTTP layer's retries within --timeout) propagates as EIO: an
         # answer of "absent" would make a compiler recompile a module that exists.
+        found = {e.name: e for e in entries}
+        with self._lock:
+            self._recent[target] = time.monotonic() + self._window(target, found)
         if target == parent:  # a small directory (the root, one module) listed again: it replaces
-            merged = {e.name: e for e in entries}
+            merged = found
         elif entries:  # a module found in a large version directory: added to it
             merged = {**seen.merged, name: RemoteEntry(path=target, is_dir=True)}
         else:
@@ -123,7 +141,7 @@ class NameProber:
                 return
             seen.merged = merged
             if target == parent:
-                seen.since = time.monotonic()
+                seen.since, seen.window = time.monotonic(), self._window(target, found)
         logger.debug("probe of %s: %s %s", target, name, "found" if name in merged else "absent")
 
     def _take_token(self, now: float) -> bool:
@@ -135,6 +153,11 @@ class NameProber:
         return True
 
 
+def _is_module(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and parts[0].startswith(VERSION_PREFIX) and parts[1].startswith(MODULE_PREFIX)
+
+
 def _probe_target(parent: str, name: str) -> str | None:
     """What to list to learn about `parent/name` (None: not a name other nodes publish)."""
     parts = parent.split("/") if parent else []
@@ -142,6 +165,6 @@ def _probe_target(parent: str, name: str) -> str | None:
         return "" if name.startswith(VERSION_PREFIX) else None
     if len(parts) == 1 and parts[0].startswith(VERSION_PREFIX) and name.startswith(MODULE_PREFIX):
         return f"{parent}/{name}"
-    if len(parts) == 2 and parts[0].startswith(VERSION_PREFIX) and parts[1].startswith(MODULE_PREFIX):
+    if _is_module(parent):
         return None if is_lock_name(name) or name == "model.log" else parent
     return None
