@@ -486,3 +486,30 @@ def test_a_module_caught_mid_publish_is_asked_about_again_soon(hub: HubEmulator,
     wait_for(done.exists, 15, "the done marker", interval=0.05)
     assert time.monotonic() - started < 4.0, "the done marker waited for the whole probe window"
     assert (node / VERSION / name / "model.neff").read_bytes() == NEFF
+
+
+def test_many_names_of_one_version_directory_are_asked_about_in_one_listing(hub: HubEmulator) -> None:
+    """Probe mode with many waiting compilers (or a fleet's pollers): one listing of the version directory
+    answers them all for a window, instead of one probe per name, and still finds what arrived."""
+    bucket_dir = hub.add_bucket("org/batch", {f"{VERSION}/{module_name(1)}/model.neff": b"n"})
+    http = HubHttp(hub.url)
+    bucket = Bucket(http, "org/batch")
+    prober = NameProber(bucket, negative_ttl=0.5)
+    listing = {e.name: e for e in bucket.list(VERSION)}
+    prober.listing(VERSION, listing)
+    time.sleep(0.6)
+    hub.reset_stats()
+    waited = [module_name(i) for i in range(10, 30)]
+    for _round in range(3):
+        assert not any(prober.probe(VERSION, name) for name in waited)
+        time.sleep(0.6)
+    probes = [r.path for r in hub.requests("/tree/")]
+    # The first names are probed one by one; from the fourth on, one listing a window answers every name.
+    assert len(probes) <= 3 + 3, probes
+    assert sum(p.rstrip("/").endswith(f"/tree/{VERSION}") for p in probes) >= 2, probes
+
+    (bucket_dir / VERSION / waited[-1]).mkdir()
+    (bucket_dir / VERSION / waited[-1] / "model.neff").write_bytes(b"new")
+    assert prober.probe(VERSION, waited[-1])  # the next listing finds it
+    assert waited[-1] in prober.listing(VERSION, listing)
+    http.close()

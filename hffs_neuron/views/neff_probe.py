@@ -4,7 +4,10 @@ A `neuronxcc-*` directory may hold 10,000 modules: relisting it whenever a compi
 thousands of listing requests. Instead, a lookup of a name missing from a cached listing that is older
 than the negative TTL asks about that name alone: the one module's listing for a `MODULE_*` (or for a
 file inside a module), the small root listing for a `neuronxcc-*` version. What a probe finds is laid over
-the cached listing until that listing is reloaded. Probes of one target are single-flight, each target
+the cached listing until that listing is reloaded. When more names of one version directory are asked
+about within a window than its listing has pages (at least `BATCH_NAMES`: several compilers waiting, or
+a fleet's pollers), the directory is listed again instead, which answers all of them for the next
+window. Probes of one target are single-flight, each target
 is probed at most once per window (the negative TTL less the kernel's own "not found" time, so that the
 two together hide an arrival at most the negative TTL), and all probes together are rate-bounded.
 """
@@ -36,6 +39,10 @@ _MAX_RECENT = 65536
 # well under a second later): it is asked about again after this long, not after a whole window.
 MID_PUBLISH_WINDOW = 0.5
 _DONE_MARKER = "model.done"
+# Distinct names of one directory asked about (within two windows) before the directory itself is listed.
+BATCH_NAMES = 4
+_LISTING_PAGE = 1000  # entries per listing page (the Hub's tree pages)
+_MAX_ASKED = 4096  # names remembered per directory
 
 
 @dataclass
@@ -57,6 +64,7 @@ class NameProber:
         self._seen: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # path -> _Seen
         self._recent: LRUCache = LRUCache(maxsize=_MAX_RECENT)  # target -> monotonic time it may be probed again
         self._inflight: dict[str, Future] = {}
+        self._asked: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # directory -> LRU {name: when last asked about}
         self._tokens = float(PROBE_BURST)
         self._refilled = time.monotonic()
 
@@ -92,8 +100,15 @@ class NameProber:
             if seen is None:
                 return False
             now = time.monotonic()
+            if target != parent:
+                asked = self._asked.get(parent)
+                if asked is None:
+                    asked = self._asked[parent] = LRUCache(maxsize=_MAX_ASKED)
+                asked[name] = now
             if now - seen.since < seen.window or self._recent.get(target, 0.0) > now:
                 return name in seen.merged
+            if target != parent and self._many_asked(parent, now, seen):
+                target = parent
             future = self._inflight.get(target)
             leader = future is None
             if leader:
@@ -143,6 +158,15 @@ class NameProber:
             if target == parent:
                 seen.since, seen.window = time.monotonic(), self._window(target, found)
         logger.debug("probe of %s: %s %s", target, name, "found" if name in merged else "absent")
+
+    def _many_asked(self, parent: str, now: float, seen: _Seen) -> bool:
+        """True if so many distinct names of `parent` were asked about within the last two windows (a
+        name still waited for is asked about in each) that listing `parent` again costs fewer requests
+        than probing each."""
+        asked = self._asked[parent]
+        for old in [n for n, at in asked.items() if now - at > 2 * self.window]:
+            del asked[old]
+        return len(asked) >= max(BATCH_NAMES, len(seen.listing) // _LISTING_PAGE + 1)
 
     def _take_token(self, now: float) -> bool:
         self._tokens = min(PROBE_BURST, self._tokens + (now - self._refilled) * PROBE_RATE)
