@@ -72,8 +72,8 @@ RETRY_MAX_WAIT = _env_float("HFFS_RETRY_MAX_WAIT", 8.0)
 # a stalled attempt (accepted, or headers then silence) gives up early enough for a retry on a new
 # connection to fit in the operation's deadline.
 ATTEMPT_TIMEOUT_FRACTION = 1 / 3
-# A paginated listing also ends at OPERATION_TIMEOUT overall, and after this many pages (the Hub serves
-# 1,000 entries or more per page, so the cap is only ever met by a misbehaving server).
+# Each page of a paginated listing has its own OPERATION_TIMEOUT, and a listing ends after this many pages
+# (the Hub serves 1,000 entries or more per page, so the cap is only ever met by a misbehaving server).
 MAX_LISTING_PAGES = _env_int("HFFS_MAX_LISTING_PAGES", 1000)
 
 # Hub-cache view: lookups of repos, revisions and commits not seen yet, per mount. Beyond these, a

@@ -101,6 +101,22 @@ def test_a_hub_paging_50_entries_a_second_serves_a_file_and_a_whole_walk(hub: Hu
     assert not [r for r in tree_requests(hub) if "recursive=true" in r]
 
 
+@pytest.mark.timeout(120)
+def test_a_neff_version_directory_paged_slowly_lists_under_a_shorter_timeout(hub: HubEmulator, mounts: Mounts) -> None:
+    """Buckets too: a version directory of 250 modules in 5 pages of 1 s each lists under `--timeout 4`."""
+    from hffs_neuron.testing.sample_data import COMPILER_VERSIONS
+
+    version = COMPILER_VERSIONS[0]
+    modules = [f"MODULE_{i:020d}+{i:08x}" for i in range(250)]
+    hub.add_bucket("org/slow-neff", {f"{version}/{m}/model.done": b"" for m in modules})
+    node = Path(mounts("neff", "org/slow-neff", timeout=4).mountpoint)
+    hub.page_size, hub.page_latency_s = 50, 1.0
+    started = time.monotonic()
+    assert sorted(os.listdir(node / version)) == modules
+    assert time.monotonic() - started > 4  # longer than --timeout: only per-page deadlines allow it
+    assert len([r for r in tree_requests(hub) if version in r]) == 5
+
+
 CLIENT = r"""
 import os, sys
 from huggingface_hub import snapshot_download

@@ -202,29 +202,23 @@ class HubHttp:
         return self.request_json("GET", path_or_url, what, **kwargs)[0]
 
     def paginate(self, path: str, params: dict[str, Any] | None, what: str) -> Iterator[dict]:
-        """Yield items of a JSON-list endpoint, following `Link: <...>; rel="next"` pages, all of them
-        within one deadline (`operation_timeout`); see `pages`."""
+        """Yield items of a JSON-list endpoint, page by page (see `pages`)."""
         for items in self.pages(path, params, what):
             yield from items
 
-    def pages(
-        self, path: str, params: dict[str, Any] | None, what: str, *, deadline_per_page: bool = False
-    ) -> Iterator[list]:
+    def pages(self, path: str, params: dict[str, Any] | None, what: str) -> Iterator[list]:
         """Yield each page of a JSON-list endpoint, following `Link: <...>; rel="next"` pages.
 
-        The whole listing shares one deadline (`operation_timeout`), or, with `deadline_per_page`, each
-        page has it and a retry asks for that same page (the `next` link is the cursor), so a slow but
-        moving listing completes. At most `max_listing_pages` pages: a server that keeps sending `next`
-        links fails the listing instead of holding it forever. Only the endpoint's origin gets our token:
-        a `next` link elsewhere is followed without it (as httpx does for redirects).
+        Each page has its own deadline (`operation_timeout`) and a retry asks for that same page (the
+        `next` link is the cursor), so a slow but moving listing completes: a version directory of 10,000
+        modules or a large dataset from a Hub that pages slowly. At most `max_listing_pages` pages: a
+        server that keeps sending `next` links fails the listing instead of holding it forever. Only the
+        endpoint's origin gets our token: a `next` link elsewhere is followed without it (as httpx does
+        for redirects).
         """
-        deadline = time.monotonic() + self.operation_timeout
         url, anonymous = path, False
         for _page in range(self.max_listing_pages):
-            if deadline_per_page:
-                deadline = time.monotonic() + self.operation_timeout
-            elif time.monotonic() >= deadline:
-                raise RemoteUnavailable(f"{what}: listing not complete after {self.operation_timeout:.0f}s")
+            deadline = time.monotonic() + self.operation_timeout
             items, response = self.request_json("GET", url, what, deadline=deadline, params=params, anonymous=anonymous)
             if not isinstance(items, list):
                 raise HffsError(f"{what}: the server answered {type(items).__name__}, expected a list")

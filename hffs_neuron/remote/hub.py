@@ -89,7 +89,7 @@ class HubRepo:
         what = f"{self.repo_type} {self.repo_id}@{self.commit[:12]}: tree {path or '/'}"
         url = self._http.url(f"{self._api}/tree/{self.commit}" + (f"/{quote(path)}" if path else ""))
         params = {"recursive": "true" if recursive else "false", "expand": "false"}
-        for items in self._http.pages(url, params, what, deadline_per_page=True):
+        for items in self._http.pages(url, params, what):
             yield _entries(items, what)
             self._listings.progress(key)  # another caller waiting on this listing waits for progress
 
