@@ -111,7 +111,7 @@ class NeffPublisher:
         self._cond = threading.Condition()
         self._due: dict[str, float] = {}  # module -> monotonic time to look at it
         self._attempts: dict[str, int] = {}
-        self._published: set[str] = set()
+        self._published: dict[str, float] = {}  # module -> when it was found published (wall time)
         self._failed: dict[str, str] = {}  # module -> reason
         self._untrusted: dict[str, tuple[int, int]] = {}  # module -> (uid, files touched)
         self._conflicts: dict[str, str] = {}  # module -> what differs: never uploaded again by this mount
@@ -207,7 +207,11 @@ class NeffPublisher:
         """Published modules the feed reported files of: a conflict where the bucket's copy of a file we
         published (and still hold) is not ours. Our own upload's events match and cost no request."""
         for module, theirs in replaced.items():
+            with self._cond:
+                published_at = self._published.get(module)
             ours = [name for name in theirs if _is_regular_file(self.upper / module / name)]
+            if published_at is None or _changed_since(self.upper / module, ours, published_at):
+                continue  # our copy changed after it was published: its own events publish it again
             try:
                 differ = publish.differing(self.upper, module, ours, theirs, self.checks.hashes)
             except OSError:  # our copy changed meanwhile: its own events bring it back
@@ -219,7 +223,7 @@ class NeffPublisher:
                 )
                 self._conflict(module, f"conflict: {reason}")
                 with self._cond:
-                    self._published.discard(module)
+                    self._published.pop(module, None)
 
     def _wait_time(self) -> float | None:
         if not self._due:
@@ -312,14 +316,14 @@ class NeffPublisher:
 
     def _done(self, module: str) -> None:
         with self._cond:
-            self._published.add(module)
+            self._published[module] = time.time()
             self._failed.pop(module, None)
             self._attempts.pop(module, None)
 
     def _fail(self, module: str, reason: str) -> None:
         with self._cond:
             self._failed[module] = reason
-            self._published.discard(module)
+            self._published.pop(module, None)
 
     def _failure(self, modules: list[str], exc: BaseException) -> None:
         permanent = classify(exc, publish.remote_name(self.bucket))
@@ -355,6 +359,18 @@ def _completes(name: str) -> bool:
     """Whether an event on a module's file `name` can make the module complete: its done marker written or
     renamed into place, a lock or a held deleted file (what libfuse keeps as `.fuse_hidden*`) removed."""
     return name == publish.DONE_MARKER or is_lock_name(name) or name.startswith(publish.FUSE_HIDDEN_PREFIX)
+
+
+def _changed_since(directory: Path, names: list[str], when: float) -> bool:
+    """Whether any of the files `names` in `directory` changed (ctime, which no user can set back) after
+    wall time `when`."""
+    for name in names:
+        try:
+            if os.lstat(directory / name).st_ctime > when:
+                return True
+        except OSError:
+            return True
+    return False
 
 
 def _is_regular_file(path: Path) -> bool:
