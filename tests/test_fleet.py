@@ -513,3 +513,34 @@ def test_many_names_of_one_version_directory_are_asked_about_in_one_listing(hub:
     assert prober.probe(VERSION, waited[-1])  # the next listing finds it
     assert waited[-1] in prober.listing(VERSION, listing)
     http.close()
+
+
+def test_compilers_polling_one_directory_through_an_outage_each_get_eio_within_the_bound(
+    hub: HubEmulator, mounts: Mounts
+) -> None:
+    """The kernel sends lookups in one directory one at a time (libfuse 3.14 never grants parallel
+    lookups), so 8 compilers polling 8 modules of one version directory while the bucket's listings stall
+    would wait 8 deadlines one after another. After one probe there failed, the others fail at once for a
+    second: every caller gets EIO (never ENOENT) within `--timeout` + 2 s."""
+    bucket = build_neff_bucket(hub)
+    node = Path(mounts("neff", bucket["bucket_id"], timeout=3, negative_ttl=2).mountpoint)
+    os.listdir(node / VERSION)
+    time.sleep(2.2)  # the listing is older than the probe window: lookups of missing names ask the bucket
+    hub.faults.add("/api/buckets/*/tree/*", "stall")
+    answers: list[tuple[str, float]] = []
+
+    def poll(i: int) -> None:
+        started = time.monotonic()
+        try:
+            os.stat(node / VERSION / module_name(100 + i) / "model.done")
+            answers.append(("found", time.monotonic() - started))
+        except OSError as exc:
+            answers.append((errno.errorcode[exc.errno], time.monotonic() - started))
+
+    threads = [threading.Thread(target=poll, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert [what for what, _ in answers] == ["EIO"] * 8, answers
+    assert max(seconds for _, seconds in answers) <= 3 + 2, answers

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from cachetools import LRUCache
 
 from .. import constants
-from ..errors import RemoteNotFound
+from ..errors import RemoteNotFound, RemoteUnavailable
 from ..remote.base import Remote, RemoteEntry
 from .neff_names import MODULE_PREFIX, VERSION_PREFIX, is_lock_name
 
@@ -43,6 +43,11 @@ _DONE_MARKER = "model.done"
 BATCH_NAMES = 4
 _LISTING_PAGE = 1000  # entries per listing page (the Hub's tree pages)
 _MAX_ASKED = 4096  # names remembered per directory
+# After a probe in a directory failed upstream (its whole deadline spent), other probes there fail at once
+# for this long instead of asking again. The kernel sends lookups in one directory one at a time (libfuse
+# 3.14 never grants it parallel lookups: its INIT reply omits FUSE_PARALLEL_DIROPS), so without this N
+# compilers polling N modules of one version directory through an outage would wait N deadlines.
+FAILED_MEMORY = 1.0
 
 
 @dataclass
@@ -65,6 +70,7 @@ class NameProber:
         self._recent: LRUCache = LRUCache(maxsize=_MAX_RECENT)  # target -> monotonic time it may be probed again
         self._inflight: dict[str, Future] = {}
         self._asked: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # directory -> LRU {name: when last asked about}
+        self._failed: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # directory -> (until when, the failure)
         self._tokens = float(PROBE_BURST)
         self._refilled = time.monotonic()
 
@@ -109,6 +115,9 @@ class NameProber:
                 return name in seen.merged
             if target != parent and self._many_asked(parent, now, seen):
                 target = parent
+            failed = self._failed.get(parent)
+            if failed is not None and failed[0] > now:
+                raise RemoteUnavailable(f"{failed[1]} (a probe in {parent or '/'} failed just before)")
             future = self._inflight.get(target)
             leader = future is None
             if leader:
@@ -123,13 +132,15 @@ class NameProber:
             try:
                 self._probe(seen, parent, name, target)
             except BaseException as exc:
-                # Not remembered as probed: the next lookup asks again instead of answering "absent".
+                # Not remembered as probed: a lookup after FAILED_MEMORY asks again, never answering "absent".
                 with self._lock:
                     self._inflight.pop(target, None)
+                    self._failed[parent] = (time.monotonic() + FAILED_MEMORY, exc)
                 future.set_exception(exc)
                 raise
             with self._lock:
                 self._inflight.pop(target, None)
+                self._failed.pop(parent, None)
             future.set_result(None)
         with self._lock:
             seen = self._seen.get(parent)
