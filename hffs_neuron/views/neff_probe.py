@@ -7,9 +7,10 @@ file inside a module), the small root listing for a `neuronxcc-*` version. What 
 the cached listing until that listing is reloaded. When more names of one version directory are asked
 about within a window than its listing has pages (at least `BATCH_NAMES`: several compilers waiting, or
 a fleet's pollers), the directory is listed again instead, which answers all of them for the next
-window. Probes of one target are single-flight, each target
-is probed at most once per window (the negative TTL less the kernel's own "not found" time, so that the
-two together hide an arrival at most the negative TTL), and all probes together are rate-bounded.
+window. Probes of one target are single-flight, each target is probed at most once per window (the
+negative TTL less the kernel's own "not found" time, so that the two together hide an arrival at most the
+negative TTL), a failed probe fails the directory's others for `FAILED_MEMORY`, and all probes together
+are rate-bounded.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class NameProber:
         self._recent: LRUCache = LRUCache(maxsize=_MAX_RECENT)  # target -> monotonic time it may be probed again
         self._inflight: dict[str, Future] = {}
         self._asked: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # directory -> LRU {name: when last asked about}
-        self._failed: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # directory -> (until when, the failure)
+        self._failed: LRUCache = LRUCache(maxsize=_MAX_LISTINGS)  # directory -> (until when, what failed)
         self._tokens = float(PROBE_BURST)
         self._refilled = time.monotonic()
 
@@ -135,7 +136,7 @@ class NameProber:
                 # Not remembered as probed: a lookup after FAILED_MEMORY asks again, never answering "absent".
                 with self._lock:
                     self._inflight.pop(target, None)
-                    self._failed[parent] = (time.monotonic() + FAILED_MEMORY, exc)
+                    self._failed[parent] = (time.monotonic() + FAILED_MEMORY, str(exc))  # no frames kept
                 future.set_exception(exc)
                 raise
             with self._lock:
