@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import threading
+import time
 import timeit
 
 import pytest
@@ -57,10 +58,12 @@ def outside(tmp_path):
     return path
 
 
-@pytest.fixture(params=[0, 4], ids=["uncached", "dir-cache"])
+@pytest.fixture(params=[(0, 0.0), (4, 0.0), (0, 60.0)], ids=["uncached", "dir-cache", "absent-memo"])
 def tree(mode, tmp_path, request):
-    """A tree without and with a (small: evictions happen) cache of directory fds."""
-    t = LocalTree(tmp_path / "root", dir_cache=request.param)
+    """A tree without and with a (small: evictions happen) cache of directory fds, and one that remembers
+    missing directories far longer than any test runs (only its own changes may void that)."""
+    dir_cache, absent_ttl = request.param
+    t = LocalTree(tmp_path / "root", dir_cache=dir_cache, absent_ttl=absent_ttl)
     assert t._openat2 == (mode == "openat2")
     yield t
     t.close()
@@ -573,6 +576,38 @@ def test_dir_cache_follows_renames_and_rmdirs(mode, tmp_path):
     finally:
         tree.close()
     assert _fds() == fds_before  # the root's fd closed, and every kept directory fd with it
+
+
+def test_missing_directories_remembered_show_at_once_when_made_through_the_tree(mode, tmp_path, outside):
+    tree = LocalTree(tmp_path / "root", absent_ttl=0.5)
+    try:
+        for rel in ("a/b/f", "m/f", "s/f", "x/f"):
+            with pytest.raises(FileNotFoundError):
+                tree.lstat(rel)
+        tree.mkdir("a", 0o755)
+        tree.mkdir("a/b", 0o755)
+        _write(tree, "a/b/f", b"1")
+        assert tree.lstat("a/b/f").st_size == 1
+        tree.mkdir("z", 0o755)
+        _write(tree, "z/f", b"22")
+        tree.rename("z", "m")
+        assert tree.lstat("m/f").st_size == 2
+        tree.symlink(str(outside), "s")  # a link where a directory was missing: refused, not "absent"
+        assert _errno(tree.lstat, "s/f") in BLOCKED
+        # Made behind the tree's back: shown once the memo's time is up.
+        os.makedirs(os.path.join(tree.root, "x"))
+        with open(os.path.join(tree.root, "x", "f"), "wb") as f:
+            f.write(b"333")
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                assert tree.lstat("x/f").st_size == 3
+                break
+            except FileNotFoundError:
+                assert time.monotonic() < deadline, "a directory made outside the tree never showed"
+                time.sleep(0.05)
+    finally:
+        tree.close()
 
 
 def test_overhead_report(tree):

@@ -96,6 +96,12 @@ class RepoState:
     private: bool = False  # the Hub showed it to this mount's token at all
 
 
+# How long the backing directory's missing directories are remembered (`LocalTree.absent_ttl`): what the
+# mount itself creates shows at once; a directory another process makes there, within a second, as a
+# kernel "not found" would.
+LAYER_ABSENT_TTL = 1.0
+
+
 class HubCacheView(MergedView):
     # Called with (repo, file) on every open of a blob before it is fetched: the daemon's read-ahead.
     read_ahead: Callable[[HubRepo, RemoteEntry], None] | None = None
@@ -123,7 +129,9 @@ class HubCacheView(MergedView):
         max_resolutions_per_s: float = constants.MAX_RESOLUTIONS_PER_S,
     ):
         super().__init__(
-            LocalTree(backing_dir, create_mode=0o755),  # its mode is the mount root's: others may enter
+            # Its mode is the mount root's: others may enter. A walk of a snapshot asks it about every file
+            # of directories it lacks: each missing directory is remembered for LAYER_ABSENT_TTL.
+            LocalTree(backing_dir, create_mode=0o755, absent_ttl=LAYER_ABSENT_TTL),
             upper="",
             tmp=_TMP_DIR,
             state=LocalTree(state_dir),
@@ -138,6 +146,8 @@ class HubCacheView(MergedView):
         self._repos: dict[tuple[str, str], RepoState] = {}  # (type, id.lower()) -> state
         self._lock = threading.Lock()
         self._folders_memo: tuple[tuple[int, int], int, dict[str, str]] | None = None
+        # (monotonic time, the backing tree's `changes`) when the memo last proved current by its mtime.
+        self._folders_checked: tuple[float, int] = (float("-inf"), -1)
         # (type, id.lower()) -> (monotonic expiry, the error) of repo lookups that just failed, _lock
         self._failed_lookups: dict[tuple[str, str], tuple[float, RemoteUnavailable]] = {}
         self._tree_json: LRUCache = LRUCache(maxsize=_TREE_JSON_BYTES, getsizeof=len)  # commit -> bytes, _lock
@@ -261,12 +271,19 @@ class HubCacheView(MergedView):
 
         Every path below a repo folder is canonicalized: the listing is reused while the backing
         root's mtime stays put, and trusted only once that mtime is older than the listing by more
-        than a timestamp tick could hide (coarse or skewed file-system clocks)."""
+        than a timestamp tick could hide (coarse or skewed file-system clocks). A memo found current is
+        used without looking again for LAYER_ABSENT_TTL, unless the mount changed the tree meanwhile: a
+        walk asks for it on every file."""
+        now, changes = time.monotonic(), self.local.changes
+        with self._lock:
+            memo, (checked_at, checked_changes) = self._folders_memo, self._folders_checked
+        if memo is not None and checked_changes == changes and now - checked_at < LAYER_ABSENT_TTL:
+            return memo[2]
         st = self.local.lstat("")
         stamp = (st.st_mtime_ns, st.st_ino)
-        with self._lock:
-            memo = self._folders_memo
         if memo is not None and memo[0] == stamp and memo[1] - st.st_mtime_ns > _MTIME_TRUST_NS:
+            with self._lock:
+                self._folders_checked = (now, changes)
             return memo[2]
         listed_at = time.time_ns()
         folders: dict[str, str] = {}

@@ -18,6 +18,7 @@ import os
 import platform
 import stat
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import TypeVar
@@ -47,6 +48,7 @@ UTIME_OMIT = (1 << 30) - 2
 # One openat2 call resolves a path shorter than PATH_MAX (4096 bytes). A client path near that limit,
 # under the layer's own prefix, is longer: it is resolved in pieces of at most this many bytes.
 _PIECE_BYTES = 3072
+_MAX_ABSENT = 4096  # missing directories remembered (`absent_ttl`)
 
 # openat2 rejects flags it does not know (openat ignores them): pass on only these, as openat would use.
 _OPEN_FLAGS = (
@@ -178,13 +180,22 @@ class LocalTree:
     rename or rmdir here drops the fds of the directories it moves or removes, while a directory moved
     or removed behind its back would go on being used. Never for the hub-cache backing directory.
 
+    `absent_ttl` (seconds; 0: off) lets `lstat` remember, that long, a directory it found missing: a
+    walk of a virtual tree asks the layer about every file of a directory it does not have, each ask a
+    path resolution in the kernel (a quarter of the daemon's time in a cold walk of a snapshot). Every
+    change through this object that can make a directory appear (see `changes`) voids what was remembered;
+    one made behind its back (another process writing a backing directory) shows after `absent_ttl`. (A
+    file made where a directory was missing changes nothing below it: absent either way.)
+
     Thread-safe: the state is the root fd and the directory cache (under its lock); `close()` releases
     them (no call may be in flight then).
     """
 
     root: str
 
-    def __init__(self, root: str | os.PathLike, *, create_mode: int | None = 0o700, dir_cache: int = 0) -> None:
+    def __init__(
+        self, root: str | os.PathLike, *, create_mode: int | None = 0o700, dir_cache: int = 0, absent_ttl: float = 0.0
+    ) -> None:
         self.root = os.path.abspath(os.fsdecode(root))
         if create_mode is not None:
             os.makedirs(self.root, mode=create_mode, exist_ok=True)
@@ -200,6 +211,11 @@ class LocalTree:
         self._cached_fds: dict[int, _CachedDir] = {}  # fd -> entry, until the fd is closed
         self._dirs_lock = threading.Lock()
         self._dirs_generation = 0  # bumped by every drop: a resolution that raced with one is not kept
+        self._absent_ttl = absent_ttl
+        self._absent: OrderedDict[str, tuple[float, int]] = OrderedDict()  # dir -> (until, `changes` then)
+        #: Bumped (under the lock) after every change through this tree other than to a regular file: mkdir,
+        #: rmdir, rename, symlink, mknod.
+        self.changes = 0
 
     def __repr__(self) -> str:
         return f"LocalTree({self.root!r})"
@@ -346,11 +362,34 @@ class LocalTree:
         _check(rel)
         if not rel:
             return os.stat(self._fd)
-        fd, name = self._parent(rel, errno.EINVAL)
+        if not self._absent_ttl:
+            fd, name = self._parent(rel, errno.EINVAL)
+        else:
+            head = rel.rpartition("/")[0]
+            remembered = self._absent.get(head)
+            if remembered is not None and remembered[1] == self.changes and remembered[0] > time.monotonic():
+                raise _oserror(errno.ENOENT, rel)
+            changes = self.changes  # read before resolving: a directory made meanwhile voids the answer
+            try:
+                fd, name = self._parent(rel, errno.EINVAL)
+            except FileNotFoundError:
+                self._remember_absent(head, changes)
+                raise
         try:
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
         finally:
             self._release(fd)
+
+    def _remember_absent(self, rel: str, changes: int) -> None:
+        with self._dirs_lock:
+            self._absent[rel] = (time.monotonic() + self._absent_ttl, changes)
+            self._absent.move_to_end(rel)
+            while len(self._absent) > _MAX_ABSENT:
+                self._absent.popitem(last=False)
+
+    def _changed(self) -> None:
+        with self._dirs_lock:
+            self.changes += 1
 
     def exists(self, rel: str) -> bool:
         """os.path.lexists semantics: False on any OSError (ENOENT, ELOOP, ENOTDIR, EACCES...)."""
@@ -397,10 +436,12 @@ class LocalTree:
 
     def mkdir(self, rel: str, mode: int) -> None:
         self._at(rel, errno.EEXIST, lambda name, fd: os.mkdir(name, mode, dir_fd=fd))
+        self._changed()
 
     def rmdir(self, rel: str) -> None:
         self._at(rel, errno.EBUSY, lambda name, fd: os.rmdir(name, dir_fd=fd))
         self._forget_dirs(rel)
+        self._changed()
 
     def unlink(self, rel: str) -> None:
         self._at(rel, errno.EISDIR, lambda name, fd: os.unlink(name, dir_fd=fd))
@@ -420,6 +461,7 @@ class LocalTree:
             self._release(old_fd)
         self._forget_dirs(old)  # a directory moved (a file: nothing cached under its name)
         self._forget_dirs(new)  # and one it replaced
+        self._changed()
 
     def _rename_noreplace(self, old_fd: int, old: str, new_fd: int, new: str) -> None:
         try:
@@ -435,9 +477,11 @@ class LocalTree:
     def mknod(self, rel: str, mode: int) -> None:
         """A FIFO or socket node (`mode` holds its type); callers refuse device nodes before."""
         self._at(rel, errno.EEXIST, lambda name, fd: os.mknod(name, mode, dir_fd=fd))
+        self._changed()
 
     def symlink(self, target: str, rel: str) -> None:
         self._at(rel, errno.EEXIST, lambda name, fd: os.symlink(target, name, dir_fd=fd))
+        self._changed()
 
     def chmod(self, rel: str, mode: int) -> None:
         # Linux has no lchmod: pin the inode with an O_PATH fd (a symlink is opened as itself), refuse
