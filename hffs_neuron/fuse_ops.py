@@ -165,8 +165,6 @@ class FuseOperations(mfusepy.Operations):
         self._fuse: int | None = None  # libfuse's `struct fuse *`, from init until destroy
         self._fuse_lock = threading.Lock()  # never held by the hot paths (handles have `_lock`)
         self._mounted: tuple[str, int] | None = None  # (mountpoint, st_dev) once the mount is up
-        # Set in init: whether the kernel may send lookups of one directory side by side (parallel_dirops).
-        self.parallel_dirops = False
         # Directory -> when it was last answered with attributes (readdirplus): see `readdir_plus`.
         self._plus_filled: dict[str, float] = {}
         # Open directory handle -> its entries with attributes, handed out page by page (see
@@ -223,9 +221,9 @@ class FuseOperations(mfusepy.Operations):
         if context:
             with self._fuse_lock:
                 self._fuse = context.contents.fuse
-            if conn is not None:
-                session = _get_session(context.contents.fuse)
-                self.parallel_dirops = parallel_dirops.grant(mfusepy._libfuse, session, conn.want, conn.capable)
+            session = _get_session(context.contents.fuse)
+            if conn is not None and not parallel_dirops.grant(mfusepy._libfuse, session, conn.want, conn.capable):
+                logger.info("the kernel sends the lookups of one directory one at a time (see parallel_dirops.py)")
         if config is not None:
             config.attr_timeout = self.attr_timeout
             config.entry_timeout = self.attr_timeout

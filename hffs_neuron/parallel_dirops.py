@@ -17,9 +17,6 @@ reply is passed on unchanged and lookups stay one at a time per directory.
 from __future__ import annotations
 
 import ctypes
-import logging
-
-logger = logging.getLogger(__name__)
 
 FUSE_CAP_PARALLEL_DIROPS = 1 << 18  # fuse_common.h: conn->want / conn->capable
 _FUSE_PARALLEL_DIROPS = 1 << 18  # fuse_kernel.h: the INIT reply's flag
@@ -76,7 +73,6 @@ def grant(libfuse: ctypes.CDLL, session: int, conn_want: int, conn_capable: int)
     fd = session_fd(session)
     io_slot = ctypes.c_void_p.from_address(session + _SESSION_IO)
     if version < 313 or fd < 0 or ctypes.c_int.from_address(session + _SESSION_FD).value != fd or io_slot.value:
-        logger.info("libfuse %d.%d: lookups in one directory stay one at a time", version // 100, version % 100)
         return False
     native_writev = _address(_libc.writev)
     installed: list[_CustomIo] = []  # libfuse's own copy of the I/O table, once checked
