@@ -17,7 +17,7 @@ os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would otherwise p
 
 import mfusepy  # noqa: E402
 
-from . import parallel_dirops  # noqa: E402
+from . import libfuse_session  # noqa: E402
 from .errors import HffsError, RemoteAccessDenied  # noqa: E402
 from .telemetry import count_denied, count_error  # noqa: E402
 from .views.creators import Caller  # noqa: E402
@@ -222,8 +222,9 @@ class FuseOperations(mfusepy.Operations):
             with self._fuse_lock:
                 self._fuse = context.contents.fuse
             session = _get_session(context.contents.fuse)
-            if conn is not None and not parallel_dirops.grant(mfusepy._libfuse, session, conn.want, conn.capable):
-                logger.info("the kernel sends the lookups of one directory one at a time (see parallel_dirops.py)")
+            if conn is not None and not libfuse_session.grant_parallel_dirops(session, conn.want, conn.capable):
+                logger.info("the kernel sends the lookups of one directory one at a time (see libfuse_session.py)")
+            libfuse_session.hook_opendir(session)
         if config is not None:
             config.attr_timeout = self.attr_timeout
             config.entry_timeout = self.attr_timeout
@@ -302,6 +303,11 @@ class FuseOperations(mfusepy.Operations):
 
     def opendir(self, path: str) -> int:
         return next(self._next_dir)  # flags are set by _CachingFUSE.opendir
+
+    def fixed_listing(self, path: str) -> bool:
+        """May the kernel keep the listing of directory `path` until the directory changes through the
+        mount? Only where nothing else can change it (`MergedView.fixed_listing`)."""
+        return self.view.fixed_listing(_relative(path))
 
     def releasedir(self, path: str, fh: int) -> int:
         with self._lock:
@@ -478,12 +484,13 @@ class FuseOperations(mfusepy.Operations):
 
 
 class _CachingFUSE(mfusepy.FUSE):
-    """Let the kernel cache readdir results across opens (mfusepy's opendir ignores raw_fi).
+    """Let the kernel keep the listings of directories whose contents change only through the mount
+    (`FuseOperations.fixed_listing`; mfusepy's opendir ignores raw_fi).
 
-    The kernel drops them when the directory changes through the mount or its mtime changes (views
-    bump directory mtimes when a listing is reloaded), so `ls` of a huge directory stays cheap.
-    libfuse's high-level API forwards these flags only from 3.16.1 on; with older libfuse (Debian 12
-    ships 3.14) every `ls` is answered by the daemon.
+    The kernel drops a kept listing when the directory changes through the mount; it would notice a change
+    made upstream only once the directory's attributes expire, which is why other directories are listed by
+    the daemon every time. libfuse's high-level API forwards these flags only from 3.16.1 on; for older
+    ones (Debian 12 ships 3.14) `libfuse_session.hook_opendir` makes them reach the kernel.
     """
 
     def __init__(self, operations: Any, mountpoint: str, **kwargs: Any) -> None:
@@ -555,8 +562,11 @@ class _CachingFUSE(mfusepy.FUSE):
 
     def opendir(self, path: bytes, fip: Any) -> int:
         result = super().opendir(path, fip)
-        fip.contents.cache_readdir = 1
-        fip.contents.keep_cache = 1
+        if self.operations.fixed_listing(path.decode(self.encoding, self.errors)):
+            for info in (fip.contents, libfuse_session.opening_dir()):
+                if info is not None:
+                    info.cache_readdir = 1
+                    info.keep_cache = 1
         return result
 
 

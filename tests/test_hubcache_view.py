@@ -293,6 +293,30 @@ assert are_symlinks_supported(cache)
 
 
 @pytest.mark.timeout(60)
+def test_snapshot_listings_follow_writes_through_any_casing(
+    model: dict, mount_hub_cache: Callable[..., Mounted]
+) -> None:
+    """The kernel may keep a snapshot's listing (fuse_ops.py): a file a client adds or removes there, through
+    this casing of the repo folder or another, shows in the next listing of every casing."""
+    m = mount_hub_cache()
+    upper, lower = (
+        m.mountpoint / folder / "snapshots" / model["commit"] for folder in ("models--Org--Model", "models--org--model")
+    )
+    files = sorted(name for name in model["files"] if "/" not in name) + sorted(
+        {n.split("/")[0] for n in model["files"] if "/" in n}
+    )
+    for _ in range(2):  # listed, then listed again (from what the kernel kept)
+        assert sorted(os.listdir(upper)) == sorted(files)
+        assert sorted(os.listdir(lower)) == sorted(files)
+    (lower / "added.txt").write_bytes(b"written by a client")
+    assert sorted(os.listdir(upper)) == sorted([*files, "added.txt"])
+    assert sorted(os.listdir(lower)) == sorted([*files, "added.txt"])
+    os.unlink(upper / "added.txt")
+    assert sorted(os.listdir(lower)) == sorted(files)
+    assert sorted(os.listdir(upper)) == sorted(files)
+
+
+@pytest.mark.timeout(60)
 def test_writing_a_virtual_entry_is_erofs(model: dict, mount_hub_cache: Callable[..., Mounted]) -> None:
     m = mount_hub_cache()
     repo = m.mountpoint / "models--Org--Model"

@@ -444,6 +444,19 @@ class HubCacheView(MergedView):
             return {entry.name: self._snapshot_node(state, repo, entry, depth) for entry in entries}
         return {}
 
+    def fixed_listing(self, path: str) -> bool:
+        # A snapshot (named by its commit) and its directories list the same files forever, unless a client
+        # wrote into one: each casing of a repo folder is its own directory to the kernel, and a write
+        # through one would not drop the listing kept for another.
+        parts = path.split("/")
+        return (
+            len(parts) >= 3
+            and parts[1] == "snapshots"
+            and bool(_COMMIT.fullmatch(parts[2]))
+            and parse_repo_folder(parts[0]) is not None
+            and not self.layer_has(path)
+        )
+
     def readdir(self, path: str) -> list[tuple[str, int]]:
         state, rest = self._resolve(path) if path else (None, [])
         repo = self._commit(state, rest[1]) if state is not None and len(rest) >= 2 and rest[0] == "snapshots" else None

@@ -156,6 +156,11 @@ class MergedView:
         """May this virtual file be copied into the local layer to be modified? (Otherwise EROFS.)"""
         return False
 
+    def fixed_listing(self, path: str) -> bool:
+        """Does directory `path` change only through the mount (its virtual children never do)? The kernel
+        may then keep its listing until it changes (fuse_ops.py)."""
+        return False
+
     def layer_path(self, path: str) -> str:
         """Where `path` lives in the layer, relative to it (subclasses may remap names, e.g. case)."""
         return path

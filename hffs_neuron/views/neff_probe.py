@@ -46,7 +46,7 @@ _LISTING_PAGE = 1000  # entries per listing page (the Hub's tree pages)
 _MAX_ASKED = 4096  # names remembered per directory
 # After a probe in a directory failed upstream (its whole deadline spent), other probes there fail at once
 # for this long instead of asking again: a Hub that is down is not asked once per waiting compiler. Where
-# the kernel sends the lookups of a directory one at a time (a libfuse whose session `parallel_dirops`
+# the kernel sends the lookups of a directory one at a time (a libfuse whose session `libfuse_session`
 # cannot amend), it also keeps N compilers polling N modules of one version directory from waiting N
 # deadlines.
 FAILED_MEMORY = 1.0

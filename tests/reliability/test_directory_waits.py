@@ -1,7 +1,7 @@
 """Names of one directory that wait on the Hub wait side by side, not one behind the other.
 
 The kernel serializes the lookups of a directory unless the filesystem's INIT reply grants parallel
-directory operations, which libfuse before 3.17.1 never did (`hffs_neuron/parallel_dirops.py`). Here the
+directory operations, which libfuse before 3.17.1 never did (`hffs_neuron/libfuse_session.py`). Here the
 hub-cache root is that directory: each reader is its own process looking up its own repo.
 """
 
