@@ -11,6 +11,8 @@
                                                                  # loopback, then network
     .venv/bin/python scripts/bench.py --rows 11,12               # large repos: first read against repo
                                                                  # size, walks against a local cache dir
+    .venv/bin/python scripts/bench.py --rows floor               # the storm and a walk through a do-nothing
+                                                                 # filesystem on the same FUSE binding
 
 Each row prints the project's figure, the baseline's and the ratio (see the README table). Sizes are
 parameters; the defaults fit a 2-core machine in a few minutes. Nothing here asserts: tests do that.
@@ -19,6 +21,8 @@ parameters; the defaults fit a 2-core machine in a few minutes. Nothing here ass
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
 import json
 import os
 import resource
@@ -29,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,6 +60,11 @@ def kernel_fuse_inodes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def walk_files(top: Path) -> int:
+    """`os.walk` of `top` (which stats each symlink's target to tell directories apart); the files seen."""
+    return sum(len(names) for _top, _dirs, names in os.walk(top))
 
 
 def timed(cmd: list[str], env: dict | None = None) -> float:
@@ -489,8 +499,22 @@ transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_
                     f"(s; its import alone {startup:.2f} s; load {os.getloadavg()[0]:.1f})"
                 )
                 self.report("cpu", what, min(ours), min(base), "s", min(ours) / min(base), "<= 1.0")
+                if (label, path) == ("loopback", "Xet"):
+                    self.report_verification(size, min(base))
         if self.args.net:
             self.hub.set_network(conn_mbps=None, latency_ms=0)
+
+    def report_verification(self, size: int, xet_baseline: float) -> None:
+        """What verification alone costs per GiB on this machine (hashlib's sha256, as the blob store hashes
+        LFS files, over bytes already in memory), beside the Xet baseline, which verifies nothing."""
+        piece = os.urandom(64 * MiB)
+        start = time.process_time()
+        hasher = hashlib.sha256()
+        for _ in range(size // len(piece)):
+            hasher.update(piece)
+        per_gib = (time.process_time() - start) / (size // len(piece) * len(piece) / (1024 * MiB))
+        what = "verification alone: sha256 of one GiB in memory vs that Xet baseline (s)"
+        self.report("cpu", what, per_gib, xet_baseline, "s", per_gib / xet_baseline, "share of the baseline")
 
     def python_startup(self, env: dict) -> float:
         return min(timed([PY, "-c", "import huggingface_hub"], env=env) for _ in range(2))
@@ -743,12 +767,108 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
         except (ValueError, IndexError):
             return {"errors": [f"exit {p.returncode}: {out.strip()[-2000:]}"]}
 
+    # -- the floor of the stack ----------------------------------------------------------------------
+    @contextlib.contextmanager
+    def passthrough(self, source: Path, binary: str | None) -> Iterator[Path]:
+        """`source` served by a do-nothing FUSE filesystem: scripts/passthrough_fs.py on the project's binding,
+        or `binary`, libfuse's C example `passthrough` (it mirrors /); yields where `source` shows in it."""
+        mountpoint = Path(tempfile.mkdtemp(prefix="floor-", dir=self.work))
+        if binary:
+            argv, inside = [binary, "-f", "-o", "default_permissions", str(mountpoint)], Path(f"{mountpoint}{source}")
+        else:
+            script = Path(__file__).with_name("passthrough_fs.py")
+            argv, inside = [PY, str(script), str(source), str(mountpoint)], mountpoint
+        server = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 10
+            while not os.path.ismount(mountpoint):
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"{argv[0]} did not mount {mountpoint} (exit {server.poll()})")
+                time.sleep(0.05)
+            yield inside
+        finally:
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False, stderr=subprocess.DEVNULL)
+            try:
+                server.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+
+    def row_floor(self) -> None:
+        """The compile storm and a snapshot walk through a do-nothing filesystem on the same FUSE binding (and,
+        with --c-passthrough, libfuse's C example), beside the mount and a local directory in one run: what
+        any filesystem on this stack pays, so what the view itself adds is the difference."""
+        servers: list[tuple[str, str | None]] = [("do-nothing mfusepy passthrough", None)]
+        if self.args.c_passthrough:
+            servers.append(("libfuse's C example passthrough", self.args.c_passthrough))
+        load = lambda: f"load {os.getloadavg()[0]:.1f}"  # noqa: E731
+        local = self.work / "floor-storm-local"
+        local.mkdir()
+        base, _ = self.storm(local, "local")
+        for i, (label, binary) in enumerate(servers):
+            source = self.work / f"floor-storm-{i}"
+            source.mkdir()
+            with self.passthrough(source, binary) as root:
+                took, errors = self.storm(root, label)
+            self.report("floor", f"storm, {label}, {len(errors)} errors (s), {load()}", took, base, "s",
+                        took / base, "the stack's floor")  # fmt: skip
+        self.hub.add_bucket("bench/floor")
+        handle = self.mount("neff", "floorstorm", "bench/floor")
+        took, errors = self.storm(Path(handle.mountpoint), "ours")
+        self.unmount(handle)
+        self.report("floor", f"storm, the NEFF mount, {len(errors)} errors (s), {load()}", took, base, "s",
+                    took / base, "<= 2x")  # fmt: skip
+
+        files, commit = self.rows_dataset("bench/floorwalk", self.args.floor_walk_files)
+        folder = "datasets--bench--floorwalk"
+        snapshot = self.local_hub_tree("floor-walk", folder, files, commit)
+        per = 1e6 / len(files)
+
+        some_path, some_data = next(iter(files.items()))
+
+        def cold_and_warm(top: Path) -> tuple[float, float]:
+            cold = self._time(lambda: walk_files(top))
+            warm = min(self._time(lambda: walk_files(top)) for _ in range(3))
+            if (top / some_path).read_text() != some_data:  # os.walk would hide a filesystem that fails stats
+                raise RuntimeError(f"{top / some_path} does not read back through the filesystem walked")
+            return cold * per, warm * per
+
+        drop_caches()
+        local_cold, local_warm = cold_and_warm(snapshot)
+        walked: list[tuple[str, tuple[float, float]]] = []
+        for label, binary in servers:
+            with self.passthrough(self.work / "floor-walk", binary) as root:
+                walked.append((label, cold_and_warm(root / folder / "snapshots" / commit)))
+        handle = self.mount("hub-cache", "floorwalk")
+        walked.append(("the hub-cache mount", cold_and_warm(Path(handle.mountpoint) / folder / "snapshots" / commit)))
+        self.unmount(handle)
+        for label, (cold, warm) in walked:
+            what = f"walk of {len(files)} files, {label}, cold / warm (us/entry), {load()}"
+            self.report("floor", what.replace("cold / warm", "cold"), cold, local_cold, "us", cold / local_cold,
+                        "<= 3x" if label.startswith("the") else "the stack's floor")  # fmt: skip
+            self.report("floor", what.replace("cold / warm", "warm"), warm, local_warm, "us", warm / local_warm,
+                        "<= 1.5x" if label.startswith("the") else "the stack's floor")  # fmt: skip
+
     # -- large repos (issue 31) -------------------------------------------------------------------
     def rows_dataset(self, repo_id: str, count: int) -> tuple[dict[str, str], str]:
         """A dataset of `count` small JSON rows, 1,000 to a directory (as `datasets` lays them out)."""
         files = {f"data/part-{i // 1000:03d}/row-{i:06d}.json": json.dumps({"row": i}) for i in range(count)}
         files["README.md"] = "# rows\n"
         return files, self.hub.add_repo(repo_id, files, repo_type="dataset")
+
+    def local_hub_tree(self, name: str, folder: str, files: dict[str, str], commit: str) -> Path:
+        """`files` laid out as a local hub cache under work/`name`/`folder` (relative symlinks from the
+        snapshot into blobs/), the baseline of walks; returns the snapshot directory."""
+        local = self.work / name / folder
+        snapshot = local / "snapshots" / commit
+        for i, (path, data) in enumerate(sorted(files.items())):
+            blob = local / "blobs" / f"{i:040x}"
+            blob.parent.mkdir(parents=True, exist_ok=True)
+            blob.write_text(data)
+            link = snapshot / path
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.relpath(blob, link.parent))
+        return snapshot
 
     @staticmethod
     def daemon_memory(pid: int) -> tuple[float, float]:
@@ -807,32 +927,20 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
         against the same tree as a local hub cache (relative symlinks into blobs/)."""
         count = self.args.walk_files
         files, commit = self.rows_dataset("bench/walk", count)
-        local = self.work / "walk-local" / "datasets--bench--walk"
-        snapshot = local / "snapshots" / commit
-        for i, (path, data) in enumerate(sorted(files.items())):
-            blob = local / "blobs" / f"{i:040x}"
-            blob.parent.mkdir(parents=True, exist_ok=True)
-            blob.write_text(data)
-            link = snapshot / path
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.relpath(blob, link.parent))
-
-        def walk(top: Path) -> int:
-            return sum(len(names) for _top, _dirs, names in os.walk(top))
-
+        snapshot = self.local_hub_tree("walk-local", "datasets--bench--walk", files, commit)
         inodes_before = kernel_fuse_inodes()
         handle = self.mount("hub-cache", "hub12")
         mounted = Path(handle.mountpoint) / "datasets--bench--walk" / "snapshots" / commit
         self.hub.reset_stats()
-        cold = self._time(lambda: walk(mounted))
+        cold = self._time(lambda: walk_files(mounted))
         requests = len(self.hub.requests("/tree/"))
-        warm = min(self._time(lambda: walk(mounted)) for _ in range(3))
+        warm = min(self._time(lambda: walk_files(mounted)) for _ in range(3))
         warm_requests = len(self.hub.requests("/tree/")) - requests
         inodes_after = kernel_fuse_inodes()  # before drop_caches, which makes the kernel forget them
         rss_walked, _ = self.daemon_memory(handle.pid)
         drop_caches()
-        local_cold = self._time(lambda: walk(snapshot))
-        local_warm = min(self._time(lambda: walk(snapshot)) for _ in range(3))
+        local_cold = self._time(lambda: walk_files(snapshot))
+        local_warm = min(self._time(lambda: walk_files(snapshot)) for _ in range(3))
         per = 1e6 / len(files)
         self.report(
             "12",
@@ -915,7 +1023,8 @@ def main() -> int:
         default="1,2,3,4,5,6,7,8,9",
         help="also 3n (needs --net), 10 (xet), ops (per-operation latency of the compile path), storm (compile storm),"
         " 11 (first read against repo size), 12 (walks against a local cache dir), cpu (CPU per cold GiB, HTTP and"
-        " Xet paths, vs hf_hub_download + one read)",
+        " Xet paths, vs hf_hub_download + one read), floor (the storm and a walk through a do-nothing filesystem on"
+        " the same FUSE binding)",
     )
     parser.add_argument(
         "--large-files", default="5000,50000,500000", help="row 11: dataset sizes (files) to read a first file of"
@@ -929,6 +1038,13 @@ def main() -> int:
     parser.add_argument("--storm-modules", type=int, default=12, help="row storm: modules per compiler")
     parser.add_argument("--storm-readers", type=int, default=8, help="row storm: reader processes")
     parser.add_argument("--storm-neff-kb", type=int, default=1024, help="row storm: size of each model.neff")
+    parser.add_argument("--floor-walk-files", type=int, default=20_000, help="row floor: files of the walked dataset")
+    parser.add_argument(
+        "--c-passthrough",
+        default=None,
+        metavar="BIN",
+        help="row floor: also libfuse's example/passthrough (C, high-level API) built against the installed libfuse",
+    )
     parser.add_argument("--json", default=None, help="write all rows to this file")
     parser.add_argument("--work-dir", default=None, help="where to put data (default: system temp)")
     args = parser.parse_args()
@@ -958,6 +1074,8 @@ def main() -> int:
             bench.row_10()
         if "cpu" in wanted:
             bench.row_cpu()
+        if "floor" in wanted:
+            bench.row_floor()
         if "ops" in wanted:
             bench.row_ops()
         if "storm" in wanted:
