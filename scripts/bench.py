@@ -428,6 +428,7 @@ transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_
             if label == "net" and (label := self.network()) is None:
                 break
             runs: dict[str, list[float]] = {"auto": [], "off": [], "download": [], "download+dd": []}
+            peaks: dict[str, list[float]] = {"auto": [], "off": []}
             ways = ["auto", "off", "download"]
             for attempt in range(self.args.repeat):
                 # Each attempt starts with another way, so no way always runs right after the same other
@@ -447,10 +448,12 @@ transformers.GPT2LMHeadModel(cfg).save_pretrained({str(model_dir)!r}, max_shard_
                     path = self.snapshot_file(Path(handle.mountpoint), "bench/xet", "model.safetensors")
                     drop_caches()
                     runs[way].append(dd_read(path))
+                    peaks[way].append(self.daemon_memory(handle.pid)[1])
                     self.unmount(handle)
             auto, off, base, base_read = (min(runs[k]) for k in ("auto", "off", "download", "download+dd"))
             spread = " ".join(f"{k} {'/'.join(f'{t:.2f}' for t in v)}" for k, v in runs.items())
-            print(f"    row 10 {label}, every run (s): {spread}", flush=True)
+            memory = " ".join(f"{k} {'/'.join(f'{m:.0f}' for m in v)}" for k, v in peaks.items())
+            print(f"    row 10 {label}, every run (s): {spread}; daemon peak RSS (MB): {memory}", flush=True)
             load = f"load {os.getloadavg()[0]:.1f}"
             what = f"cold read {self.args.size_mb} MiB LFS, {label}, vs hf_hub_download with xet ({load})"
             self.report("10", f"{what}: mount --xet auto (s)", auto, base, "s", auto / base, "<= 1.0")
