@@ -92,6 +92,10 @@ PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
 # before its first byte, so larger than CHUNK_SIZE (1 GiB on the emulator under --net 100,20 with 6
 # connections: 24 MiB 2.8-3.0 s, 16 MiB 3.2-3.4 s, 32 MiB 3.4-3.5 s; equal on loopback).
 XET_PIECE_SIZE = _env_int("HFFS_XET_PIECE_SIZE", 24 * 1024 * 1024)
+# hf_xet's downloads in flight, at most: the transfer scheduler gives hf_xet all its connections but one,
+# up to this many. Each holds its range twice in memory (as fetched, and decompressed): ~45 MB at
+# XET_PIECE_SIZE (daemon peak RSS with 8 readers: 3 at once 232 MB, 5 at once 302-338 MB).
+XET_MAX_CONNECTIONS = _env_int("HFFS_XET_MAX_CONNECTIONS", 8)
 # The one budget of upstream connections of a daemon (transfers, read-ahead, listings): by default four
 # per core, at most 32 (a 2-core host: 8; 8 cores and up: 32).
 MAX_CONNECTIONS = _env_int("HFFS_MAX_CONNECTIONS", min(32, 4 * (os.cpu_count() or 1)))

@@ -24,9 +24,10 @@ network chunk (or at the end of its current attempt, at most a third of `timeout
 nothing), hands the rest of its range back to its transfer, and frees its connection for the open.
 
 The Xet path (remote/xet.py) shares the budget: hf_xet opens its own connections, with no per-connection
-hook, so its session is capped at `xet_connections` (all the transfer connections but one, at least one)
-and charged that many while any Xet piece runs: Xet pieces run on at most that many workers, HTTP pieces
-on the rest. Transfers and hf_xet together never hold more than `max_connections`.
+hook, so its session is capped at `xet_connections` (all the transfer connections but one, at least one,
+at most `XET_MAX_CONNECTIONS`) and charged that many while any Xet piece runs: Xet pieces run on at most
+that many workers, HTTP pieces on the rest. Transfers and hf_xet together never hold more than
+`max_connections`.
 
 The read-ahead queue lives here too: `read_ahead(key, job)` runs `job` later on a read-ahead thread,
 unless `cancel_read_ahead(key)` took it out (an open of that blob went first).
@@ -43,6 +44,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from .. import constants
 from ..errors import HffsError, RangeIgnored, RemoteUnavailable
 
 logger = logging.getLogger(__name__)
@@ -95,8 +97,8 @@ def transfer_connections(max_connections: int) -> int:
 def xet_connections(transfer_connections: int) -> int:
     """The share of the transfer connections that hf_xet's session may hold (module docstring): all but
     one, which stays for HTTP pieces (files without a Xet hash: configs, tokenizers), since the Hub keeps
-    nearly every large file in Xet."""
-    return max(1, transfer_connections - 1)
+    nearly every large file in Xet; at most `XET_MAX_CONNECTIONS`, which bounds hf_xet's memory."""
+    return max(1, min(transfer_connections - 1, constants.XET_MAX_CONNECTIONS))
 
 
 def _describe(exc: BaseException) -> str:
