@@ -89,12 +89,15 @@ CHUNK_SIZE = _env_int("HFFS_CHUNK_SIZE", 8 * 1024 * 1024)
 # connections that are idle).
 PARALLEL_THRESHOLD = _env_int("HFFS_PARALLEL_THRESHOLD", 64 * 1024 * 1024)
 # A Xet transfer's range per connection: each range costs a reconstruction request and a xorb request
-# before its first byte, so larger than CHUNK_SIZE (1 GiB on the emulator under --net 100,20 with 6
-# connections: 24 MiB 2.8-3.0 s, 16 MiB 3.2-3.4 s, 32 MiB 3.4-3.5 s; equal on loopback).
-XET_PIECE_SIZE = _env_int("HFFS_XET_PIECE_SIZE", 24 * 1024 * 1024)
+# before its first byte, and each hf_xet download in flight holds about twice its range in memory. 1 GiB
+# on the emulator under --net 100,20 with 5 downloads at once, and the daemon's peak RSS with 8 readers
+# (bench rows 10 and 8): 24 MiB 3.2-3.5 s, 302-338 MB; 16 MiB 3.6-3.9 s, 252 MB; 12 MiB 3.5-4.0 s,
+# 200-205 MB; 10 MiB 3.7 s, 173 MB; 8 MiB 3.9 s, 157 MB. Larger ranges trade memory for fewer round
+# trips where each request waits longer than 20 ms.
+XET_PIECE_SIZE = _env_int("HFFS_XET_PIECE_SIZE", 10 * 1024 * 1024)
 # hf_xet's downloads in flight, at most: the transfer scheduler gives hf_xet all its connections but one,
-# up to this many. Each holds its range twice in memory (as fetched, and decompressed): ~45 MB at
-# XET_PIECE_SIZE (daemon peak RSS with 8 readers: 3 at once 232 MB, 5 at once 302-338 MB).
+# up to this many. Each holds about twice its range (XET_PIECE_SIZE) in memory: with 24 MiB ranges and 8
+# readers the daemon's peak RSS was 232 MB with 3 at once, 302-338 MB with 5.
 XET_MAX_CONNECTIONS = _env_int("HFFS_XET_MAX_CONNECTIONS", 8)
 # The one budget of upstream connections of a daemon (transfers, read-ahead, listings): by default four
 # per core, at most 32 (a 2-core host: 8; 8 cores and up: 32).
