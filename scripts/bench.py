@@ -803,7 +803,10 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
         servers: list[tuple[str, str | None]] = [("do-nothing mfusepy passthrough", None)]
         if self.args.c_passthrough:
             servers.append(("libfuse's C example passthrough", self.args.c_passthrough))
-        load = lambda: f"load {os.getloadavg()[0]:.1f}"  # noqa: E731
+
+        def load() -> str:
+            return f"load {os.getloadavg()[0]:.1f}"
+
         local = self.work / "floor-storm-local"
         local.mkdir()
         base, _ = self.storm(local, "local")
@@ -825,7 +828,6 @@ transformers.LlamaForCausalLM(cfg).save_pretrained({str(model_dir)!r}, max_shard
         folder = "datasets--bench--floorwalk"
         snapshot = self.local_hub_tree("floor-walk", folder, files, commit)
         per = 1e6 / len(files)
-
         some_path, some_data = next(iter(files.items()))
 
         def cold_and_warm(top: Path) -> tuple[float, float]:
