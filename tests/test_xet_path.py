@@ -6,6 +6,7 @@ Daemons here run with xet on (the suite's default environment disables it for HT
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 import sys
@@ -115,6 +116,29 @@ def test_stalled_cas_is_abandoned_within_the_deadline(
     assert state_of(mp)["transfers"]["http"]["count"] == 1
     cache_tmp = Path(state_of(mp)["cache"]["dir"]) / "blobs-store" / "tmp"
     assert list(cache_tmp.iterdir()) == []  # the abandoned temp file was discarded
+
+
+@pytest.mark.parametrize("xet_route", ["/v1/xorb-data/*", "/v*/reconstructions/*"])
+def test_a_hub_stalled_on_both_paths_costs_one_deadline(
+    hub: HubEmulator, mounts: Mounts, xet_env: dict[str, str], xet_route: str
+) -> None:
+    # Xet and HTTP Range both accept and never answer (a Hub that is down): the HTTP fallback gets what
+    # is left of the open's wait, so the read fails within --timeout + 2 s (README "Errors a reader can
+    # see"), not after a second --timeout; once the Hub answers, the same mount serves the file.
+    hub.add_bucket("org/x", {"a.bin": DATA})
+    hub.prepare_xet()
+    mp = Path(mounts("neff", "org/x", env=xet_env, timeout=3).mountpoint)
+    assert (mp / "a.bin").stat().st_size == len(DATA)  # metadata first: only the read is timed
+    hub.faults.add(xet_route, "stall", seconds=60)
+    hub.faults.add("/buckets/org/x/resolve/*", "stall", seconds=60, methods=("GET",))
+    started = time.monotonic()
+    with pytest.raises(OSError) as failed:
+        (mp / "a.bin").read_bytes()
+    took = time.monotonic() - started
+    assert failed.value.errno == errno.EIO
+    assert took < 3 + 2, f"EIO after {took:.1f}s"
+    hub.faults.clear()
+    assert (mp / "a.bin").read_bytes() == DATA
 
 
 def test_hub_repo_lfs_file_over_xet_is_sha256_checked(

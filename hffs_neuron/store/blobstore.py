@@ -56,6 +56,10 @@ _LOCK_POLL = 0.05
 _VERIFY_FLOOR = 64 * 1024 * 1024
 # Transfers of one blob tried before a size/hash mismatch is reported (as IntegrityError, EIO).
 _VERIFY_ATTEMPTS = 2
+# After the Xet path failed, HTTP Range gets what is left of the open's wait for bytes, and at least this
+# long for its first byte (seconds): part of the 2 s a FUSE call may take beyond --timeout (README "Errors
+# a reader can see"), so a Hub whose Xet and HTTP routes both stall costs one deadline, not two.
+_FALLBACK_FIRST_BYTE = 1.0
 # Temp files older than this are removed at start-up whatever host wrote them (seconds).
 _TMP_MAX_AGE = 24 * 3600
 
@@ -96,6 +100,7 @@ class _Fetch:
     priority: int
     transfer: Transfer | None = None
     alive: float = field(default_factory=time.monotonic)  # the fetching thread's last sign of life
+    moved: float | None = None  # when its transfers last brought bytes (monotonic; None: none yet)
 
     def __post_init__(self) -> None:
         # Started by read-ahead and not promoted by an open since: its failure is nobody's.
@@ -377,6 +382,8 @@ class BlobStore:
         """One transfer into a private temp file, verified and renamed: over Xet where the file has a xet
         hash (and the path is on), else, or after any Xet failure, over HTTP Range into a fresh temp file.
         Both go through the scheduler; only the reader of byte ranges differs."""
+        started = time.monotonic()
+        start_by = None  # the scheduler's own: --timeout from the transfer's start
         source = self.xet.source(remote, entry) if self.xet is not None else None
         if source is not None:
             reader = self.xet.reader(source, entry)
@@ -390,13 +397,15 @@ class BlobStore:
                 if getattr(exc, "errno", None) == errno.ENOSPC or self._free_bytes() < entry.size:
                     raise
                 self.xet.fell_back(entry, exc)
+                waiting_since = fetch.moved if fetch.moved is not None else started
+                start_by = max(waiting_since + self.timeout, time.monotonic() + _FALLBACK_FIRST_BYTE)
 
         def read_range(start: int, end: int, sink: Callable[[int, bytes], None], deadline: float) -> None:
             remote.read_range(entry, start, end, sink, deadline)
 
         read = self._unless_superseded(key, entry, fetch, token, read_range)
         try:
-            self._download_by(key, entry, fetch, "http", read)
+            self._download_by(key, entry, fetch, "http", read, start_by=start_by)
         except RangeIgnored as exc:  # a proxy that drops Range: pieces cannot work, one stream can
             logger.info("%s: %s; fetching it as one stream", entry.path, exc)
             self._download_by(key, entry, fetch, "http", read, one_stream=True)
@@ -422,13 +431,14 @@ class BlobStore:
         piece_size: int | None = None,
         stop: Callable[[], None] | None = None,
         one_stream: bool = False,
+        start_by: float | None = None,
     ) -> None:
         path = self.blob_path(key)
         path.parent.mkdir(exist_ok=True, mode=0o700)
         tmp = self.root / "tmp" / self._tmp_name(key)
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            actual = self._fill(fd, read, entry, fetch, way, piece_size, stop, one_stream)
+            actual = self._fill(fd, read, entry, fetch, way, piece_size, stop, one_stream, start_by)
             written = os.fstat(fd).st_size
             if written != entry.size:
                 raise IntegrityError(f"{entry.path}: got {written} bytes, expected {entry.size}")
@@ -463,10 +473,12 @@ class BlobStore:
         piece_size: int | None,
         stop: Callable[[], None] | None,
         one_stream: bool,
+        start_by: float | None,
     ) -> str | None:
         """Download `entry` into `fd` through the scheduler with `read`; return the hex digest of what was
         written. `stop()`, if given, is called once the transfer is over (done, failed or abandoned), before
-        the scheduler waits for its pieces to end.
+        the scheduler waits for its pieces to end. `start_by`: the first byte's deadline, if not the
+        scheduler's own (`TransferScheduler.start`).
 
         This thread verifies while the scheduler's workers download: bytes reach the hash in order,
         from memory (or read back from the page cache where the reorder buffer was full).
@@ -480,7 +492,7 @@ class BlobStore:
         with self._lock:
             priority = fetch.priority
         transfer = self.scheduler.start(
-            entry.path, entry.size, os.dup(fd), read, priority, piece_size, one_stream, xet=way == "xet"
+            entry.path, entry.size, os.dup(fd), read, priority, piece_size, one_stream, way == "xet", start_by
         )
         with self._lock:
             fetch.transfer = transfer
@@ -495,6 +507,8 @@ class BlobStore:
             with self._lock:
                 self.stats.bytes_fetched += transfer.done
                 fetch.transfer = None
+                if transfer.first_byte is not None:
+                    fetch.moved = transfer.last_progress
         return hasher.hexdigest() if hasher else None
 
     @staticmethod

@@ -193,8 +193,7 @@ class Transfer:
                             continue
                         if piece.batches or piece.written > pos:
                             break
-                    self._check_waits()
-                    s._progress.wait(_POLL)
+                    s._progress.wait(self._check_waits())
                 if piece.batches and piece.batches[0][0] == pos:
                     _, datas, length = piece.batches.popleft()
                     s._buffered -= length
@@ -215,16 +214,24 @@ class Transfer:
             if pos >= piece.end:
                 index += 1
 
-    def _check_waits(self) -> None:
+    def _check_waits(self) -> float:
+        """Fail the transfer if a wait of the module docstring ran out; else the seconds until one may
+        (at most `_POLL`), so the waiter wakes up when it does, not up to a poll later."""
         now = time.monotonic()
         timeout = self._scheduler.timeout
-        if self.first_byte is None and self.start_by is not None and now > self.start_by:
-            where = "waiting for the server" if self.active else "queued for a connection"
-            self._fail(RemoteUnavailable(f"{self.name}: no byte arrived within {timeout:.0f}s ({where})"))
-        elif self.active and self.last_progress is not None and now - self.last_progress > timeout:
-            self._fail(RemoteUnavailable(f"{self.name}: no progress for {timeout:.0f}s"))
+        ends = [_POLL]
+        if self.first_byte is None and self.start_by is not None:
+            if now > self.start_by:
+                where = "waiting for the server" if self.active else "queued for a connection"
+                self._fail(RemoteUnavailable(f"{self.name}: no byte arrived within {timeout:.0f}s ({where})"))
+            ends.append(self.start_by - now)
+        if self.active and self.last_progress is not None:
+            if now - self.last_progress > timeout:
+                self._fail(RemoteUnavailable(f"{self.name}: no progress for {timeout:.0f}s"))
+            ends.append(self.last_progress + timeout - now)
         if self.error is not None:
             raise self.error
+        return max(0.01, min(ends))
 
     def _fail(self, exc: BaseException) -> None:
         """Record the first error and stop every piece (called with the scheduler lock held)."""
@@ -239,9 +246,10 @@ class Transfer:
     def release(self) -> None:
         """The waiter is done with the temp file: close it once no worker writes to it any more.
 
-        After a failure, the pieces still running stop at their next chunk: wait a little for them, so
-        the (already unlinked) temp file's disk space is free when the caller retries or reports ENOSPC.
-        A worker stuck in a read closes the file itself when it returns.
+        After a failure, the pieces still running stop at their next chunk: if bytes were written, wait a
+        little for them, so the (already unlinked) temp file's disk space is free when the caller retries
+        or reports ENOSPC; a file with no byte holds no space, and its waiter (a stalled server) has waited
+        long enough. A worker stuck in a read closes the file itself when it returns.
         """
         s = self._scheduler
         with s._lock:
@@ -250,7 +258,7 @@ class Transfer:
             s._transfers.discard(self)
             self._released = True
             deadline = time.monotonic() + _RELEASE_WAIT
-            while self.active and time.monotonic() < deadline:
+            while self.active and self.done and time.monotonic() < deadline:
                 s._progress.wait(_POLL)
             self._close_if_done()
 
@@ -408,13 +416,16 @@ class TransferScheduler:
         piece_size: int | None = None,
         one_stream: bool = False,
         xet: bool = False,
+        start_by: float | None = None,
     ) -> Transfer:
         """Queue the download of bytes [0, size) into `fd` (which the transfer now owns: see `release`).
 
         `piece_size`: the range a connection takes at a time from a large blob (default `chunk_size`);
         a reader with a cost per range (a Xet reconstruction request) asks for larger ones. `one_stream`:
         one connection from byte 0 to the end (a server that ignores Range). `xet`: `read` goes through
-        hf_xet (the Xet share of the connections).
+        hf_xet (the Xet share of the connections). `start_by` (monotonic): when a foreground open stops
+        waiting for the first byte, if not `timeout` from now (a transfer that takes over the wait of a
+        failed one gets only what is left of it).
         """
         transfer = Transfer(self, name, size, fd, read, priority, piece_size or self.chunk_size, one_stream, xet)
         with self._lock:
@@ -424,7 +435,7 @@ class TransferScheduler:
             self._seq += 1
             transfer.seq = self._seq
             if priority == FOREGROUND:
-                transfer.start_by = time.monotonic() + self.timeout
+                transfer.start_by = start_by if start_by is not None else time.monotonic() + self.timeout
             self._transfers.add(transfer)
             self._wake_worker()
             self._update_preempt()
